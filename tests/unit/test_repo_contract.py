@@ -1,0 +1,58 @@
+"""README's two commands are real, and CI runs README's test command."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import yaml
+
+from proxifier.config import ModelConfig, QueueSettings, Settings, validate_auth, validate_models
+
+
+def readme_commands(repo: Path) -> list[str]:
+    text = (repo / "README.md").read_text()
+    return re.findall(r"^\s*(scripts/[\w-]+)\s*$", text, re.M)
+
+
+def test_readme_names_a_demo_and_a_test_command(repo: Path) -> None:
+    commands = readme_commands(repo)
+    assert "scripts/demo" in commands and "scripts/test" in commands
+    for command in commands:
+        assert os.access(repo / command, os.X_OK), command
+
+
+def test_ci_runs_the_readme_test_command(repo: Path) -> None:
+    ci = (repo / ".ci" / "run").read_text()
+    assert re.search(r"^exec scripts/test\b", ci, re.M)
+    assert os.access(repo / ".ci" / "run", os.X_OK)
+
+
+def test_test_command_sets_up_everything(repo: Path) -> None:
+    test = (repo / "scripts" / "test").read_text()
+    setup = (repo / "scripts" / "setup").read_text()
+    assert "scripts/setup" in test and "RAY_AUTH_MODE=disabled" in test
+    assert "pytest" in test and "ruff check" in test
+    for step in ("pip install", "scripts/install-llama-server", "scripts/make-tiny-model"):
+        assert step in setup, step
+
+
+def test_readme_yaml_examples_load(repo: Path) -> None:
+    blocks = re.findall(r"```yaml\n(.*?)```", (repo / "README.md").read_text(), re.S)
+    assert len(blocks) == 2
+    models = validate_models(yaml.safe_load(blocks[0]), file="README models.yaml")
+    assert models.models["chat"].aliases == ["gpt-4o-mini"]
+    auth = validate_auth(yaml.safe_load(blocks[1]), file="README auth.yaml")
+    assert auth.api_keys["ops"].models == ["qwen-*"]
+
+
+def test_readme_lists_every_setting_and_model_field(repo: Path) -> None:
+    text = (repo / "README.md").read_text()
+    for field in Settings.model_fields:
+        if field != "queue":
+            assert f"| `{field}` |" in text, field
+    for field in QueueSettings.model_fields:
+        assert f"| `queue.{field}` |" in text, field
+    for field in ModelConfig.model_fields:
+        assert f"`{field}`" in text, field
