@@ -266,8 +266,7 @@ class ModelsConfig(BaseModel):
     base_dir: Path = Field(default=Path("."), exclude=True)
 
     def model_file(self, name: str) -> Path | None:
-        path = self.models[name].model_path
-        return None if path is None else resolve_path(self.base_dir, path)
+        return model_file_for(self.models[name], self.base_dir)
 
     def auth_path(self) -> Path | None:
         auth = self.settings.auth_file
@@ -757,14 +756,23 @@ def model_path_warnings(config: ModelsConfig, file: str) -> list[ConfigIssue]:
     return warnings
 
 
-def model_start_problem(config: ModelsConfig, name: str) -> str | None:
+def model_file_for(model: ModelConfig, base_dir: Path) -> Path | None:
+    """The model's .gguf path, relative paths resolved against models.yaml's folder."""
+    return None if model.model_path is None else resolve_path(base_dir, model.model_path)
+
+
+def model_start_problem_for(name: str, model: ModelConfig, base_dir: Path) -> str | None:
     """Why this model cannot start on this node, or None: checked right before starting it."""
-    path = config.model_file(name)
+    path = model_file_for(model, base_dir)
     if path is None:
         return f"model '{name}' has no model_path; set it in models.yaml"
     if not path.is_file():
         return f"model '{name}': model_path {str(path)!r} does not exist"
     return None
+
+
+def model_start_problem(config: ModelsConfig, name: str) -> str | None:
+    return model_start_problem_for(name, config.models[name], config.base_dir)
 
 
 def effective(model: ModelConfig, settings: Settings) -> dict[str, Any]:

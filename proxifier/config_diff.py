@@ -29,6 +29,12 @@ RESTART_FIELDS: frozenset[str] = frozenset(
     }
 )
 
+# The subset of RESTART_FIELDS that decides where the model's actor runs: changing one means a
+# new actor, not only a new process.
+PLACEMENT_FIELDS: frozenset[str] = frozenset(
+    {"num_gpus", "num_cpus", "memory", "resources", "labels"}
+)
+
 # These apply to a running model without touching its process.
 LIVE_FIELDS: frozenset[str] = frozenset(
     {

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from proxifier.config import ModelConfig, Settings
 from proxifier.llama import LlamaServerNotFound, find_llama_server
+
+# Ray 2.60 turns token auth on for local clusters; tests run their own cluster without it.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+MakeActor = Callable[..., Any]
 
 REPO = Path(__file__).resolve().parent.parent
 FAKE_SERVER = REPO / "tests" / "fakes" / "fake-llama-server"
@@ -51,3 +61,55 @@ def real_server() -> str:
         if os.environ.get("PROXIFIER_REQUIRE_LLAMA") == "1":
             pytest.fail(f"the real llama-server is required here: {exc}")
         pytest.skip(f"real llama-server not installed ({exc}); scripts/test installs it")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One local cluster with two fake GPUs; model logs go to a temporary PROXIFIER_HOME."""
+    import ray
+
+    home = tmp_path_factory.mktemp("proxifier-home")
+    ray.init(
+        address="local",
+        num_cpus=2,
+        num_gpus=2,
+        include_dashboard=False,
+        namespace="proxifier-tests",
+        runtime_env={"env_vars": {"PROXIFIER_HOME": str(home)}},
+        log_to_driver=False,
+    )
+    yield home
+    ray.shutdown()
+
+
+@pytest.fixture
+def make_actor(ray_cluster: Path, fake_server: Path, tiny_model: Path) -> Iterator[MakeActor]:
+    """make_actor(env=..., settings=..., options=..., **model fields) -> actor handle."""
+    import ray
+
+    from actors.model_actor import create_model_actor
+
+    created = []
+
+    def make(
+        env: dict[str, str] | None = None,
+        settings: dict[str, Any] | None = None,
+        options: dict[str, Any] | None = None,
+        **fields: Any,
+    ) -> Any:
+        name = f"m-{uuid.uuid4().hex[:8]}"
+        fields.setdefault("llama_server", str(fake_server))
+        fields.setdefault("model_path", str(tiny_model))
+        model = ModelConfig(env=env or {}, **fields)
+        handle = create_model_actor(
+            name, model, Settings(**(settings or {})), tiny_model.parent, **(options or {})
+        )
+        created.append(handle)
+        return handle
+
+    yield make
+    for handle in created:
+        # Already dead, or the test killed it: either way nothing is left to stop.
+        with contextlib.suppress(Exception):
+            ray.get(handle.stop.remote("test over"), timeout=30)
+        ray.kill(handle)

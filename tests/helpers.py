@@ -7,12 +7,13 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 
 
 def free_port() -> int:
@@ -83,3 +84,29 @@ def running_server(
         if process.poll() is None:
             process.send_signal(signal.SIGKILL)
         process.wait(timeout=10)
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def wait_gone(pid: int, timeout: float = 20.0) -> bool:
+    """True once `pid` has exited (zombies count as gone); False if it outlives `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not alive(pid):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
+    """Poll until `predicate()` holds: used to await a state the actor reports."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not reached")
+        time.sleep(0.02)

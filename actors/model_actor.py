@@ -1,0 +1,693 @@
+"""One Ray actor per model: it owns the model's llama-server process, its state machine, its slots,
+its bounded FIFO queue, its leases and its async jobs (DESIGN §3-§5).
+
+Decisions come from `proxifier` (SlotQueue, RestartBudget, the state machine); this actor applies
+them: it spawns and stops the process, polls its health, resolves waiting requests' futures and
+restarts llama-server after a crash. Tokens never pass through here: a lease hands the ingress
+llama-server's URL and per-instance key, and the ingress talks to it over HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import os
+import secrets
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import ray
+
+from actors.process import free_port, log_tail, rss_bytes, spawn, terminate
+from proxifier.config import (
+    ModelConfig,
+    Settings,
+    effective,
+    model_file_for,
+    model_start_problem_for,
+)
+from proxifier.config_diff import PLACEMENT_FIELDS, RESTART_FIELDS
+from proxifier.errors import (
+    ModelFailed,
+    ModelRetired,
+    ProxifierError,
+    QueueCleared,
+    QueueFull,
+    QueueTimeout,
+    Unavailable,
+)
+from proxifier.lifecycle import ModelState, RestartBudget, check_transition, health_poll_delays
+from proxifier.llama import LlamaServerNotFound, build_argv, find_llama_server, proxifier_home
+from proxifier.slots import Lease, Outcome, SlotQueue
+
+NAMESPACE = "proxifier"
+INSTANCE_MARK = "=== proxifier: llama-server instance"
+
+
+def actor_name(model: str) -> str:
+    return f"proxifier:model:{model}"
+
+
+@dataclass
+class Job:
+    """A request queued with `Prefer: respond-async`: the actor runs it and keeps the answer."""
+
+    request_id: str
+    path: str
+    body: dict[str, Any]
+    state: str = "pending"  # pending -> running -> done
+    http_status: int | None = None
+    response: Any = None
+    done_at: float | None = None
+    task: asyncio.Task[None] | None = field(default=None, repr=False)
+
+
+class ModelActor:
+    """Ray actor (created by `create_model_actor`); every public method is a remote call."""
+
+    def __init__(self, name: str, model: ModelConfig, settings: Settings, base_dir: str) -> None:
+        self.name = name
+        self.model = model
+        self.settings = settings
+        self.base_dir = Path(base_dir)
+        self.state = ModelState.STOPPED
+        self.slots = SlotQueue(model.parallel, self._max_queue())
+        self.budget = RestartBudget(settings.max_restarts, settings.restart_window)
+        self.waiters: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self.jobs: dict[str, Job] = {}
+        self.events: deque[dict[str, Any]] = deque(maxlen=200)
+        self.process: asyncio.subprocess.Process | None = None
+        self.instance = 0
+        self.host: str | None = None
+        self.port: int | None = None
+        self.api_key: str | None = None
+        self.started_at: float | None = None
+        self.ready_at: float | None = None
+        self.last_error: str | None = None
+        self.failed_until = 0.0
+        self.restarts = 0
+        self.retired = False
+        self.stop_reason: str | None = None
+        self.log_path = proxifier_home() / "logs" / f"{_safe(name)}.log"
+        self._start_task: asyncio.Task[None] | None = None
+        self._stop_task: asyncio.Task[None] | None = None
+        self._background: asyncio.Task[None] | None = None
+        self._client: httpx.AsyncClient | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # ------------------------------------------------------------------ lifecycle (public)
+    async def start(self, force: bool = False) -> dict[str, Any]:
+        """Start llama-server if it is not running (single-flight); return stats when ready.
+
+        A failed model refuses until its cooldown ends, unless `force` (an admin start).
+        """
+        self._ensure_background()
+        if self.retired:
+            raise ModelRetired(f"model '{self.name}' is stopping", retry_after=1)
+        if self._stop_task is not None:
+            await asyncio.shield(self._stop_task)
+        if self.state == ModelState.READY:
+            return self._stats()
+        if self.state == ModelState.FAILED and not force:
+            self._raise_if_cooling_down()
+        await asyncio.shield(self._ensure_starting())
+        if self.state in (ModelState.STOPPED, ModelState.STOPPING):
+            raise Unavailable(f"model '{self.name}' was stopped while starting", retry_after=1)
+        if self.state != ModelState.READY:
+            raise ModelFailed(
+                f"model '{self.name}' failed to start: {self.last_error}",
+                retry_after=self.settings.cooldown or None,
+            )
+        return self._stats()
+
+    async def stop(self, reason: str = "stopped on request") -> dict[str, Any]:
+        """Stop llama-server (SIGTERM, SIGKILL after stop_grace); waiting requests are answered."""
+        if self._stop_task is None:
+            if self.state == ModelState.STOPPED and self.process is None:
+                return self._stats()
+            self._stop_task = asyncio.create_task(self._stop_instance(reason))
+        task = self._stop_task
+        try:
+            await asyncio.shield(task)
+        finally:
+            if task.done() and self._stop_task is task:
+                self._stop_task = None
+        return self._stats()
+
+    async def request_stop(self, reason: str) -> dict[str, Any]:
+        """The stop handshake for idleness and eviction: refused while anything is in flight.
+
+        Once accepted, the actor is retired: acquires that race the stop get ModelRetired (a
+        retryable answer) and the caller asks the controller for a fresh actor.
+        """
+        if self.slots.leases or self.slots.waiters:
+            return {
+                "accepted": False,
+                "reason": f"busy: {len(self.slots.leases)} in flight, "
+                f"{len(self.slots.waiters)} waiting",
+            }
+        if self.state in (ModelState.STARTING, ModelState.RESTARTING):
+            return {"accepted": False, "reason": f"{self.state}"}
+        self.retired = True
+        await self.stop(reason)
+        return {"accepted": True, "reason": reason}
+
+    async def reload(self, model: ModelConfig, settings: Settings) -> dict[str, Any]:
+        """Apply a new config. Fields that change the process restart it; waiting requests
+        stay queued across the restart and are served by the new instance."""
+        before, after = effective(self.model, self.settings), effective(model, settings)
+        restart = any(before[f] != after[f] for f in PROCESS_FIELDS)
+        self.model, self.settings = model, settings
+        self.slots.max_queue = self._max_queue()
+        self.budget.max_restarts = settings.max_restarts
+        self.budget.window = settings.restart_window
+        if restart and model.parallel != self.slots.slots:
+            self.slots.slots = model.parallel
+        if restart and self.state in (ModelState.READY, ModelState.STARTING, ModelState.RESTARTING):
+            await self._restart_keeping_queue("reloaded with a new configuration")
+        self._event("reloaded", restarted=restart)
+        return self._stats()
+
+    # ------------------------------------------------------------------ requests (public)
+    async def acquire(self, request_id: str, deadline: float | None = None) -> dict[str, Any]:
+        """A lease `{lease_id, url, api_key, ...}` for one request: at once when a slot is free,
+        else after waiting in the FIFO (which starts the model when it is stopped)."""
+        self._ensure_background()
+        now = time.time()
+        if self.retired:
+            raise ModelRetired(f"model '{self.name}' is stopping", retry_after=1)
+        if self.state == ModelState.FAILED:
+            self._raise_if_cooling_down()
+        deadline = min(deadline or math.inf, now + self._queue_timeout())
+        outcome, lease = self.slots.request(request_id, now, deadline)
+        if outcome is Outcome.GRANTED:
+            assert lease is not None
+            return self._lease(lease)
+        if outcome is Outcome.FULL:
+            raise QueueFull(
+                "Service temporarily unavailable - queue is full",
+                retry_after=self._queue_timeout(),
+            )
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self.waiters[request_id] = future
+        if self.state in (ModelState.STOPPED, ModelState.FAILED):
+            self._ensure_starting()
+        try:
+            await asyncio.wait({future}, timeout=max(0.0, deadline - time.time()))
+        except asyncio.CancelledError:
+            self._abandon(request_id, future)
+            raise
+        self.waiters.pop(request_id, None)
+        if future.done():
+            return future.result()
+        self.slots.cancel(request_id)
+        future.cancel()
+        waited = time.time() - now
+        raise QueueTimeout(
+            f"Request waited {waited:.1f}s in the queue of model '{self.name}' "
+            f"(model state: {self.state}) and timed out",
+            retry_after=self._queue_timeout(),
+        )
+
+    async def release(self, lease_id: str) -> None:
+        """Give a slot back; the oldest waiter gets it."""
+        self._grant(self.slots.release(lease_id, time.time()))
+
+    async def position(self, request_id: str) -> int | None:
+        return self.slots.position(request_id)
+
+    async def queue_status(self) -> dict[str, Any]:
+        now = time.time()
+        waiting = [
+            {"request_id": w.request_id, "position": i + 1, "waited": now - w.enqueued_at}
+            for i, w in enumerate(self.slots.waiters.values())
+        ]
+        return {
+            "model": self.name,
+            "state": str(self.state),
+            "depth": len(waiting),
+            "max_queue_size": self.slots.max_queue,
+            "queue_timeout": self._queue_timeout(),
+            "oldest_wait": self.slots.oldest_wait(now),
+            "in_flight": len(self.slots.leases),
+            "slots": self.slots.slots,
+            "waiting": waiting[:100],
+        }
+
+    async def clear_queue(self, reason: str = "the queue was cleared by an admin") -> int:
+        """Answer every waiting request with QueueCleared; returns how many there were."""
+        cleared = self.slots.clear()
+        for waiter in cleared:
+            self._fail_waiter(
+                waiter.request_id,
+                QueueCleared(
+                    f"Request removed from the queue of model '{self.name}': {reason}",
+                    retry_after=1,
+                ),
+            )
+        if cleared:
+            self._event("queue_cleared", count=len(cleared), reason=reason)
+        return len(cleared)
+
+    # ------------------------------------------------------------------ async jobs (public)
+    async def submit(
+        self, request_id: str, path: str, body: dict[str, Any], deadline: float | None = None
+    ) -> dict[str, Any]:
+        """Queue a request the actor itself sends to llama-server when ready (respond-async)."""
+        self._ensure_background()
+        if request_id in self.jobs:
+            raise ValueError(f"request {request_id!r} was already submitted")
+        job = Job(request_id, path, {**body, "stream": False})
+        self.jobs[request_id] = job
+        job.task = asyncio.create_task(self._run_job(job, deadline))
+        await asyncio.sleep(0)  # let the job take its place in the queue
+        return {
+            "request_id": request_id,
+            "position": self.slots.position(request_id) or 0,
+            "model_state": str(self.state),
+        }
+
+    async def result(self, request_id: str) -> dict[str, Any]:
+        """pending (with position), running, done (status and body), or unknown."""
+        job = self.jobs.get(request_id)
+        if job is None:
+            return {"status": "unknown", "request_id": request_id}
+        if job.state == "done":
+            return {
+                "status": "done",
+                "request_id": request_id,
+                "http_status": job.http_status,
+                "body": job.response,
+            }
+        return {
+            "status": job.state,
+            "request_id": request_id,
+            "position": self.slots.position(request_id) or 0,
+            "model_state": str(self.state),
+        }
+
+    # ------------------------------------------------------------------ observation (public)
+    async def stats(self) -> dict[str, Any]:
+        return self._stats()
+
+    async def logs(self, lines: int = 100) -> list[str]:
+        return log_tail(self.log_path, lines)
+
+    async def events_since(self, seq: int = -1) -> list[dict[str, Any]]:
+        return [event for event in self.events if event["seq"] > seq]
+
+    def ping(self) -> str:
+        return "pong"
+
+    # ------------------------------------------------------------------ start and stop
+    def _ensure_starting(self) -> asyncio.Task[None]:
+        if self._start_task is None or self._start_task.done():
+            # The state changes now, so whoever triggered the start already sees "starting".
+            self._set_state(ModelState.STARTING)
+            self._start_task = asyncio.create_task(self._start_instance())
+        return self._start_task
+
+    async def _start_instance(self) -> None:
+        if self.state != ModelState.STARTING:
+            self._set_state(ModelState.STARTING)
+        self.stop_reason = None
+        problem = model_start_problem_for(self.name, self.model, self.base_dir)
+        binary = ""
+        if problem is None:
+            try:
+                binary = find_llama_server(self.model.llama_server or self.settings.llama_server)
+            except LlamaServerNotFound as exc:
+                problem = str(exc)
+        if problem is not None:
+            self._fail(problem)
+            return
+        self.instance += 1
+        instance = self.instance
+        host = _bind_host()
+        port = self.model.port or free_port(host)
+        api_key = secrets.token_urlsafe(24)
+        model_file = str(model_file_for(self.model, self.base_dir))
+        argv = build_argv(
+            self.model, binary=binary, model_file=model_file, host=host, port=port, api_key=api_key
+        )
+        env = {**os.environ, **self.model.env}
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("a") as log:
+            log.write(f"\n{INSTANCE_MARK} {instance} starting at {time.ctime()}\n")
+        process: asyncio.subprocess.Process | None = None
+        try:
+            process = await spawn(argv, env, self.log_path)
+            self.process, self.host, self.port, self.api_key = process, host, port, api_key
+            self.started_at = time.time()
+            self._event("starting", pid=process.pid, url=f"http://{host}:{port}")
+            failure = await self._wait_ready(process, f"http://{host}:{port}")
+        except asyncio.CancelledError:
+            if process is not None:
+                await terminate(process, self.settings.stop_grace)
+            raise
+        except OSError as exc:
+            self._fail(f"cannot run {binary}: {exc}")
+            return
+        if failure is not None:
+            await terminate(process, self.settings.stop_grace)
+            self.process = None
+            self._fail(failure)
+            return
+        now = time.time()
+        self.ready_at = now
+        self._set_state(ModelState.READY)
+        self._event("ready", pid=process.pid, load_seconds=now - (self.started_at or now))
+        self._grant(self.slots.open(instance, now))
+        self._keep(asyncio.create_task(self._watch(process, instance)))
+
+    async def _wait_ready(self, process: asyncio.subprocess.Process, url: str) -> str | None:
+        """Poll /health until 200 while watching the process; a reason when it never gets there."""
+        timeout = self.model.startup_timeout or self.settings.startup_timeout
+        give_up = time.monotonic() + timeout
+        exited = asyncio.ensure_future(process.wait())
+        try:
+            for delay in health_poll_delays():
+                await asyncio.wait({exited}, timeout=delay)
+                if exited.done():
+                    return (
+                        f"llama-server exited with code {process.returncode} while loading; "
+                        "the last lines of its log:\n" + "\n".join(self._instance_log(20))
+                    )
+                with contextlib.suppress(httpx.TransportError):
+                    response = await self._http().get(f"{url}/health", timeout=2.0)
+                    if response.status_code == 200:
+                        return None
+                if time.monotonic() > give_up:
+                    return (
+                        f"llama-server was not ready after {timeout:g}s (startup_timeout); "
+                        "the last lines of its log:\n" + "\n".join(self._instance_log(20))
+                    )
+        finally:
+            exited.cancel()
+        raise AssertionError("unreachable")
+
+    async def _watch(self, process: asyncio.subprocess.Process, instance: int) -> None:
+        """Notice a crash the moment it happens, not on the next request."""
+        code = await process.wait()
+        if instance != self.instance or self.state != ModelState.READY:
+            return  # a deliberate stop or restart
+        self.process = None
+        tail = "\n".join(self._instance_log(20))
+        self.last_error = f"llama-server exited with code {code} while serving; last lines:\n{tail}"
+        self._set_state(ModelState.RESTARTING)
+        voided = self.slots.close()
+        delay = self.budget.on_crash(time.time())
+        self._event("crashed", code=code, in_flight=len(voided), restart_in=delay)
+        if delay is None:
+            self._fail(
+                f"crashed {self.budget.max_restarts + 1} times within "
+                f"{self.budget.window:g}s; {self.last_error}"
+            )
+            return
+        self.restarts += 1
+        self._start_task = asyncio.create_task(self._restart_after(delay))
+
+    async def _restart_after(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        if self.state == ModelState.RESTARTING:
+            await self._start_instance()
+
+    async def _restart_keeping_queue(self, reason: str) -> None:
+        """Stop the current instance and start a new one; waiters stay in the queue."""
+        if self._start_task is not None and not self._start_task.done():
+            self._start_task.cancel()
+            await asyncio.gather(self._start_task, return_exceptions=True)
+        self._set_state(ModelState.STOPPING)
+        self.slots.close()
+        if self.process is not None:
+            await terminate(self.process, self.settings.stop_grace)
+            self.process = None
+        self._set_state(ModelState.STOPPED)
+        self._event("stopped", reason=reason)
+        await asyncio.shield(self._ensure_starting())
+
+    async def _stop_instance(self, reason: str) -> None:
+        if self._start_task is not None and not self._start_task.done():
+            self._start_task.cancel()
+            await asyncio.gather(self._start_task, return_exceptions=True)
+        if self.state != ModelState.STOPPED:
+            self._set_state(ModelState.STOPPING)
+        self.slots.close()
+        for waiter in self.slots.clear():
+            self._fail_waiter(
+                waiter.request_id,
+                Unavailable(
+                    f"model '{self.name}' was stopped ({reason}) while the request waited",
+                    retry_after=1,
+                ),
+            )
+        code = None
+        if self.process is not None:
+            code = await terminate(self.process, self.settings.stop_grace)
+            self.process = None
+        if self.state != ModelState.STOPPED:
+            self._set_state(ModelState.STOPPED)
+        self.stop_reason = reason
+        self._event("stopped", reason=reason, code=code)
+        if self.slots.waiters and not self.retired:
+            # Requests that arrived while it was stopping: serve them with a fresh instance.
+            self._ensure_starting()
+
+    def _fail(self, message: str) -> None:
+        self.last_error = message
+        self.failed_until = time.time() + self.settings.cooldown
+        self._set_state(ModelState.FAILED)
+        self.slots.close()
+        error = ModelFailed(
+            f"model '{self.name}' failed: {message}", retry_after=self.settings.cooldown or None
+        )
+        for waiter in self.slots.clear():
+            self._fail_waiter(waiter.request_id, error)
+        self._event("failed", reason=message)
+
+    def _raise_if_cooling_down(self) -> None:
+        remaining = self.failed_until - time.time()
+        if remaining > 0:
+            raise ModelFailed(
+                f"model '{self.name}' failed: {self.last_error}", retry_after=remaining
+            )
+
+    # ------------------------------------------------------------------ waiters and leases
+    def _lease(self, lease: Lease) -> dict[str, Any]:
+        return {
+            "lease_id": lease.lease_id,
+            "request_id": lease.request_id,
+            "url": f"http://{self.host}:{self.port}",
+            "api_key": self.api_key,
+            "instance": lease.instance,
+            "seq": lease.seq,
+            "ticket": lease.ticket,
+            "model": self.name,
+        }
+
+    def _grant(self, leases: list[Lease]) -> None:
+        """Hand granted leases to their waiters; a lease nobody waits for any more goes back."""
+        pending = list(leases)
+        while pending:
+            lease = pending.pop(0)
+            future = self.waiters.get(lease.request_id)
+            if future is not None and not future.done():
+                future.set_result(self._lease(lease))
+            else:
+                pending += self.slots.release(lease.lease_id, time.time())
+
+    def _fail_waiter(self, request_id: str, error: ProxifierError) -> None:
+        future = self.waiters.pop(request_id, None)
+        if future is not None and not future.done():
+            future.set_exception(error)
+
+    def _abandon(self, request_id: str, future: asyncio.Future[dict[str, Any]]) -> None:
+        """The caller went away while waiting: free its place, or its slot if it was granted."""
+        self.waiters.pop(request_id, None)
+        if future.done() and not future.cancelled() and future.exception() is None:
+            self._grant(self.slots.release(future.result()["lease_id"], time.time()))
+        else:
+            self.slots.cancel(request_id)
+            future.cancel()
+
+    # ------------------------------------------------------------------ jobs
+    async def _run_job(self, job: Job, deadline: float | None) -> None:
+        try:
+            lease = await self.acquire(job.request_id, deadline)
+        except ProxifierError as error:
+            self._finish_job(job, error.status, error.body())
+            return
+        job.state = "running"
+        try:
+            response = await self._http().post(
+                f"{lease['url']}{job.path}",
+                json=job.body,
+                headers={"Authorization": f"Bearer {lease['api_key']}"},
+                timeout=None,
+            )
+            try:
+                payload: Any = response.json()
+            except ValueError:
+                payload = response.text
+            self._finish_job(job, response.status_code, payload)
+        except httpx.HTTPError as exc:
+            self._finish_job(
+                job,
+                502,
+                {
+                    "error": {
+                        "message": f"model '{self.name}' failed while answering: {exc}",
+                        "type": "upstream_error",
+                        "code": "upstream_failed",
+                    }
+                },
+            )
+        finally:
+            with contextlib.suppress(ProxifierError):
+                await self.release(lease["lease_id"])
+
+    def _finish_job(self, job: Job, status: int, body: Any) -> None:
+        job.state, job.http_status, job.response, job.done_at = "done", status, body, time.time()
+
+    # ------------------------------------------------------------------ background upkeep
+    def _ensure_background(self) -> None:
+        if self._background is None or self._background.done():
+            self._background = asyncio.create_task(self._upkeep())
+
+    async def _upkeep(self) -> None:
+        """Sweep expired waiters, reclaim leases whose holder vanished, drop old job results."""
+        while True:
+            await asyncio.sleep(self.settings.queue.cleanup_interval)
+            now = time.time()
+            for waiter in self.slots.expire(now):
+                self._fail_waiter(
+                    waiter.request_id,
+                    QueueTimeout(
+                        f"Request waited {now - waiter.enqueued_at:.1f}s in the queue of model "
+                        f"'{self.name}' (model state: {self.state}) and timed out",
+                        retry_after=self._queue_timeout(),
+                    ),
+                )
+            reclaimed, granted = self.slots.reap(now, self.settings.max_lease_time)
+            if reclaimed:
+                self._event("leases_reclaimed", count=len(reclaimed))
+            self._grant(granted)
+            for request_id, job in list(self.jobs.items()):
+                if job.done_at is not None and now - job.done_at > self.settings.result_ttl:
+                    del self.jobs[request_id]
+
+    # ------------------------------------------------------------------ helpers
+    def _keep(self, task: asyncio.Task[Any]) -> None:
+        """Hold a reference to a fire-and-forget task so it is not garbage-collected."""
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _set_state(self, new: ModelState) -> None:
+        self.state = check_transition(self.state, new)
+
+    def _event(self, kind: str, **details: Any) -> None:
+        seq = self.events[-1]["seq"] + 1 if self.events else 0
+        self.events.append(
+            {"seq": seq, "time": time.time(), "model": self.name, "kind": kind, **details}
+        )
+
+    def _max_queue(self) -> int:
+        return self.model.max_queue_size or self.settings.queue.max_queue_size
+
+    def _queue_timeout(self) -> float:
+        return self.model.queue_timeout or self.settings.queue.queue_timeout
+
+    def _instance_log(self, lines: int) -> list[str]:
+        """The last lines this instance wrote (not the previous instance's)."""
+        tail = log_tail(self.log_path, 400)
+        marks = [i for i, line in enumerate(tail) if line.startswith(INSTANCE_MARK)]
+        if marks:
+            tail = tail[marks[-1] + 1 :]
+        return tail[-lines:]
+
+    def _http(self) -> httpx.AsyncClient:
+        if self._client is None:
+            self._client = httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=2.0))
+        return self._client
+
+    def _stats(self) -> dict[str, Any]:
+        now = time.time()
+        pid = self.process.pid if self.process is not None else None
+        running = self.state == ModelState.READY
+        context = ray.get_runtime_context() if ray.is_initialized() else None
+        return {
+            "name": self.name,
+            "state": str(self.state),
+            "pid": pid,
+            "node_id": context.get_node_id() if context else None,
+            "host": self.host if pid else None,
+            "port": self.port if pid else None,
+            "instance": self.instance,
+            "started_at": self.started_at if pid else None,
+            "ready_at": self.ready_at if running else None,
+            "uptime": now - self.ready_at if running and self.ready_at else 0.0,
+            "in_flight": len(self.slots.leases),
+            "slots": self.slots.slots,
+            "queue_depth": len(self.slots.waiters),
+            "max_queue_size": self.slots.max_queue,
+            "oldest_wait": self.slots.oldest_wait(now),
+            "requests_served": self.slots.served,
+            "last_used": self.slots.last_release,
+            "idle_for": self.slots.idle_for(now),
+            "busy": self.slots.busy,
+            "restarts": self.restarts,
+            "last_error": self.last_error,
+            "failed_until": self.failed_until if self.state == ModelState.FAILED else None,
+            "stop_reason": self.stop_reason,
+            "retired": self.retired,
+            "rss_bytes": rss_bytes(pid),
+            "actor_pid": os.getpid(),
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()] if ray.is_initialized() else [],
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "log_tail": self._instance_log(20),
+        }
+
+
+# Fields whose change needs a new llama-server process (placement changes need a new actor,
+# which is the controller's business).
+PROCESS_FIELDS = RESTART_FIELDS - PLACEMENT_FIELDS
+
+
+def _bind_host() -> str:
+    """Loopback on a one-node cluster; the node's IP when the ingress may be elsewhere."""
+    if ray.is_initialized():
+        alive = [node for node in ray.nodes() if node.get("Alive")]
+        if len(alive) > 1:
+            return ray.util.get_node_ip_address()
+    return "127.0.0.1"
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+ModelActorRemote = ray.remote(ModelActor)
+
+
+def create_model_actor(
+    name: str,
+    model: ModelConfig,
+    settings: Settings,
+    base_dir: str | Path,
+    **options: Any,
+) -> ray.actor.ActorHandle:
+    """Create the named actor for a model (num_cpus 0 unless the options say otherwise)."""
+    defaults: dict[str, Any] = {
+        "name": actor_name(name),
+        "namespace": NAMESPACE,
+        "num_cpus": 0,
+        "max_concurrency": 4096,
+    }
+    return ModelActorRemote.options(**{**defaults, **options}).remote(
+        name, model, settings, str(base_dir)
+    )

@@ -1,0 +1,86 @@
+"""Typed errors that cross from actors to the ingress and become OpenAI-shaped HTTP answers.
+
+Each error knows its HTTP status, its OpenAI `type`, a stable `code` and, when trying again makes
+sense, how many seconds to wait (`retry_after`). They survive pickling (Ray re-raises them in the
+caller as the same class), so the ingress can `except QueueFull:` around an actor call.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+
+class ProxifierError(Exception):
+    """Base: a request the product answers with an error instead of a result."""
+
+    status: ClassVar[int] = 500
+    error_type: ClassVar[str] = "server_error"
+    code: ClassVar[str] = "internal_error"
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), self.message, self.retry_after))
+
+    def retry_after_header(self) -> str | None:
+        """Whole seconds for the Retry-After header (never 0: clients treat it as "now")."""
+        if self.retry_after is None:
+            return None
+        return str(max(1, math.ceil(self.retry_after)))
+
+    def body(self) -> dict[str, dict[str, str]]:
+        return {"error": {"message": self.message, "type": self.error_type, "code": self.code}}
+
+
+def _rebuild(cls: type[ProxifierError], message: str, retry_after: float | None) -> ProxifierError:
+    error = cls.__new__(cls)
+    ProxifierError.__init__(error, message, retry_after=retry_after)
+    return error
+
+
+class Unavailable(ProxifierError):
+    """503: the model cannot take the request now; `retry_after` says when to try again."""
+
+    status = 503
+    error_type = "service_unavailable"
+    code = "model_unavailable"
+
+
+class QueueFull(Unavailable):
+    code = "queue_full"
+
+
+class QueueTimeout(Unavailable):
+    code = "queue_timeout"
+
+
+class QueueCleared(Unavailable):
+    code = "queue_cleared"
+
+
+class ModelFailed(Unavailable):
+    """The model failed to start or crashed too often; it refuses requests until its cooldown."""
+
+    code = "model_failed"
+
+
+class ModelRetired(Unavailable):
+    """The actor agreed to stop; the caller should ask the controller for a fresh one."""
+
+    code = "model_stopping"
+
+
+class ModelNotFound(ProxifierError):
+    status = 404
+    error_type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class LeaseError(ProxifierError):
+    """A lease used in a way that is a bug in the caller (released twice, never granted)."""
+
+    code = "lease_error"

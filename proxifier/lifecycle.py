@@ -1,0 +1,68 @@
+"""The model state machine (DESIGN §4), the crash-restart budget and the readiness poll schedule."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class ModelState(StrEnum):
+    STOPPED = "stopped"
+    STARTING = "starting"
+    READY = "ready"
+    STOPPING = "stopping"
+    RESTARTING = "restarting"
+    FAILED = "failed"
+
+
+_ALLOWED: dict[ModelState, frozenset[ModelState]] = {
+    ModelState.STOPPED: frozenset({ModelState.STARTING}),
+    ModelState.STARTING: frozenset({ModelState.READY, ModelState.FAILED, ModelState.STOPPING}),
+    ModelState.READY: frozenset({ModelState.STOPPING, ModelState.RESTARTING}),
+    ModelState.RESTARTING: frozenset({ModelState.STARTING, ModelState.FAILED, ModelState.STOPPING}),
+    ModelState.STOPPING: frozenset({ModelState.STOPPED}),
+    ModelState.FAILED: frozenset({ModelState.STARTING, ModelState.STOPPING, ModelState.STOPPED}),
+}
+
+
+class InvalidTransition(RuntimeError):
+    """A state change the machine does not allow: a bug, never a user error."""
+
+
+def check_transition(old: ModelState, new: ModelState) -> ModelState:
+    if new not in _ALLOWED[old]:
+        raise InvalidTransition(f"{old} -> {new} is not a transition of the model state machine")
+    return new
+
+
+def health_poll_delays(
+    first: float = 0.05, ceiling: float = 0.5, factor: float = 2.0
+) -> Iterator[float]:
+    """Seconds to wait before each /health poll: fast at first, then every `ceiling` seconds."""
+    delay = first
+    while True:
+        yield delay
+        delay = min(ceiling, delay * factor)
+
+
+@dataclass
+class RestartBudget:
+    """Crash restarts allowed: `max_restarts` within `window` seconds, with doubling delays."""
+
+    max_restarts: int = 3
+    window: float = 300.0
+    base_delay: float = 1.0
+    crashes: list[float] = field(default_factory=list)
+
+    def on_crash(self, now: float) -> float | None:
+        """Record a crash; return the delay before the restart, or None when the budget is spent."""
+        self.crashes = [t for t in self.crashes if now - t < self.window]
+        if len(self.crashes) >= self.max_restarts:
+            return None
+        delay = self.base_delay * (2 ** len(self.crashes))
+        self.crashes.append(now)
+        return delay
+
+    def reset(self) -> None:
+        self.crashes.clear()

@@ -1,0 +1,76 @@
+"""The model state machine, the restart budget and the readiness poll schedule."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from proxifier.lifecycle import (
+    InvalidTransition,
+    ModelState,
+    RestartBudget,
+    check_transition,
+    health_poll_delays,
+)
+
+S = ModelState
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        (S.STOPPED, S.STARTING),
+        (S.STARTING, S.READY),
+        (S.STARTING, S.FAILED),
+        (S.STARTING, S.STOPPING),
+        (S.READY, S.STOPPING),
+        (S.READY, S.RESTARTING),
+        (S.RESTARTING, S.STARTING),
+        (S.RESTARTING, S.FAILED),
+        (S.STOPPING, S.STOPPED),
+        (S.FAILED, S.STARTING),
+        (S.FAILED, S.STOPPING),
+    ],
+)
+def test_allowed_transitions(old: ModelState, new: ModelState) -> None:
+    assert check_transition(old, new) is new
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        (S.STOPPED, S.READY),
+        (S.READY, S.STARTING),
+        (S.STOPPING, S.STARTING),
+        (S.READY, S.FAILED),
+        (S.STOPPED, S.STOPPING),
+    ],
+)
+def test_forbidden_transitions_fail_loudly(old: ModelState, new: ModelState) -> None:
+    with pytest.raises(InvalidTransition):
+        check_transition(old, new)
+
+
+def test_restart_delays_double_then_the_budget_is_spent() -> None:
+    budget = RestartBudget(max_restarts=3, window=300.0)
+    assert [budget.on_crash(t) for t in (0.0, 10.0, 20.0)] == [1.0, 2.0, 4.0]
+    assert budget.on_crash(30.0) is None
+
+
+def test_old_crashes_leave_the_window() -> None:
+    budget = RestartBudget(max_restarts=3, window=300.0)
+    for t in (0.0, 10.0, 20.0):
+        budget.on_crash(t)
+    # Five minutes after the first crash, it no longer counts.
+    assert budget.on_crash(300.0) == 4.0
+    assert budget.on_crash(305.0) is None
+
+
+def test_zero_restarts_fails_at_the_first_crash() -> None:
+    assert RestartBudget(max_restarts=0).on_crash(0.0) is None
+
+
+def test_health_polls_start_fast_and_back_off_to_half_a_second() -> None:
+    delays = list(itertools.islice(health_poll_delays(), 7))
+    assert delays == [0.05, 0.1, 0.2, 0.4, 0.5, 0.5, 0.5]
