@@ -33,6 +33,7 @@ from proxifier.config import (
 )
 from proxifier.config_diff import PLACEMENT_FIELDS, RESTART_FIELDS
 from proxifier.errors import (
+    InvalidRequest,
     ModelFailed,
     ModelRetired,
     ProxifierError,
@@ -70,8 +71,20 @@ class Job:
 class ModelActor:
     """Ray actor (created by `create_model_actor`); every public method is a remote call."""
 
-    def __init__(self, name: str, model: ModelConfig, settings: Settings, base_dir: str) -> None:
+    def __init__(
+        self,
+        name: str,
+        model: ModelConfig,
+        settings: Settings,
+        base_dir: str,
+        events_to: str | None = None,
+    ) -> None:
         self.name = name
+        # The named actor (the controller) that gets a copy of every event; looked up by name
+        # each time it is missing, so a restarted controller keeps receiving them.
+        self.events_to = events_to
+        self._sink: Any = None
+        self._sink_missing_at = -math.inf
         self.model = model
         self.settings = settings
         self.base_dir = Path(base_dir)
@@ -95,7 +108,8 @@ class ModelActor:
         self.stop_reason: str | None = None
         self.log_path = proxifier_home() / "logs" / f"{_safe(name)}.log"
         self._start_task: asyncio.Task[None] | None = None
-        self._stop_task: asyncio.Task[None] | None = None
+        # Stops and reloads take this lock; starts triggered by requests do not need it.
+        self._lock = asyncio.Lock()
         self._background: asyncio.Task[None] | None = None
         self._client: httpx.AsyncClient | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -109,34 +123,29 @@ class ModelActor:
         self._ensure_background()
         if self.retired:
             raise ModelRetired(f"model '{self.name}' is stopping", retry_after=1)
-        if self._stop_task is not None:
-            await asyncio.shield(self._stop_task)
+        async with self._lock:  # waits out a stop or reload in progress; not held while loading
+            if self.state == ModelState.READY:
+                return self._stats()
+            if self.state == ModelState.FAILED and not force:
+                self._raise_if_cooling_down()
+            task = self._ensure_starting()
+        await asyncio.wait({task})
         if self.state == ModelState.READY:
             return self._stats()
-        if self.state == ModelState.FAILED and not force:
-            self._raise_if_cooling_down()
-        await asyncio.shield(self._ensure_starting())
-        if self.state in (ModelState.STOPPED, ModelState.STOPPING):
+        if self.state in (ModelState.STOPPED, ModelState.STOPPING) or self.retired:
             raise Unavailable(f"model '{self.name}' was stopped while starting", retry_after=1)
-        if self.state != ModelState.READY:
-            raise ModelFailed(
-                f"model '{self.name}' failed to start: {self.last_error}",
-                retry_after=self.settings.cooldown or None,
-            )
-        return self._stats()
+        raise ModelFailed(
+            f"model '{self.name}' failed to start: {self.last_error}",
+            retry_after=self.settings.cooldown or None,
+        )
 
     async def stop(self, reason: str = "stopped on request") -> dict[str, Any]:
-        """Stop llama-server (SIGTERM, SIGKILL after stop_grace); waiting requests are answered."""
-        if self._stop_task is None:
-            if self.state == ModelState.STOPPED and self.process is None:
-                return self._stats()
-            self._stop_task = asyncio.create_task(self._stop_instance(reason))
-        task = self._stop_task
-        try:
-            await asyncio.shield(task)
-        finally:
-            if task.done() and self._stop_task is task:
-                self._stop_task = None
+        """Stop llama-server (SIGTERM, SIGKILL after stop_grace); waiting requests are answered.
+
+        The stop runs as its own task under the lifecycle lock, so a caller that gives up
+        (cancellation) never leaves it half done.
+        """
+        await self._locked(self._stop_instance, reason)
         return self._stats()
 
     async def request_stop(self, reason: str) -> dict[str, Any]:
@@ -145,33 +154,50 @@ class ModelActor:
         Once accepted, the actor is retired: acquires that race the stop get ModelRetired (a
         retryable answer) and the caller asks the controller for a fresh actor.
         """
-        if self.slots.leases or self.slots.waiters:
-            return {
-                "accepted": False,
-                "reason": f"busy: {len(self.slots.leases)} in flight, "
-                f"{len(self.slots.waiters)} waiting",
-            }
-        if self.state in (ModelState.STARTING, ModelState.RESTARTING):
-            return {"accepted": False, "reason": f"{self.state}"}
+        refusal = self._busy_reason()
+        if refusal is None and self._lock.locked():
+            refusal = "a stop or reload is in progress"
+        if refusal is None and self.state in (ModelState.STARTING, ModelState.RESTARTING):
+            refusal = str(self.state)
+        if refusal is not None:
+            return {"accepted": False, "reason": refusal}
         self.retired = True
         await self.stop(reason)
         return {"accepted": True, "reason": reason}
 
+    async def drain(self, reason: str, timeout: float) -> dict[str, Any]:
+        """Take no new requests, let those in flight or queued finish (up to `timeout` s), stop."""
+        self.retired = True
+        deadline = time.monotonic() + timeout
+        while self._busy_reason() is not None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return await self.stop(reason)
+
     async def reload(self, model: ModelConfig, settings: Settings) -> dict[str, Any]:
         """Apply a new config. Fields that change the process restart it; waiting requests
         stay queued across the restart and are served by the new instance."""
-        before, after = effective(self.model, self.settings), effective(model, settings)
-        restart = any(before[f] != after[f] for f in PROCESS_FIELDS)
-        self.model, self.settings = model, settings
-        self.slots.max_queue = self._max_queue()
-        self.budget.max_restarts = settings.max_restarts
-        self.budget.window = settings.restart_window
-        if restart and model.parallel != self.slots.slots:
-            self.slots.slots = model.parallel
-        if restart and self.state in (ModelState.READY, ModelState.STARTING, ModelState.RESTARTING):
-            await self._restart_keeping_queue("reloaded with a new configuration")
-        self._event("reloaded", restarted=restart)
+        restarted = await self._locked(self._apply_reload, model, settings)
+        if restarted is not None:
+            await asyncio.wait({restarted})
+        self._event("reloaded", restarted=restarted is not None)
         return self._stats()
+
+    async def take_results(self) -> dict[str, dict[str, Any]]:
+        """Hand over finished async results (the controller keeps them once this actor goes)."""
+        done = {rid: self._job_result(job) for rid, job in self.jobs.items() if job.state == "done"}
+        for request_id in done:
+            del self.jobs[request_id]
+        return done
+
+    async def cancel(self, request_id: str) -> bool:
+        """Take a waiting request out of the queue (its client went away)."""
+        waiter = self.slots.cancel(request_id)
+        if waiter is None:
+            return False
+        self._fail_waiter(
+            request_id, Unavailable(f"request {request_id!r} was cancelled", retry_after=1)
+        )
+        return True
 
     # ------------------------------------------------------------------ requests (public)
     async def acquire(self, request_id: str, deadline: float | None = None) -> dict[str, Any]:
@@ -260,8 +286,10 @@ class ModelActor:
     ) -> dict[str, Any]:
         """Queue a request the actor itself sends to llama-server when ready (respond-async)."""
         self._ensure_background()
+        if self.retired:
+            raise ModelRetired(f"model '{self.name}' is stopping", retry_after=1)
         if request_id in self.jobs:
-            raise ValueError(f"request {request_id!r} was already submitted")
+            raise InvalidRequest(f"request {request_id!r} was already submitted")
         job = Job(request_id, path, {**body, "stream": False})
         self.jobs[request_id] = job
         job.task = asyncio.create_task(self._run_job(job, deadline))
@@ -278,12 +306,7 @@ class ModelActor:
         if job is None:
             return {"status": "unknown", "request_id": request_id}
         if job.state == "done":
-            return {
-                "status": "done",
-                "request_id": request_id,
-                "http_status": job.http_status,
-                "body": job.response,
-            }
+            return self._job_result(job)
         return {
             "status": job.state,
             "request_id": request_id,
@@ -316,31 +339,37 @@ class ModelActor:
         if self.state != ModelState.STARTING:
             self._set_state(ModelState.STARTING)
         self.stop_reason = None
-        problem = model_start_problem_for(self.name, self.model, self.base_dir)
-        binary = ""
-        if problem is None:
-            try:
-                binary = find_llama_server(self.model.llama_server or self.settings.llama_server)
-            except LlamaServerNotFound as exc:
-                problem = str(exc)
-        if problem is not None:
-            self._fail(problem)
-            return
-        self.instance += 1
-        instance = self.instance
-        host = _bind_host()
-        port = self.model.port or free_port(host)
-        api_key = secrets.token_urlsafe(24)
-        model_file = str(model_file_for(self.model, self.base_dir))
-        argv = build_argv(
-            self.model, binary=binary, model_file=model_file, host=host, port=port, api_key=api_key
-        )
-        env = {**os.environ, **self.model.env}
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("a") as log:
-            log.write(f"\n{INSTANCE_MARK} {instance} starting at {time.ctime()}\n")
         process: asyncio.subprocess.Process | None = None
         try:
+            problem = model_start_problem_for(self.name, self.model, self.base_dir)
+            binary = ""
+            if problem is None:
+                try:
+                    binary = find_llama_server(
+                        self.model.llama_server or self.settings.llama_server
+                    )
+                except LlamaServerNotFound as exc:
+                    problem = str(exc)
+            if problem is not None:
+                self._fail(problem)
+                return
+            self.instance += 1
+            instance = self.instance
+            host = await asyncio.to_thread(_bind_host)
+            port = self.model.port or free_port(host)
+            api_key = secrets.token_hex(24)  # never starts with "-", which flag parsers misread
+            argv = build_argv(
+                self.model,
+                binary=binary,
+                model_file=str(model_file_for(self.model, self.base_dir)),
+                host=host,
+                port=port,
+                api_key=api_key,
+            )
+            env = {**os.environ, **self.model.env}
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            with self.log_path.open("a") as log:
+                log.write(f"\n{INSTANCE_MARK} {instance} starting at {time.ctime()}\n")
             process = await spawn(argv, env, self.log_path)
             self.process, self.host, self.port, self.api_key = process, host, port, api_key
             self.started_at = time.time()
@@ -350,8 +379,11 @@ class ModelActor:
             if process is not None:
                 await terminate(process, self.settings.stop_grace)
             raise
-        except OSError as exc:
-            self._fail(f"cannot run {binary}: {exc}")
+        except Exception as exc:  # anything unexpected fails the start, never wedges it
+            if process is not None:
+                await terminate(process, self.settings.stop_grace)
+                self.process = None
+            self._fail(f"could not start llama-server: {exc!r}")
             return
         if failure is not None:
             await terminate(process, self.settings.stop_grace)
@@ -417,46 +449,70 @@ class ModelActor:
         if self.state == ModelState.RESTARTING:
             await self._start_instance()
 
-    async def _restart_keeping_queue(self, reason: str) -> None:
-        """Stop the current instance and start a new one; waiters stay in the queue."""
-        if self._start_task is not None and not self._start_task.done():
-            self._start_task.cancel()
-            await asyncio.gather(self._start_task, return_exceptions=True)
-        self._set_state(ModelState.STOPPING)
-        self.slots.close()
-        if self.process is not None:
-            await terminate(self.process, self.settings.stop_grace)
-            self.process = None
-        self._set_state(ModelState.STOPPED)
-        self._event("stopped", reason=reason)
-        await asyncio.shield(self._ensure_starting())
+    async def _locked(self, operation: Any, *args: Any) -> Any:
+        """Run a lifecycle change (stop, reload) as a task under the lifecycle lock."""
 
-    async def _stop_instance(self, reason: str) -> None:
+        async def run() -> Any:
+            async with self._lock:
+                return await operation(*args)
+
+        task = asyncio.create_task(run())
+        self._keep(task)
+        await asyncio.wait({task})
+        return task.result()
+
+    async def _apply_reload(
+        self, model: ModelConfig, settings: Settings
+    ) -> asyncio.Task[None] | None:
+        """Take the new config; restart the process if it must. Returns the new start task."""
+        before, after = effective(self.model, self.settings), effective(model, settings)
+        restart = any(before[f] != after[f] for f in PROCESS_FIELDS)
+        self.model, self.settings = model, settings
+        self.slots.max_queue = self._max_queue()
+        self.budget.max_restarts = settings.max_restarts
+        self.budget.window = settings.restart_window
+        running = (ModelState.READY, ModelState.STARTING, ModelState.RESTARTING)
+        if not restart or self.state not in running:
+            if restart:
+                self.slots.slots = model.parallel
+            return None
+        await self._halt()
+        self.slots.slots = model.parallel
+        self._set_state(ModelState.STOPPED)
+        self._event("stopped", reason="reloaded with a new configuration")
+        return self._ensure_starting()  # waiters stay queued for the new instance
+
+    async def _halt(self) -> int | None:
+        """Cancel a start in progress, void the leases, end the process. State: STOPPING."""
+        # First the state, so a caller woken by the cancelled start already sees "stopping".
+        if self.state != ModelState.STOPPING:
+            self._set_state(ModelState.STOPPING)
         if self._start_task is not None and not self._start_task.done():
             self._start_task.cancel()
             await asyncio.gather(self._start_task, return_exceptions=True)
-        if self.state != ModelState.STOPPED:
-            self._set_state(ModelState.STOPPING)
         self.slots.close()
-        for waiter in self.slots.clear():
-            self._fail_waiter(
-                waiter.request_id,
-                Unavailable(
-                    f"model '{self.name}' was stopped ({reason}) while the request waited",
-                    retry_after=1,
-                ),
-            )
         code = None
         if self.process is not None:
             code = await terminate(self.process, self.settings.stop_grace)
             self.process = None
-        if self.state != ModelState.STOPPED:
-            self._set_state(ModelState.STOPPED)
+        return code
+
+    async def _stop_instance(self, reason: str) -> None:
+        if self.state == ModelState.STOPPED and self.process is None:
+            return
+        code = await self._halt()
+        error_type = ModelRetired if self.retired else Unavailable
+        for waiter in self.slots.clear():
+            self._fail_waiter(
+                waiter.request_id,
+                error_type(
+                    f"model '{self.name}' was stopped ({reason}) while the request waited",
+                    retry_after=1,
+                ),
+            )
+        self._set_state(ModelState.STOPPED)
         self.stop_reason = reason
         self._event("stopped", reason=reason, code=code)
-        if self.slots.waiters and not self.retired:
-            # Requests that arrived while it was stopping: serve them with a fresh instance.
-            self._ensure_starting()
 
     def _fail(self, message: str) -> None:
         self.last_error = message
@@ -551,6 +607,15 @@ class ModelActor:
             with contextlib.suppress(ProxifierError):
                 await self.release(lease["lease_id"])
 
+    def _job_result(self, job: Job) -> dict[str, Any]:
+        return {
+            "status": "done",
+            "request_id": job.request_id,
+            "http_status": job.http_status,
+            "body": job.response,
+            "done_at": job.done_at,
+        }
+
     def _finish_job(self, job: Job, status: int, body: Any) -> None:
         job.state, job.http_status, job.response, job.done_at = "done", status, body, time.time()
 
@@ -592,9 +657,29 @@ class ModelActor:
 
     def _event(self, kind: str, **details: Any) -> None:
         seq = self.events[-1]["seq"] + 1 if self.events else 0
-        self.events.append(
-            {"seq": seq, "time": time.time(), "model": self.name, "kind": kind, **details}
-        )
+        event = {"seq": seq, "time": time.time(), "model": self.name, "kind": kind, **details}
+        self.events.append(event)
+        if self.events_to is None or not ray.is_initialized():
+            return
+        now = time.monotonic()
+        if self._sink is None and now - self._sink_missing_at < 5.0:
+            return  # looked a moment ago and found no controller: do not block the loop again
+        try:
+            if self._sink is None:
+                self._sink = ray.get_actor(self.events_to, namespace=NAMESPACE)
+            self._sink.record_event.remote(event)
+        except Exception:  # no controller now: the event stays local
+            self._sink, self._sink_missing_at = None, now
+
+    def _busy_reason(self) -> str | None:
+        """Why the model cannot be stopped for idleness or eviction now, or None."""
+        jobs = sum(1 for job in self.jobs.values() if job.state != "done")
+        if self.slots.leases or self.slots.waiters or jobs:
+            return (
+                f"busy: {len(self.slots.leases)} in flight, {len(self.slots.waiters)} waiting"
+                + (f", {jobs} async job(s)" if jobs else "")
+            )
+        return None
 
     def _max_queue(self) -> int:
         return self.model.max_queue_size or self.settings.queue.max_queue_size
@@ -679,6 +764,7 @@ def create_model_actor(
     model: ModelConfig,
     settings: Settings,
     base_dir: str | Path,
+    events_to: str | None = None,
     **options: Any,
 ) -> ray.actor.ActorHandle:
     """Create the named actor for a model (num_cpus 0 unless the options say otherwise)."""
@@ -689,5 +775,5 @@ def create_model_actor(
         "max_concurrency": 4096,
     }
     return ModelActorRemote.options(**{**defaults, **options}).remote(
-        name, model, settings, str(base_dir)
+        name, model, settings, str(base_dir), events_to
     )

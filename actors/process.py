@@ -20,13 +20,14 @@ from pathlib import Path
 import psutil
 
 _PR_SET_PDEATHSIG = 1
+# Looked up once here: dlopen between fork and exec in a threaded parent can deadlock.
+_prctl = ctypes.CDLL(None, use_errno=True).prctl
 _LOG_LIMIT = 20 * 1024 * 1024  # truncate a model's log at start once it grows past this
 
 
 def _die_with_parent(parent_pid: int) -> None:
     """Runs in the child between fork and exec."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os._exit(1)
 

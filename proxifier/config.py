@@ -109,7 +109,7 @@ ALLOWED: dict[str, str] = {
     "parallel": "a positive integer (slots served at once)",
     "chat_template": "a template name or Jinja text",
     "additional_args": "a list of strings or one string split like a shell command line",
-    "env": "a mapping of NAME: value",
+    "env": "a mapping of NAME: value (names of letters, digits and _)",
     "llama_server": "a path to a llama-server binary, or a command name on PATH",
     "num_gpus": "a number of 0 or more",
     "num_cpus": "a number of 0 or more",
@@ -241,6 +241,14 @@ class ModelConfig(BaseModel):
             }
         return value
 
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                raise ValueError(f"bad variable name {name!r}")
+        return value
+
     @field_validator("memory", mode="before")
     @classmethod
     def _memory(cls, value: object) -> int | None:
@@ -364,6 +372,10 @@ class ConfigError(ValueError):
     def __init__(self, issues: list[ConfigIssue]) -> None:
         self.issues = issues
         super().__init__("\n".join(str(issue) for issue in issues))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Crosses Ray as itself (the controller rejects a reload; the ingress reports it).
+        return (ConfigError, (self.issues,))
 
 
 def resolve_path(base_dir: Path, path: str) -> Path:

@@ -74,10 +74,28 @@ class ModelRetired(Unavailable):
     code = "model_stopping"
 
 
-class ModelNotFound(ProxifierError):
+class InvalidRequest(ProxifierError):
+    status = 400
+    error_type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class NotFound(ProxifierError):
     status = 404
     error_type = "invalid_request_error"
+    code = "not_found"
+
+
+class ModelNotFound(NotFound):
     code = "model_not_found"
+
+
+class Refused(ProxifierError):
+    """409: the action conflicts with the model's configuration (stopping a preloaded model)."""
+
+    status = 409
+    error_type = "invalid_request_error"
+    code = "refused"
 
 
 class LeaseError(ProxifierError):

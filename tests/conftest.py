@@ -64,22 +64,31 @@ def real_server() -> str:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """One local cluster with two fake GPUs; model logs go to a temporary PROXIFIER_HOME."""
+def proxifier_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """PROXIFIER_HOME for the actors of the test cluster (their llama-server logs go there)."""
+    return tmp_path_factory.mktemp("proxifier-home")
+
+
+@pytest.fixture
+def ray_cluster(proxifier_home: Path) -> Iterator[Path]:
+    """A local Ray cluster with two fake GPUs, started once and reused by every test.
+
+    Function-scoped so that a test module with its own multi-node cluster (tests/cluster) can
+    shut it down: the next test that asks for it gets a fresh one.
+    """
     import ray
 
-    home = tmp_path_factory.mktemp("proxifier-home")
-    ray.init(
-        address="local",
-        num_cpus=2,
-        num_gpus=2,
-        include_dashboard=False,
-        namespace="proxifier-tests",
-        runtime_env={"env_vars": {"PROXIFIER_HOME": str(home)}},
-        log_to_driver=False,
-    )
-    yield home
-    ray.shutdown()
+    if not ray.is_initialized():
+        ray.init(
+            address="local",
+            num_cpus=2,
+            num_gpus=2,
+            include_dashboard=False,
+            namespace="proxifier-tests",
+            runtime_env={"env_vars": {"PROXIFIER_HOME": str(proxifier_home)}},
+            log_to_driver=False,
+        )
+    yield proxifier_home
 
 
 @pytest.fixture
@@ -113,3 +122,12 @@ def make_actor(ray_cluster: Path, fake_server: Path, tiny_model: Path) -> Iterat
         with contextlib.suppress(Exception):
             ray.get(handle.stop.remote("test over"), timeout=30)
         ray.kill(handle)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shutdown_ray_at_the_end() -> Iterator[None]:
+    yield
+    if "ray" in sys.modules:
+        import ray
+
+        ray.shutdown()

@@ -95,6 +95,7 @@ def alive(pid: int) -> bool:
 
 def wait_gone(pid: int, timeout: float = 20.0) -> bool:
     """True once `pid` has exited (zombies count as gone); False if it outlives `timeout`."""
+    assert isinstance(pid, int), f"not a pid: {pid!r}"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not alive(pid):

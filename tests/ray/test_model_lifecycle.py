@@ -210,3 +210,46 @@ def test_model_env_reaches_llama_server(make_actor: MakeActor) -> None:
     pid = ray.get(actor.start.remote(), timeout=30)["pid"]
     environ = Path(f"/proc/{pid}/environ").read_bytes()
     assert b"PROXIFIER_TEST_MARK=from-config" in environ
+
+
+# --- lifecycle changes that overlap ------------------------------------------------------------
+
+
+def test_a_stop_during_a_start_answers_the_starter(make_actor: MakeActor) -> None:
+    actor = make_actor(env={"FAKE_LLAMA_LOAD_DELAY": "30"})
+    starting = actor.start.remote()
+    wait_for(lambda: ray.get(actor.stats.remote())["pid"] is not None)
+    ray.get(actor.stop.remote("admin"), timeout=30)
+    with pytest.raises(Unavailable, match="was stopped while starting"):
+        ray.get(starting, timeout=30)
+
+
+def test_the_stop_handshake_is_refused_during_a_reload(
+    make_actor: MakeActor, fake_server: Path, tiny_model: Path
+) -> None:
+    from proxifier.config import ModelConfig, Settings
+
+    env = {"FAKE_LLAMA_IGNORE_SIGTERM": "1"}
+    actor = make_actor(env=env, settings={"stop_grace": 1.5})
+    ray.get(actor.start.remote(), timeout=30)
+    changed = ModelConfig(
+        model_path=str(tiny_model), llama_server=str(fake_server), env=env, context_length=999
+    )
+    reloading = actor.reload.remote(changed, Settings(stop_grace=1.5))
+    wait_for(lambda: ray.get(actor.stats.remote())["state"] == "stopping")
+    answer = ray.get(actor.request_stop.remote("idle"))
+    assert answer == {"accepted": False, "reason": "a stop or reload is in progress"}
+    assert ray.get(reloading, timeout=60)["instance"] == 2
+    assert ray.get(actor.stats.remote())["state"] == "ready"
+
+
+def test_an_unexpected_error_while_starting_fails_the_model(
+    make_actor: MakeActor, tmp_path: Path
+) -> None:
+    broken = tmp_path / "llama-server"
+    broken.write_text("#!/nonexistent/interpreter\n")  # executable, but exec fails
+    broken.chmod(0o755)
+    actor = make_actor(llama_server=str(broken))
+    with pytest.raises(ModelFailed, match="could not start llama-server"):
+        ray.get(actor.start.remote(), timeout=30)
+    assert ray.get(actor.stats.remote())["state"] == "failed"

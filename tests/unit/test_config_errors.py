@@ -295,3 +295,10 @@ def test_names_and_aliases_resolve() -> None:
     assert config.resolve_name("a") == "a"
     assert config.resolve_name("chat") == "a"
     assert config.resolve_name("b") is None
+
+
+def test_env_names_must_be_variable_names() -> None:
+    assert model_errors({"a": {"env": {"BAD=NAME": "1"}}}) == [
+        "models.yaml: model 'a': field 'env': {'BAD=NAME': '1'} is not allowed; "
+        "expected a mapping of NAME: value (names of letters, digits and _)"
+    ]
