@@ -594,6 +594,7 @@ class Controller:
                 await self._upkeep_once()
 
     async def _upkeep_once(self) -> None:
+        await self._replace_lost()
         running = await self._running()
         for name in idle_stops(running):
             handle = self.handles.get(name)
@@ -614,6 +615,25 @@ class Controller:
                 with contextlib.suppress(ProxifierError, ray.exceptions.RayActorError):
                     handle = await self._ensure_actor(name, self.config.models[name].priority)
                     await handle.start.remote()
+
+    async def _replace_lost(self) -> None:
+        """Model actors that died with their node: forget them, and place the ones that should
+        be running (preload, auto_start) again where they fit, else mark them failed."""
+        names = list(self.handles)
+        answers = await asyncio.gather(
+            *(asyncio.wait_for(self.handles[n].ping.remote(), 10) for n in names),
+            return_exceptions=True,
+        )
+        for name, answer in zip(names, answers, strict=True):
+            if not isinstance(answer, ray.exceptions.RayActorError):
+                continue
+            self._forget(name, self.handles[name])
+            self._event("lost", model=name, reason=f"its actor died: {answer}")
+            model = self.config.models.get(name)
+            if model is not None and (model.preload or model.auto_start):
+                with contextlib.suppress(ProxifierError):
+                    handle = await self._ensure_actor(name, model.priority)
+                    self._fire(handle.start.remote())
 
     # ------------------------------------------------------------------ helpers
     async def _status_of(self, name: str) -> dict[str, Any]:
@@ -751,6 +771,8 @@ def create_controller(models_path: str | Path, auth_path: str | Path | None = No
         namespace=NAMESPACE,
         lifetime="detached",
         num_cpus=0,
+        # On the head node: it holds the config files, and GPU hosts come and go.
+        resources={"node:__internal_head__": 0.001},
         max_restarts=-1,
         max_concurrency=4096,
     ).remote(str(models_path), str(auth_path) if auth_path else None)
