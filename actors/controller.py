@@ -47,6 +47,7 @@ from proxifier.errors import (
     QueueTimeout,
     Refused,
 )
+from proxifier.metrics import LOAD_BUCKETS, Histogram
 from proxifier.placement import (
     NodeView,
     actor_options,
@@ -92,6 +93,12 @@ class Controller:
         self._orphans: list[tuple[str, Any]] = []
         # Finished async (respond-async) results of model actors that were stopped since.
         self.results: dict[str, dict[str, Any]] = {}
+        # When each model first appeared: /v1/models' stable `created`.
+        now = int(time.time())
+        self.registered_at: dict[str, int] = dict.fromkeys(self.config.models, now)
+        self.replica_metrics: dict[str, tuple[float, dict[str, Any]]] = {}
+        self.load_seconds: dict[str, Histogram] = {}
+        self.evictions: dict[str, int] = {}
         self._adopt()
 
     # ------------------------------------------------------------------ boot and adoption
@@ -349,8 +356,52 @@ class Controller:
         """A finished async result kept after its model stopped, or status unknown."""
         return self.results.get(request_id) or {"status": "unknown", "request_id": request_id}
 
+    async def find_result(self, request_id: str) -> dict[str, Any]:
+        """An async request's state, wherever it is: kept here, or with a running model."""
+        if request_id in self.results:
+            return self.results[request_id]
+        names = list(self.handles)
+        answers = await asyncio.gather(
+            *(self.handles[n].result.remote(request_id) for n in names), return_exceptions=True
+        )
+        for name, answer in zip(names, answers, strict=True):
+            if isinstance(answer, dict) and answer["status"] != "unknown":
+                return {**answer, "model": name}
+        return {"status": "unknown", "request_id": request_id}
+
+    async def models_list(self) -> list[dict[str, Any]]:
+        """/v1/models: every configured model with its state, priority and group."""
+        return [
+            {
+                "id": status["name"],
+                "object": "model",
+                "created": self.registered_at.get(status["name"], 0),
+                "owned_by": "proxifier",
+                "state": status["state"],
+                "priority": status["priority"],
+                "resource_group": status["resource_group"],
+                "aliases": status["aliases"],
+            }
+            for status in await self.status()
+        ]
+
+    def report_metrics(self, replica_id: str, snapshot: dict[str, Any]) -> None:
+        """Ingress replicas push their cumulative request counters here every few seconds."""
+        self.replica_metrics[replica_id] = (time.time(), snapshot)
+
+    async def metrics_data(self) -> dict[str, Any]:
+        return {
+            "statuses": await self.status(),
+            "replicas": [snapshot for _, snapshot in self.replica_metrics.values()],
+            "load_seconds": {m: h.to_dict() for m, h in self.load_seconds.items()},
+            "evictions": dict(self.evictions),
+        }
+
     def record_event(self, event: dict[str, Any]) -> None:
         """Model actors push their events here."""
+        if event.get("kind") == "ready" and "load_seconds" in event:
+            histogram = self.load_seconds.setdefault(event["model"], Histogram(LOAD_BUCKETS))
+            histogram.observe(event["load_seconds"])
         self._event(event.get("kind", "event"), **{k: v for k, v in event.items() if k != "kind"})
 
     def events_since(self, seq: int = -1, limit: int = 500) -> list[dict[str, Any]]:
@@ -432,7 +483,7 @@ class Controller:
             if not candidates:
                 break
             tried.add(candidates[0])
-            if await self._evict(candidates[0], name):
+            if await self._evict(candidates[0], name, "priority"):
                 placed = await _placed(handle, settings.placement_timeout)
         if not placed:
             ray.kill(handle)
@@ -460,7 +511,7 @@ class Controller:
             candidates = [c for c in eviction_candidates(running, priority) if c not in tried]
             if candidates:
                 tried.add(candidates[0])
-                await self._evict(candidates[0], name)
+                await self._evict(candidates[0], name, "capacity")
                 continue
             remaining = deadline - time.time()
             if remaining <= 0:
@@ -474,7 +525,7 @@ class Controller:
                 await asyncio.wait_for(self._capacity_freed.wait(), timeout=min(remaining, 1.0))
             tried.clear()
 
-    async def _evict(self, victim: str, for_model: str) -> bool:
+    async def _evict(self, victim: str, for_model: str, reason: str) -> bool:
         """Ask the victim to stop (it refuses when busy); on yes, free its resources."""
         handle = self.handles.get(victim)
         if handle is None:
@@ -486,7 +537,8 @@ class Controller:
         if not answer["accepted"]:
             return False
         await self._dispose(victim, handle)
-        self._event("evicted", model=victim, for_model=for_model)
+        self.evictions[reason] = self.evictions.get(reason, 0) + 1
+        self._event("evicted", model=victim, for_model=for_model, reason=reason)
         return True
 
     async def _stop(self, name: str, reason: str) -> None:
@@ -549,6 +601,8 @@ class Controller:
         diff: ModelsDiff = diff_models(self.config, new)
         plan = reload_plan(diff, new, set(self.handles))
         self.config = new
+        for name in plan.register:
+            self.registered_at.setdefault(name, int(time.time()))
         for name in plan.drain + plan.recreate:
             handle = self.handles.pop(name)
             self.options.pop(name, None)
@@ -604,6 +658,7 @@ class Controller:
             answer = await handle.request_stop.remote(f"idle for {idle:.0f}s")
             if answer["accepted"]:
                 await self._dispose(name, handle)
+                self.evictions["idle"] = self.evictions.get("idle", 0) + 1
         ttl = self.config.settings.result_ttl
         for request_id, result in list(self.results.items()):
             if time.time() - (result.get("done_at") or 0) > ttl:

@@ -113,6 +113,7 @@ class ModelActor:
         self._background: asyncio.Task[None] | None = None
         self._client: httpx.AsyncClient | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._unclaimed: set[str] = set()
 
     # ------------------------------------------------------------------ lifecycle (public)
     async def start(self, force: bool = False) -> dict[str, Any]:
@@ -200,11 +201,54 @@ class ModelActor:
         return True
 
     # ------------------------------------------------------------------ requests (public)
-    async def acquire(self, request_id: str, deadline: float | None = None) -> dict[str, Any]:
+    async def acquire(
+        self, request_id: str, deadline: float | None = None, arrived: float | None = None
+    ) -> dict[str, Any]:
         """A lease `{lease_id, url, api_key, ...}` for one request: at once when a slot is free,
-        else after waiting in the FIFO (which starts the model when it is stopped)."""
+        else after waiting in the FIFO (which starts the model when it is stopped).
+        `arrived` (wall clock) is when the request reached the product, for honest wait times."""
+        answer = self._enqueue(request_id, deadline, arrived)
+        if "lease" in answer:
+            return answer["lease"]
+        return await self._wait(request_id)
+
+    async def enqueue(
+        self, request_id: str, deadline: float | None = None, arrived: float | None = None
+    ) -> dict[str, Any]:
+        """The first half of acquire: `{"lease": ...}` at once, or `{"queued": {position,
+        model_state}}` and the caller then calls `wait_lease` (streams send keep-alives between)."""
+        return self._enqueue(request_id, deadline, arrived)
+
+    async def wait_lease(self, request_id: str) -> dict[str, Any]:
+        """The second half of acquire: the lease once granted, or why not."""
+        return await self._wait(request_id)
+
+    async def enqueue_or_submit(
+        self,
+        request_id: str,
+        path: str,
+        body: dict[str, Any],
+        deadline: float | None = None,
+        arrived: float | None = None,
+    ) -> dict[str, Any]:
+        """For `Prefer: respond-async`: a lease when a slot is free now, else an async job."""
+        free_now = self.slots.free_slots() > 0 and not self.slots.waiters
+        if self.state == ModelState.READY and free_now:
+            return self._enqueue(request_id, deadline, arrived)
+        return {"queued": await self.submit(request_id, path, body, deadline)}
+
+    async def queue_position(self, request_id: str) -> dict[str, Any]:
+        return {"position": self.slots.position(request_id), "model_state": str(self.state)}
+
+    async def release(self, lease_id: str) -> None:
+        """Give a slot back; the oldest waiter gets it."""
+        self._grant(self.slots.release(lease_id, time.time()))
+
+    def _enqueue(
+        self, request_id: str, deadline: float | None, arrived: float | None = None
+    ) -> dict[str, Any]:
         self._ensure_background()
-        now = time.time()
+        now = min(time.time(), arrived or math.inf)
         if self.retired:
             raise ModelRetired(f"model '{self.name}' is stopping", retry_after=1)
         if self.state == ModelState.FAILED:
@@ -213,16 +257,29 @@ class ModelActor:
         outcome, lease = self.slots.request(request_id, now, deadline)
         if outcome is Outcome.GRANTED:
             assert lease is not None
-            return self._lease(lease)
+            return {"lease": self._lease(lease)}
         if outcome is Outcome.FULL:
             raise QueueFull(
                 "Service temporarily unavailable - queue is full",
                 retry_after=self._queue_timeout(),
             )
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self.waiters[request_id] = future
+        self.waiters[request_id] = asyncio.get_running_loop().create_future()
         if self.state in (ModelState.STOPPED, ModelState.FAILED):
             self._ensure_starting()
+        return {
+            "queued": {
+                "position": self.slots.position(request_id),
+                "model_state": str(self.state),
+            }
+        }
+
+    async def _wait(self, request_id: str) -> dict[str, Any]:
+        future = self.waiters.get(request_id)
+        if future is None:
+            raise Unavailable(f"request {request_id!r} is not waiting for model '{self.name}'")
+        waiter = self.slots.waiters.get(request_id)
+        deadline = waiter.deadline if waiter is not None else time.time()
+        enqueued = waiter.enqueued_at if waiter is not None else time.time()
         try:
             await asyncio.wait({future}, timeout=max(0.0, deadline - time.time()))
         except asyncio.CancelledError:
@@ -233,16 +290,11 @@ class ModelActor:
             return future.result()
         self.slots.cancel(request_id)
         future.cancel()
-        waited = time.time() - now
         raise QueueTimeout(
-            f"Request waited {waited:.1f}s in the queue of model '{self.name}' "
+            f"Request waited {time.time() - enqueued:.1f}s in the queue of model '{self.name}' "
             f"(model state: {self.state}) and timed out",
             retry_after=self._queue_timeout(),
         )
-
-    async def release(self, lease_id: str) -> None:
-        """Give a slot back; the oldest waiter gets it."""
-        self._grant(self.slots.release(lease_id, time.time()))
 
     async def position(self, request_id: str) -> int | None:
         return self.slots.position(request_id)
@@ -365,6 +417,7 @@ class ModelActor:
                 host=host,
                 port=port,
                 api_key=api_key,
+                alias=self.name,
             )
             env = {**os.environ, **self.model.env}
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -558,7 +611,9 @@ class ModelActor:
                 pending += self.slots.release(lease.lease_id, time.time())
 
     def _fail_waiter(self, request_id: str, error: ProxifierError) -> None:
-        future = self.waiters.pop(request_id, None)
+        # The future stays until its waiter collects it (a caller between enqueue and
+        # wait_lease must still hear why); unclaimed ones are swept by _upkeep.
+        future = self.waiters.get(request_id)
         if future is not None and not future.done():
             future.set_exception(error)
 
@@ -645,6 +700,18 @@ class ModelActor:
             for request_id, job in list(self.jobs.items()):
                 if job.done_at is not None and now - job.done_at > self.settings.result_ttl:
                     del self.jobs[request_id]
+            self._sweep_unclaimed()
+
+    def _sweep_unclaimed(self) -> None:
+        """Answers nobody came for (the caller enqueued, then vanished before wait_lease): after
+        a whole sweep interval, drop them, giving a granted slot back."""
+        done = {rid for rid, future in self.waiters.items() if future.done()}
+        for request_id in done & self._unclaimed:
+            future = self.waiters.pop(request_id)
+            if not future.cancelled() and future.exception() is None:
+                with contextlib.suppress(ProxifierError):
+                    self._grant(self.slots.release(future.result()["lease_id"], time.time()))
+        self._unclaimed = done - self._unclaimed
 
     # ------------------------------------------------------------------ helpers
     def _keep(self, task: asyncio.Task[Any]) -> None:

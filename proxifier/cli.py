@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+import httpx
 
 from proxifier.config import (
     AuthConfig,
@@ -19,6 +24,152 @@ from proxifier.config import (
 from proxifier.config_diff import diff_models
 
 DEFAULT_MODELS = "configs/models.yaml"
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def table(rows: list[list[str]]) -> str:
+    """Rows as aligned columns (the first row is the header)."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
+
+
+class AdminError(Exception):
+    """An answer from the server that is an error, or no answer at all."""
+
+
+class Admin:
+    """The operator commands talk to a running server over its HTTP admin API."""
+
+    def __init__(self, url: str, key: str | None) -> None:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.url = url.rstrip("/")
+        self.client = httpx.Client(base_url=self.url, headers=headers, timeout=300)
+
+    def call(self, method: str, path: str, **params: Any) -> Any:
+        try:
+            response = self.client.request(method, path, params=params or None)
+        except httpx.TransportError as exc:
+            raise AdminError(
+                f"cannot reach {self.url} ({exc}); is `proxifier serve` running there?"
+            ) from None
+        try:
+            body = response.json()
+        except ValueError:
+            body = {"error": {"message": response.text[:500]}}
+        if response.status_code >= 400:
+            error = body.get("error", {}) if isinstance(body, dict) else {}
+            raise AdminError(f"{response.status_code}: {error.get('message', body)}")
+        return body
+
+
+def _ago(seconds: float | None) -> str:
+    if not seconds:
+        return "-"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def _status_rows(models: list[dict[str, Any]]) -> list[list[str]]:
+    rows = [["MODEL", "STATE", "PRI", "GROUP", "WHERE", "IN-FLIGHT", "QUEUED", "UPTIME", "ERROR"]]
+    for m in models:
+        where = f"{m['host']}:{m['port']}" if m.get("host") else "-"
+        error = (m.get("last_error") or "").splitlines()[0][:60] if m.get("last_error") else ""
+        rows.append(
+            [
+                m["name"],
+                m["state"],
+                str(m["priority"]),
+                m["resource_group"],
+                where,
+                str(m.get("in_flight", 0)),
+                str(m.get("queue_depth", 0)),
+                _ago(m.get("uptime")),
+                error,
+            ]
+        )
+    return rows
+
+
+def run_admin(args: argparse.Namespace) -> int:
+    admin = Admin(args.url, args.key)
+    try:
+        if args.command == "status":
+            health = admin.call("GET", "/health")
+            models = admin.call("GET", "/admin/models/status")["models"]
+            print(f"{admin.url}: {health['status']}, controller {health['controller']}")
+            print(table(_status_rows(models)))
+        elif args.command == "models":
+            listed = admin.call("GET", "/v1/models")["data"]
+            rows = [["MODEL", "STATE", "PRIORITY", "GROUP", "ALIASES"]]
+            rows += [
+                [
+                    m["id"],
+                    m["state"],
+                    str(m["priority"]),
+                    m["resource_group"],
+                    ", ".join(m["aliases"]),
+                ]
+                for m in listed
+            ]
+            print(table(rows))
+        elif args.command in ("start", "stop", "reload"):
+            if args.command == "reload" and args.model is None:
+                answer = admin.call("POST", "/admin/config/reload")
+                print("\n".join(answer["changes"]) or "no changes")
+                return 0
+            params = {"force": "true"} if args.command == "stop" and args.force else {}
+            answer = admin.call("POST", f"/admin/models/{args.model}/{args.command}", **params)
+            if args.command == "reload":
+                print("\n".join(answer["changes"]) or "no changes")
+            else:
+                print(f"{answer['model']}: {answer['state']}")
+        elif args.command == "group":
+            if args.action == "status":
+                groups = admin.call("GET", "/admin/groups/status")["groups"]
+                rows = [["GROUP", "RUNNING", "MEMBERS"]]
+                rows += [
+                    [
+                        g,
+                        f"{v['running']}/{v['total']}",
+                        ", ".join(f"{m['name']} ({m['state']})" for m in v["members"]),
+                    ]
+                    for g, v in groups.items()
+                ]
+                print(table(rows))
+            else:
+                answer = admin.call("POST", f"/admin/groups/{args.group}/{args.action}")
+                print(json.dumps(answer, indent=2))
+        elif args.command == "queue":
+            if args.clear:
+                if not args.model:
+                    raise AdminError("--clear needs a MODEL")
+                answer = admin.call("POST", f"/admin/queue/{args.model}/clear")
+                print(f"{answer['model']}: cleared {answer['cleared']} waiting request(s)")
+                return 0
+            path = f"/admin/queue/{args.model}/status" if args.model else "/admin/queue/status"
+            answer = admin.call("GET", path)
+            queues = [answer] if args.model else answer["queues"]
+            rows = [["MODEL", "STATE", "IN-FLIGHT", "QUEUED", "OLDEST WAIT"]]
+            rows += [
+                [
+                    q["model"],
+                    q["state"],
+                    str(q.get("in_flight", 0)),
+                    str(q.get("depth", 0)),
+                    f"{q.get('oldest_wait', 0):.1f}s",
+                ]
+                for q in queues
+            ]
+            print(table(rows))
+    except AdminError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _model_line(config: ModelsConfig, name: str) -> str:
@@ -111,6 +262,48 @@ def build_parser() -> argparse.ArgumentParser:
     diff = config_commands.add_parser("diff", help="what reloading NEW over OLD would change")
     diff.add_argument("old")
     diff.add_argument("new")
+
+    serve = commands.add_parser("serve", help="run the server (Ctrl-C stops it and its models)")
+    serve.add_argument("--config", default=DEFAULT_MODELS, help=f"default: {DEFAULT_MODELS}")
+    serve.add_argument("--host", help="default: settings.host (127.0.0.1)")
+    serve.add_argument("--port", type=int, help="default: settings.port (8000)")
+    serve.add_argument(
+        "--address",
+        default=os.environ.get("RAY_ADDRESS"),
+        help="Ray cluster to join (default: RAY_ADDRESS, else a running one, else start one)",
+    )
+    serve.add_argument("--replicas", type=int, default=1, help="ingress replicas (default 1)")
+    serve.add_argument(
+        "--insecure", action="store_true", help="allow a non-loopback address with auth off"
+    )
+
+    def admin_parser(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument(
+            "--url",
+            default=os.environ.get("PROXIFIER_URL", DEFAULT_URL),
+            help=f"server (default: PROXIFIER_URL or {DEFAULT_URL})",
+        )
+        sub.add_argument(
+            "--key",
+            default=os.environ.get("PROXIFIER_API_KEY"),
+            help="API key (default: PROXIFIER_API_KEY)",
+        )
+        return sub
+
+    admin_parser("status", "every model's state, where it runs, its load")
+    admin_parser("models", "the models clients can ask for")
+    admin_parser("start", "start a model").add_argument("model")
+    stop = admin_parser("stop", "stop a model")
+    stop.add_argument("model")
+    stop.add_argument("--force", action="store_true", help="also stop a preloaded model")
+    admin_parser("reload", "reload one model, or the whole config").add_argument("model", nargs="?")
+    group = admin_parser("group", "start, stop or show resource groups")
+    group.add_argument("action", choices=["start", "stop", "status"])
+    group.add_argument("group", nargs="?")
+    queue = admin_parser("queue", "queue depth and waits; --clear empties a model's queue")
+    queue.add_argument("model", nargs="?")
+    queue.add_argument("--clear", action="store_true")
     return parser
 
 
@@ -120,7 +313,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return config_validate(args.models, args.auth)
     if args.command == "config" and args.config_command == "diff":
         return config_diff(args.old, args.new)
-    raise AssertionError(f"unhandled command {args}")
+    if args.command == "serve":
+        from serve_app.run import serve_forever  # Ray is only imported to serve
+
+        return serve_forever(
+            args.config, args.host, args.port, args.address, args.replicas, args.insecure
+        )
+    if args.command == "group" and args.action != "status" and not args.group:
+        print("error: group start|stop needs a GROUP", file=sys.stderr)
+        return 2
+    return run_admin(args)
 
 
 if __name__ == "__main__":

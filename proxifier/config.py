@@ -115,6 +115,7 @@ ALLOWED: dict[str, str] = {
     "num_cpus": "a number of 0 or more",
     "memory": "a size in bytes, or a string such as 16GiB",
     "max_body_size": "a size in bytes, or a string such as 10MB",
+    "upstream_timeout": "a number of seconds greater than 0",
     "resources": "a mapping of resource name: quantity (a number of 0 or more)",
     "labels": "a mapping of label: value (Ray label selector syntax such as in(a100,h100))",
     "idle_timeout": "a number of seconds, 0 or more (0 = never stop for idleness)",
@@ -131,6 +132,7 @@ ALLOWED: dict[str, str] = {
     "max_lease_time": "a number of seconds greater than 0",
     "result_ttl": "a number of seconds greater than 0",
     "respond_async": "true or false",
+    "keepalive_interval": "a number of seconds greater than 0",
     "aliases": "a list of names",
     "model_path": "a path to a .gguf file",
     "host": "a host name or IP address to bind",
@@ -160,6 +162,7 @@ class QueueSettings(BaseModel):
     queue_timeout: float = Field(30.0, gt=0)
     cleanup_interval: float = Field(10.0, gt=0)
     respond_async: bool = False
+    keepalive_interval: float = Field(3.0, gt=0)
 
 
 class Settings(BaseModel):
@@ -182,6 +185,7 @@ class Settings(BaseModel):
     max_lease_time: float = Field(3600.0, gt=0)
     result_ttl: float = Field(600.0, gt=0)
     max_body_size: int = 10 * 1000**2
+    upstream_timeout: float = Field(600.0, gt=0)
     queue: QueueSettings = QueueSettings()
     auth_file: str | None = None
 

@@ -24,6 +24,8 @@ OWNED_FLAGS: dict[str, str] = {
     "--api-key-file": "the per-instance key the model actor generates",
     "-np": "parallel",
     "--parallel": "parallel",
+    "-a": "the model's name in models.yaml",
+    "--alias": "the model's name in models.yaml",
 }
 
 # Flags that duplicate a config field: an error only when the field is set too.
@@ -71,9 +73,15 @@ def build_argv(
     host: str,
     port: int,
     api_key: str,
+    alias: str | None = None,
 ) -> list[str]:
-    """The full llama-server command line for one instance of a model."""
+    """The full llama-server command line for one instance of a model.
+
+    `alias` (the model's configured name) is what llama-server reports as `model` in its
+    answers, so clients see the name they asked for, not a file path of the server."""
     argv = [binary, "-m", model_file, "--host", host, "--port", str(port)]
+    if alias is not None:
+        argv += ["--alias", alias]
     if model.context_length is not None:
         argv += ["-c", str(model.context_length)]
     if model.gpu_layers is not None:

@@ -20,6 +20,7 @@ from proxifier.llama import LlamaServerNotFound, find_llama_server
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 MakeActor = Callable[..., Any]
+RUNTIME_HOOK = "serve_app.hardening.ignore_client_timeout_headers"
 
 REPO = Path(__file__).resolve().parent.parent
 FAKE_SERVER = REPO / "tests" / "fakes" / "fake-llama-server"
@@ -76,6 +77,11 @@ def ray_cluster(proxifier_home: Path) -> Iterator[Path]:
     Function-scoped so that a test module with its own multi-node cluster (tests/cluster) can
     shut it down: the next test that asks for it gets a fresh one.
     """
+    ensure_ray(proxifier_home)
+    yield proxifier_home
+
+
+def ensure_ray(proxifier_home: Path) -> None:
     import ray
 
     if not ray.is_initialized():
@@ -85,10 +91,12 @@ def ray_cluster(proxifier_home: Path) -> Iterator[Path]:
             num_gpus=2,
             include_dashboard=False,
             namespace="proxifier-tests",
-            runtime_env={"env_vars": {"PROXIFIER_HOME": str(proxifier_home)}},
+            runtime_env={
+                "env_vars": {"PROXIFIER_HOME": str(proxifier_home)},
+                "worker_process_setup_hook": RUNTIME_HOOK,
+            },
             log_to_driver=False,
         )
-    yield proxifier_home
 
 
 @pytest.fixture

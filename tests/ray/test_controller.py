@@ -302,9 +302,12 @@ def test_max_running_models_evicts_the_idle_lower_priority_model(
     ray.get(high.start.remote(), timeout=60)
     assert state(controller, "low") == "stopped"
     events = ray.get(controller.events_since.remote())
-    assert {"kind": "evicted", "model": "low", "for_model": "high"}.items() <= next(
-        e for e in events if e["kind"] == "evicted"
-    ).items()
+    assert {
+        "kind": "evicted",
+        "model": "low",
+        "for_model": "high",
+        "reason": "capacity",
+    }.items() <= next(e for e in events if e["kind"] == "evicted").items()
     # A busy model is never evicted: the newcomer waits, then hears why.
     lease = ray.get(high.acquire.remote("busy"), timeout=60)
     with pytest.raises(QueueTimeout, match=r"max_running_models"):

@@ -35,6 +35,20 @@ def test_minimal_model() -> None:
     assert argv() == [*BASE, "-np", "4", "--api-key", "instance-key"]
 
 
+def test_the_model_name_becomes_llama_servers_alias() -> None:
+    model = ModelConfig()
+    result = build_argv(
+        model,
+        binary="llama-server",
+        model_file="/m/a.gguf",
+        host="h",
+        port=1,
+        api_key="k",
+        alias="chat",
+    )
+    assert result[result.index("--alias") + 1] == "chat"
+
+
 @pytest.mark.parametrize(
     ("field", "value", "flags"),
     [
@@ -95,6 +109,7 @@ OWNED = "is set by the proxifier and cannot be overridden"
         ("-m other.gguf", f"'-m' {OWNED}; use the 'model_path' field"),
         ("--model other.gguf", f"'--model' {OWNED}; use the 'model_path' field"),
         ("-np 2", f"'-np' {OWNED}; use the 'parallel' field"),
+        ("--alias x", f"'--alias' {OWNED}; it is the model's name in models.yaml"),
     ],
 )
 def test_owned_flags_are_a_config_error(args: str, message: str) -> None:

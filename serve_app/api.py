@@ -1,0 +1,209 @@
+"""The HTTP surface (DESIGN §6): the OpenAI API, the seed's admin API, /health and /metrics.
+
+`build_api(backend)` makes the FastAPI app; the Serve deployment in `serve_app.app` wraps it,
+and tests can build it around any backend.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+from fastapi import Body, FastAPI, Query, Request
+from fastapi.responses import JSONResponse, Response
+
+from proxifier.errors import NotFound
+from serve_app.backend import RayBackend
+from serve_app.http_errors import error_response, install_error_handlers
+from serve_app.metrics import ReplicaMetrics, render
+from serve_app.proxy import Proxy
+
+INFERENCE_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+
+
+def build_api(backend: RayBackend) -> FastAPI:
+    app = FastAPI(
+        title="LLM Proxifier",
+        description="One OpenAI-compatible endpoint for many llama-server models on Ray.",
+        version="0.1.0",
+    )
+    install_error_handlers(app)
+    metrics = ReplicaMetrics()
+    proxy = Proxy(backend, metrics)
+    controller = backend  # admin calls go through the backend's controller handle
+
+    @app.middleware("http")
+    async def _start_metrics(request: Request, call_next: Any) -> Response:
+        metrics.start_flushing(backend.controller)
+        return await call_next(request)
+
+    async def ask(ref: Any) -> Any:
+        return await backend.call(ref)
+
+    def ctl() -> Any:
+        return controller.controller
+
+    # ------------------------------------------------------------------ OpenAI
+    for path in INFERENCE_PATHS:
+
+        async def inference(request: Request, _path: str = path) -> Response:
+            return await proxy.handle(request, _path)
+
+        app.add_api_route(path, inference, methods=["POST"], include_in_schema=True)
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": await ask(ctl().models_list.remote())}
+
+    @app.get("/v1/models/{model}")
+    async def get_model(model: str) -> dict[str, Any]:
+        name = await backend.resolve(model)
+        listed = await ask(ctl().models_list.remote())
+        return next(entry for entry in listed if entry["id"] == name)
+
+    @app.get("/v1/queue/{request_id}")
+    async def queued_result(request_id: str) -> Response:
+        result = await ask(ctl().find_result.remote(request_id))
+        if result["status"] == "unknown":
+            raise NotFound(f"No queued request '{request_id}' (unknown, or its result expired)")
+        if result["status"] == "done":
+            return JSONResponse(result["body"], result["http_status"])
+        return JSONResponse(
+            {
+                "message": "Request queued" if result["status"] == "pending" else "Running",
+                "request_id": request_id,
+                "status": result["status"],
+                "position": result.get("position", 0),
+                "model_state": result.get("model_state"),
+            },
+            202,
+            headers={"Location": f"/v1/queue/{request_id}"},
+        )
+
+    # ------------------------------------------------------------------ admin: models
+    @app.get("/admin/models/status")
+    async def models_status() -> dict[str, Any]:
+        return {"models": await ask(ctl().status.remote())}
+
+    @app.post("/admin/models/{model}/start")
+    async def start_model(model: str) -> dict[str, Any]:
+        stats = await ask(ctl().start_model.remote(model))
+        return {"model": stats["name"], "state": stats["state"], "status": stats}
+
+    @app.post("/admin/models/{model}/stop")
+    async def stop_model(model: str, force: Annotated[bool, Query()] = False) -> dict[str, Any]:
+        return await ask(ctl().stop_model.remote(model, force))
+
+    @app.post("/admin/models/{model}/reload")
+    async def reload_model(model: str) -> dict[str, Any]:
+        return await ask(ctl().reload_model.remote(model))
+
+    @app.get("/admin/models/{model}/status")
+    async def model_status(model: str) -> dict[str, Any]:
+        return await ask(ctl().model_status.remote(model))
+
+    @app.get("/admin/models/{model}/logs")
+    async def model_logs(
+        model: str, lines: Annotated[int, Query(ge=1, le=5000)] = 100
+    ) -> dict[str, Any]:
+        name = await backend.resolve(model)
+        return {"model": name, "lines": await ask(ctl().model_logs.remote(name, lines))}
+
+    @app.post("/admin/start-all")
+    async def start_all() -> dict[str, Any]:
+        return await ask(ctl().start_all.remote())
+
+    @app.post("/admin/stop-all")
+    async def stop_all() -> dict[str, Any]:
+        return await ask(ctl().stop_all.remote())
+
+    # ------------------------------------------------------------------ admin: groups
+    @app.post("/admin/groups/{group}/start")
+    async def start_group(group: str) -> dict[str, Any]:
+        return await ask(ctl().start_group.remote(group))
+
+    @app.post("/admin/groups/{group}/stop")
+    async def stop_group(group: str) -> dict[str, Any]:
+        return await ask(ctl().stop_group.remote(group))
+
+    @app.get("/admin/groups/status")
+    async def groups_status() -> dict[str, Any]:
+        return {"groups": await ask(ctl().groups_status.remote())}
+
+    # ------------------------------------------------------------------ admin: queues
+    @app.get("/admin/queue/status")
+    async def queue_status() -> dict[str, Any]:
+        return {"queues": await ask(ctl().queue_status.remote())}
+
+    @app.get("/admin/queue/{model}/status")
+    async def model_queue_status(model: str) -> dict[str, Any]:
+        (status,) = await ask(ctl().queue_status.remote(model))
+        return status
+
+    @app.post("/admin/queue/{model}/clear")
+    async def clear_queue(model: str) -> dict[str, Any]:
+        return await ask(ctl().clear_queue.remote(model))
+
+    # ------------------------------------------------------------------ admin: config
+    @app.post("/admin/config/reload")
+    async def reload_config() -> dict[str, Any]:
+        return await ask(ctl().reload_config.remote())
+
+    @app.get("/admin/config/validate")
+    async def validate_config() -> dict[str, Any]:
+        return await ask(ctl().validate_config.remote())
+
+    @app.post("/admin/config/backup")
+    async def backup_config(
+        body: Annotated[dict[str, Any] | None, Body()] = None,
+    ) -> dict[str, Any]:
+        description = str((body or {}).get("description", ""))
+        return await ask(ctl().backup.remote(description))
+
+    @app.get("/admin/config/backups")
+    async def list_backups() -> dict[str, Any]:
+        return {"backups": await ask(ctl().list_backups.remote())}
+
+    @app.post("/admin/config/restore/{backup_id}")
+    async def restore_config(backup_id: str) -> dict[str, Any]:
+        return await ask(ctl().restore.remote(backup_id))
+
+    # ------------------------------------------------------------------ admin: cluster, events
+    @app.get("/admin/cluster")
+    async def cluster() -> dict[str, Any]:
+        return await ask(ctl().cluster.remote())
+
+    @app.get("/admin/events")
+    async def events(
+        since: Annotated[int, Query()] = -1, limit: Annotated[int, Query(ge=1, le=1000)] = 500
+    ) -> Any:
+        return {"events": await ask(ctl().events_since.remote(since, limit))}
+
+    # ------------------------------------------------------------------ health, metrics
+    @app.get("/health")
+    async def health() -> Response:
+        started = time.monotonic()
+        try:
+            statuses = await ask(ctl().status.remote())
+        except Exception as error:  # the ingress is up; say what is not
+            return error_response(
+                503, f"controller unreachable: {type(error).__name__}", "controller_unreachable"
+            )
+        states: dict[str, int] = {}
+        for status in statuses:
+            states[status["state"]] = states.get(status["state"], 0) + 1
+        return JSONResponse(
+            {
+                "status": "ok",
+                "controller": "reachable",
+                "models": {"total": len(statuses), **states},
+                "checked_in_ms": round((time.monotonic() - started) * 1000, 1),
+            }
+        )
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        data = await ask(ctl().metrics_data.remote())
+        return Response(render(data), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app

@@ -1,0 +1,61 @@
+"""The Ray Serve application: the ingress deployment and the one builder that wires the config,
+the controller and the ingress together (`proxifier serve` and `serve run` both use it)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import ray
+from fastapi import FastAPI
+from ray import serve
+from ray.serve import Application
+
+from actors.controller import create_controller, get_controller
+from proxifier.config import load_models_config
+from serve_app.api import build_api
+from serve_app.backend import RayBackend
+
+log = logging.getLogger("proxifier")
+
+APP_NAME = "proxifier"
+
+
+@serve.deployment(
+    ray_actor_options={"num_cpus": 0},
+    # Streams hold a request open for their whole length: allow many at once per replica.
+    max_ongoing_requests=1000,
+    health_check_period_s=10,
+)
+@serve.ingress()
+class Ingress:
+    """One replica of the HTTP surface; it keeps no state of its own (all of it is in actors)."""
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return build_api(RayBackend())
+
+
+def ensure_controller(config: str | Path) -> Any:
+    """The running controller, or a new one for `config` (validated first: a bad file fails
+    here with every error, before anything starts)."""
+    path = Path(config).resolve()
+    load_models_config(path)
+    try:
+        controller = get_controller()
+        paths = ray.get(controller.config_paths.remote(), timeout=30)
+        if Path(paths["models"]) != path:
+            log.warning("a controller already serves %s; keeping it", paths["models"])
+        return controller
+    except ValueError:
+        controller = create_controller(path)
+        ray.get(controller.ping.remote(), timeout=120)
+        return controller
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """Serve application builder. args: `config` (models.yaml), `replicas` (default 1)."""
+    controller = ensure_controller(args.get("config", "configs/models.yaml"))
+    controller.boot.remote()  # auto-start and preload models; the app does not wait for loads
+    replicas = int(args.get("replicas", 1))
+    return Ingress.options(num_replicas=replicas).bind()

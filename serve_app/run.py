@@ -1,0 +1,176 @@
+"""`proxifier serve`: join or start a Ray cluster, deploy the app, wait, and clean up on exit."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from proxifier.cli import table
+from proxifier.config import (
+    AUTH_DISABLED,
+    ConfigError,
+    load_auth_config,
+    load_models_config,
+    model_path_warnings,
+)
+
+HARDENING = "serve_app.hardening.ignore_client_timeout_headers"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def say(message: str) -> None:
+    print(message, flush=True)
+
+
+def serve_forever(
+    config: str,
+    host: str | None,
+    port: int | None,
+    address: str | None,
+    replicas: int,
+    insecure: bool,
+) -> int:
+    try:
+        models = load_models_config(config)
+        auth_path = models.auth_path()
+        auth = load_auth_config(auth_path) if auth_path else AUTH_DISABLED
+    except ConfigError as error:
+        for issue in error.issues:
+            print(f"error: {issue}", file=sys.stderr)
+        print("the configuration was not accepted; nothing was started", file=sys.stderr)
+        return 1
+    for warning in model_path_warnings(models, config):
+        print(f"warning: {warning}", file=sys.stderr)
+    host = host or models.settings.host
+    port = port or models.settings.port
+    if not auth.enabled and not is_loopback(host) and not insecure:
+        print(
+            f"error: refusing to listen on {host} with auth off: anyone who can reach it could "
+            "run and stop models. Set settings.auth_file (see README), bind 127.0.0.1, or "
+            "pass --insecure if this network is yours alone.",
+            file=sys.stderr,
+        )
+        return 2
+
+    import ray
+    from ray import serve
+
+    from actors.controller import get_controller
+    from serve_app.app import APP_NAME, build_app
+
+    # Every worker of this job, Serve's HTTP proxy included, ignores the timeout headers
+    # clients could otherwise set (serve_app/hardening.py).
+    job = {"namespace": "proxifier", "runtime_env": {"worker_process_setup_hook": HARDENING}}
+    started_local = False
+    if address and address != "local":
+        say(f"joining the Ray cluster at {address}")
+        ray.init(address=address, **job)
+    else:
+        try:
+            if address == "local":
+                raise ConnectionError("a new local cluster was asked for")
+            ray.init(address="auto", **job)
+            say("joined the running Ray cluster on this machine")
+        except ConnectionError:
+            say("starting a local Ray cluster")
+            ray.init(address="local", **job)
+            started_local = True
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        say(f"\nreceived {signal.Signals(signum).name}; stopping")
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        serve.start(http_options={"host": host, "port": port, "request_timeout_s": None})
+        serve.run(
+            build_app({"config": str(Path(config).resolve()), "replicas": replicas}),
+            name=APP_NAME,
+            route_prefix="/",
+            blocking=False,
+        )
+        controller = get_controller()
+        url = f"http://{host}:{port}"
+        say(f"\nLLM Proxifier is serving {url}/v1 (admin: {url}/admin, docs: {url}/docs)")
+        _print_models(ray.get(controller.status.remote(), timeout=60))
+        _print_examples(url, models)
+        say("\nCtrl-C stops the server and every model it started.")
+        while not stop.wait(0.5):
+            pass
+    finally:
+        _shutdown(started_local)
+    return 0
+
+
+def _shutdown(started_local: bool) -> None:
+    import ray
+    from ray import serve
+
+    from actors.controller import get_controller
+    from serve_app.app import APP_NAME
+
+    if not ray.is_initialized():
+        return
+    try:
+        controller = get_controller()
+        ray.get(controller.shutdown.remote(), timeout=120)
+        ray.kill(controller, no_restart=True)
+    except Exception as error:  # keep cleaning up whatever else is there
+        print(f"warning: stopping the models: {error}", file=sys.stderr)
+    try:
+        if started_local:
+            serve.shutdown()
+        else:
+            serve.delete(APP_NAME)
+    except Exception as error:
+        print(f"warning: stopping Serve: {error}", file=sys.stderr)
+    if started_local:
+        ray.shutdown()
+    say("stopped")
+
+
+def _print_models(statuses: list[dict[str, Any]]) -> None:
+    say("")
+    rows = [["MODEL", "STATE", "PRIORITY", "GROUP", "START"]]
+    for status in statuses:
+        start = "preload" if status["preload"] else "auto" if status["auto_start"] else "on demand"
+        rows.append(
+            [
+                status["name"],
+                status["state"],
+                str(status["priority"]),
+                status["resource_group"],
+                start,
+            ]
+        )
+    say(table(rows))
+
+
+def _print_examples(url: str, models: Any) -> None:
+    first = next(iter(models.models), "MODEL")
+    chat = json.dumps({"model": first, "messages": [{"role": "user", "content": "Hello"}]})
+    say("\nTry it:")
+    say(f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' -d '{chat}'")
+    say(
+        "  python -c 'from openai import OpenAI; "
+        f'c = OpenAI(base_url="{url}/v1", api_key="none"); '
+        f'r = c.chat.completions.create(model="{first}", '
+        'messages=[{"role": "user", "content": "Hi"}]); '
+        "print(r.choices[0].message.content)'"
+    )

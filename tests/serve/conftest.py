@@ -1,0 +1,105 @@
+"""One deployment of the whole product (two ingress replicas, the controller, fake and real
+llama-servers) shared by the tests of this package."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from tests.conftest import ensure_ray
+from tests.helpers import free_port, wait_for
+
+
+@dataclass
+class Deployment:
+    url: str
+    controller: Any
+    config_path: Path
+
+    def client(self, **kwargs: Any) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=60, **kwargs)
+
+    def status(self, model: str) -> dict[str, Any]:
+        return httpx.get(f"{self.url}/admin/models/{model}/status", timeout=30).json()
+
+
+def models_config(fake: Path, real: str, tiny: Path) -> dict[str, Any]:
+    def fake_model(**fields: Any) -> dict[str, Any]:
+        return {"model_path": str(tiny), "llama_server": str(fake), "num_gpus": 0, **fields}
+
+    return {
+        "settings": {
+            "max_body_size": "64KiB",
+            "upstream_timeout": 2,
+            "queue": {"keepalive_interval": 0.5},
+        },
+        "models": {
+            "chat": fake_model(
+                aliases=["gpt-4o-mini"],
+                parallel=4,
+                preload=True,
+                resource_group="production",
+                priority=9,
+            ),
+            "real": {
+                "model_path": str(tiny),
+                "llama_server": real,
+                "num_gpus": 0,
+                "embeddings": True,
+                "context_length": 1024,
+                "parallel": 2,
+            },
+            "slowstream": fake_model(env={"FAKE_LLAMA_TOKEN_DELAY": "0.3"}),
+            "sleepy": fake_model(env={"FAKE_LLAMA_TOKEN_DELAY": "5"}),
+            "loading": fake_model(env={"FAKE_LLAMA_LOAD_DELAY": "3"}, parallel=1),
+            "tight": fake_model(
+                env={"FAKE_LLAMA_LOAD_DELAY": "60"}, parallel=1, max_queue_size=1, queue_timeout=4
+            ),
+            "crashy": fake_model(env={"FAKE_LLAMA_CRASH_AFTER": "0"}),
+            "broken": fake_model(env={"FAKE_LLAMA_FAIL_LOAD": "error: corrupt model (fake)"}),
+            "qwen-32b": fake_model(resource_group="production", priority=8),
+            "model-name": fake_model(resource_group="development", priority=3),
+        },
+    }
+
+
+@pytest.fixture(scope="package")
+def deployment(
+    proxifier_home: Path,
+    fake_server: Path,
+    real_server: str,
+    tiny_model: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Deployment]:
+    import ray
+    from ray import serve
+
+    from actors.controller import get_controller
+    from serve_app.app import APP_NAME, build_app
+
+    ensure_ray(proxifier_home)
+    path = tmp_path_factory.mktemp("serve") / "models.yaml"
+    path.write_text(yaml.safe_dump(models_config(fake_server, real_server, tiny_model)))
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": None})
+    serve.run(build_app({"config": str(path), "replicas": 2}), name=APP_NAME, route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    controller = get_controller()
+    found = Deployment(url, controller, path)
+    wait_for(lambda: found.status("chat")["state"] == "ready", timeout=60)
+    yield found
+    try:
+        ray.get(controller.shutdown.remote(), timeout=120)
+    finally:
+        ray.kill(controller, no_restart=True)
+        serve.shutdown()
+
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
