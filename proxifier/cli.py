@@ -276,6 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--insecure", action="store_true", help="allow a non-loopback address with auth off"
     )
+    serve.add_argument(
+        "--ingress",
+        choices=["haproxy", "python"],
+        default="haproxy",
+        help="Serve's HTTP front: HAProxy (default, faster) or Serve's Python proxy",
+    )
 
     def admin_parser(name: str, help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text)
@@ -317,7 +323,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from serve_app.run import serve_forever  # Ray is only imported to serve
 
         return serve_forever(
-            args.config, args.host, args.port, args.address, args.replicas, args.insecure
+            args.config,
+            args.host,
+            args.port,
+            args.address,
+            args.replicas,
+            args.insecure,
+            args.ingress,
         )
     if args.command == "group" and args.action != "status" and not args.group:
         print("error: group start|stop needs a GROUP", file=sys.stderr)

@@ -32,11 +32,6 @@ def build_api(backend: RayBackend) -> FastAPI:
     proxy = Proxy(backend, metrics)
     controller = backend  # admin calls go through the backend's controller handle
 
-    @app.middleware("http")
-    async def _start_metrics(request: Request, call_next: Any) -> Response:
-        metrics.start_flushing(backend.controller)
-        return await call_next(request)
-
     async def ask(ref: Any) -> Any:
         return await backend.call(ref)
 

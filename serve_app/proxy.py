@@ -69,6 +69,7 @@ class Proxy:
 
     async def handle(self, request: Request, path: str) -> Response:
         arrived, arrived_at = time.monotonic(), time.time()
+        self.metrics.start_flushing(self.backend.controller)
         config = await self.backend.config()
         raw = await read_body(request, config.settings.max_body_size)
         payload = parse_request(raw)
@@ -266,7 +267,13 @@ class Proxy:
             timeout=httpx.Timeout(config.settings.upstream_timeout, connect=5.0),
         )
         try:
-            return await self.client.send(request, stream=True)
+            try:
+                return await self.client.send(request, stream=True)
+            except httpx.RemoteProtocolError:
+                # llama-server closes a keep-alive connection after 100 requests; a pooled
+                # connection can be closed as we reuse it. A new one is tried once; a server
+                # that is really gone refuses it and the client gets 502.
+                return await self.client.send(request, stream=True)
         except httpx.TimeoutException:
             self._release(handle, lease)
             self.metrics.answered(model, 504)

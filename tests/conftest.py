@@ -84,6 +84,7 @@ def ray_cluster(proxifier_home: Path) -> Iterator[Path]:
 def ensure_ray(proxifier_home: Path) -> None:
     import ray
 
+    os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
     if not ray.is_initialized():
         ray.init(
             address="local",
@@ -92,7 +93,11 @@ def ensure_ray(proxifier_home: Path) -> None:
             include_dashboard=False,
             namespace="proxifier-tests",
             runtime_env={
-                "env_vars": {"PROXIFIER_HOME": str(proxifier_home)},
+                # HAProxy in front of Serve, as `proxifier serve` runs it by default.
+                "env_vars": {
+                    "PROXIFIER_HOME": str(proxifier_home),
+                    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+                },
                 "worker_process_setup_hook": RUNTIME_HOOK,
             },
             log_to_driver=False,

@@ -29,9 +29,9 @@ def test_validate_shipped_configs(repo: Path, capsys: pytest.CaptureFixture[str]
     )
     out = capsys.readouterr().out.splitlines()
     assert code == 0
-    assert len(out) == 17  # one line per model, then the summary
+    assert len(out) == 19  # one line per model, then the summary
     assert out[0].split()[0] in {"always-ready", "critical-model", "prod-chat"}  # priority 10 first
-    assert out[-1].startswith("OK: 16 model(s)")
+    assert out[-1].startswith("OK: 18 model(s)")
     assert out[-1].endswith("auth: on, 3 key(s) (" + str(repo / "configs" / "auth.yaml") + ")")
 
 

@@ -56,3 +56,11 @@ def test_readme_lists_every_setting_and_model_field(repo: Path) -> None:
         assert f"| `queue.{field}` |" in text, field
     for field in ModelConfig.model_fields:
         assert f"`{field}`" in text, field
+
+
+def test_readme_documents_every_metric(repo: Path) -> None:
+    from proxifier.metrics import METRICS
+
+    text = (repo / "README.md").read_text()
+    for name, meaning in METRICS.items():
+        assert f"| `{name}" in text and meaning in text, name

@@ -1,0 +1,209 @@
+#!/usr/bin/env python3
+"""Benchmark: what the product adds on top of llama-server, measured in one process.
+
+Starts a local Ray cluster, deploys the product with the tiny model on the real llama-server,
+plus a trivial Serve endpoint (Serve's own floor), then sends the same chat requests
+  direct     straight to llama-server (URL and key from a lease),
+  proxy      through the product,
+  floor      to the trivial endpoint (no model: what Ray Serve alone costs),
+non-streamed and streamed, at concurrency 1, 8 and 32, and prints requests/s, p50/p99 latency,
+time to first token, and the ratios and differences to `direct`.
+
+usage: .venv/bin/python scripts/bench_proxy.py [--seconds S] [--max-tokens N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+async def one(
+    client: httpx.AsyncClient, url: str, body: dict[str, Any], headers: dict[str, str]
+) -> tuple[float, float]:
+    """(latency, time to first token) of one request, in seconds."""
+    started = time.perf_counter()
+    first = None
+    if body.get("stream"):
+        async with client.stream("POST", url, json=body, headers=headers) as response:
+            response.raise_for_status()
+            async for line in response.aiter_lines():
+                if (
+                    first is None
+                    and line.startswith("data: {")
+                    and '"content":"' in line.replace(" ", "")
+                ):
+                    first = time.perf_counter() - started
+    else:
+        response = await client.post(url, json=body, headers=headers)
+        response.raise_for_status()
+    latency = time.perf_counter() - started
+    return latency, first if first is not None else latency
+
+
+async def load(
+    url: str, body: dict[str, Any], headers: dict[str, str], concurrency: int, seconds: float
+) -> dict[str, Any]:
+    latencies: list[float] = []
+    firsts: list[float] = []
+    stop_at = time.perf_counter() + seconds
+    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=None)) as client:
+        await one(client, url, body, headers)  # warm the connection and the model
+
+        errors: list[str] = []
+
+        async def worker() -> None:
+            while time.perf_counter() < stop_at:
+                try:
+                    latency, first = await one(client, url, body, headers)
+                except httpx.HTTPError as exc:
+                    errors.append(type(exc).__name__)
+                    continue
+                latencies.append(latency)
+                firsts.append(first)
+
+        began = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - began
+    return {
+        "rps": len(latencies) / elapsed,
+        "p50": pct(latencies, 0.5) * 1e3,
+        "p99": pct(latencies, 0.99) * 1e3,
+        "ttft": pct(firsts, 0.5) * 1e3,
+        "n": len(latencies),
+        "errors": len(errors),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5.0, help="per measurement")
+    parser.add_argument("--max-tokens", type=int, default=16)
+    args = parser.parse_args()
+
+    import ray
+    from fastapi import FastAPI
+    from ray import serve
+
+    from actors.controller import get_controller
+    from proxifier.llama import find_llama_server
+    from serve_app.app import build_app
+    from serve_app.run import HARDENING
+
+    home = Path(tempfile.mkdtemp())
+    config = home / "models.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "models": {
+                    "tiny": {
+                        "model_path": str(REPO / "models" / "tiny.gguf"),
+                        "llama_server": find_llama_server(),
+                        "context_length": 4096,
+                        "parallel": 32,
+                        "preload": True,
+                    }
+                }
+            }
+        )
+    )
+    mode = "HAProxy" if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" else "Python proxy"
+    ray.init(
+        address="local",
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"worker_process_setup_hook": HARDENING},
+    )
+    port = 8765
+    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": None})
+    serve.run(build_app({"config": str(config)}), name="proxifier", route_prefix="/")
+
+    floor_app = FastAPI()
+
+    @floor_app.post("/v1/chat/completions")
+    async def floor() -> dict[str, Any]:
+        return {"object": "chat.completion", "choices": [{"message": {"content": "x"}}]}
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
+    @serve.ingress(floor_app)
+    class Floor:
+        pass
+
+    serve.run(Floor.bind(), name="floor", route_prefix="/floor")
+    controller = get_controller()
+    handle = ray.get(controller.get_model.remote("tiny"))
+    lease = ray.get(handle.acquire.remote("bench-direct"))
+    ray.get(handle.release.remote(lease["lease_id"]))
+
+    base = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": args.max_tokens}
+    targets = {
+        "direct": (
+            f"{lease['url']}/v1/chat/completions",
+            {"Authorization": f"Bearer {lease['api_key']}"},
+        ),
+        "proxy": (f"http://127.0.0.1:{port}/v1/chat/completions", {}),
+        "floor": (f"http://127.0.0.1:{port}/floor/v1/chat/completions", {}),
+    }
+    print(
+        f"tiny model, max_tokens={args.max_tokens}, {args.seconds:g} s per cell, Serve: {mode}, "
+        f"{os.cpu_count()} cores\n"
+    )
+    header = (
+        f"{'mode':<7}{'conc':>5} {'target':<7}{'req/s':>8}{'p50 ms':>9}{'p99 ms':>9}"
+        f"{'ttft ms':>9}  vs direct"
+    )
+    print(header)
+    results: dict[tuple[bool, int, str], dict[str, Any]] = {}
+    for stream in (False, True):
+        for concurrency in (1, 8, 32):
+            for name, (url, headers) in targets.items():
+                if name == "floor" and stream:
+                    continue
+                body = {**base, "model": "tiny", "stream": stream}
+                result = asyncio.run(load(url, body, headers, concurrency, args.seconds))
+                results[(stream, concurrency, name)] = result
+                direct = results[(stream, concurrency, "direct")]
+                note = ""
+                if name != "direct":
+                    note = (
+                        f"rps x{result['rps'] / direct['rps']:.2f}, "
+                        f"p50 +{result['p50'] - direct['p50']:.1f} ms, "
+                        f"p99 +{result['p99'] - direct['p99']:.1f} ms, "
+                        f"ttft +{result['ttft'] - direct['ttft']:.1f} ms"
+                    )
+                if result["errors"]:
+                    note += f" ({result['errors']} errors)"
+                print(
+                    f"{'stream' if stream else 'json':<7}{concurrency:>5} {name:<7}"
+                    f"{result['rps']:>8.1f}{result['p50']:>9.1f}{result['p99']:>9.1f}"
+                    f"{result['ttft']:>9.1f}  {note}"
+                )
+    floor_p50 = statistics.mean(results[(False, c, "floor")]["p50"] for c in (1,))
+    print(f"\nServe's floor (trivial endpoint, concurrency 1): p50 {floor_p50:.1f} ms")
+    ray.get(controller.shutdown.remote())
+    serve.shutdown()
+    ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

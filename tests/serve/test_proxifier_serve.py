@@ -1,0 +1,88 @@
+"""`proxifier serve` as a user runs it: a subprocess with its own Ray cluster, used, then stopped
+with SIGINT. Nothing it started may remain: no Ray process, no llama-server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import yaml
+
+from tests.helpers import free_port, wait_gone
+
+
+def test_serve_then_ctrl_c_leaves_nothing_behind(
+    fake_server: Path, tiny_model: Path, tmp_path: Path, repo: Path
+) -> None:
+    config = tmp_path / "models.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "models": {
+                    "chat": {
+                        "model_path": str(tiny_model),
+                        "llama_server": str(fake_server),
+                        "auto_start": True,
+                    }
+                }
+            }
+        )
+    )
+    port = free_port()
+    command = [
+        str(Path(sys.executable).parent / "proxifier"),
+        "serve",
+        "--config",
+        str(config),
+        "--port",
+        str(port),
+        "--address",
+        "local",
+        # Serve's HAProxy listens on fixed side ports (stats 8404, metrics 9101), taken here by
+        # the test session's own cluster; the Python proxy has none, so two clusters can run.
+        "--ingress",
+        "python",
+    ]
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        server = subprocess.Popen(
+            command,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=repo,
+            env={**os.environ, "RAY_AUTH_MODE": "disabled", "PROXIFIER_HOME": str(tmp_path)},
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while "Ctrl-C stops the server" not in log.read_text():
+            assert server.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        text = log.read_text()
+        assert f"LLM Proxifier is serving {url}/v1" in text
+        assert "chat" in text and f"curl {url}/v1/chat/completions" in text
+        reply = httpx.post(
+            f"{url}/v1/chat/completions",
+            json={"model": "chat", "messages": [{"role": "user", "content": "hi"}]},
+            timeout=60,
+        )
+        assert reply.status_code == 200
+        llama_pid = httpx.get(f"{url}/admin/models/chat/status").json()["pid"]
+        ray_pids = [p.pid for p in psutil.Process(server.pid).children(recursive=True)]
+        assert llama_pid in ray_pids or psutil.pid_exists(llama_pid)
+        server.send_signal(signal.SIGINT)
+        assert server.wait(timeout=120) == 0, log.read_text()
+    finally:
+        if server.poll() is None:
+            server.kill()
+    assert "stopped" in log.read_text()
+    assert wait_gone(llama_pid)
+    for pid in ray_pids:
+        assert wait_gone(pid, timeout=30), psutil.Process(pid).cmdline()
