@@ -95,3 +95,27 @@ def test_console_script_is_installed(repo: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1].startswith("OK: 2 model(s)")
+
+
+def test_serve_refuses_a_public_address_while_keys_are_not_enforced(
+    repo: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["serve", "--config", str(repo / "configs" / "demo.yaml"), "--host", "0.0.0.0"])
+    assert code == 2
+    assert "error: refusing to listen on 0.0.0.0: API keys are not enforced yet" in (
+        capsys.readouterr().err
+    )
+
+
+def test_serve_with_a_bad_config_starts_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    models = write(tmp_path / "models.yaml", "models:\n  a: {priority: 0}\n  b: {prot: 1}\n")
+    assert main(["serve", "--config", str(models)]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        f"error: {models}: model 'a': field 'priority': 0 is not allowed; "
+        "expected an integer from 1 (lowest) to 10 (highest)",
+        f"error: {models}: model 'b': field 'prot': unknown field; did you mean 'port'?",
+        "the configuration was not accepted; nothing was started",
+    ]
