@@ -224,6 +224,7 @@ class ModelConfig(BaseModel):
     max_queue_size: int | None = Field(None, ge=1)
     queue_timeout: float | None = Field(None, gt=0)
     startup_timeout: float | None = Field(None, gt=0)
+    upstream_timeout: float | None = Field(None, gt=0)
     aliases: list[str] = []
 
     @field_validator("additional_args", mode="before")
@@ -799,6 +800,7 @@ def effective(model: ModelConfig, settings: Settings) -> dict[str, Any]:
         "max_queue_size": settings.queue.max_queue_size,
         "queue_timeout": settings.queue.queue_timeout,
         "startup_timeout": settings.startup_timeout,
+        "upstream_timeout": settings.upstream_timeout,
         "llama_server": settings.llama_server,
     }
     for field, default in defaults.items():

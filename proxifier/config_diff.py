@@ -47,6 +47,7 @@ LIVE_FIELDS: frozenset[str] = frozenset(
         "queue_timeout",
         "aliases",
         "startup_timeout",
+        "upstream_timeout",
     }
 )
 

@@ -98,6 +98,28 @@ class Refused(ProxifierError):
     code = "refused"
 
 
+class PayloadTooLarge(ProxifierError):
+    status = 413
+    error_type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class UpstreamFailed(ProxifierError):
+    """502: llama-server refused the connection or broke it while answering."""
+
+    status = 502
+    error_type = "upstream_error"
+    code = "upstream_failed"
+
+
+class UpstreamTimeout(ProxifierError):
+    """504: llama-server went silent for longer than upstream_timeout."""
+
+    status = 504
+    error_type = "upstream_error"
+    code = "upstream_timeout"
+
+
 class LeaseError(ProxifierError):
     """A lease used in a way that is a bug in the caller (released twice, never granted)."""
 

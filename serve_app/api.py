@@ -30,13 +30,13 @@ def build_api(backend: RayBackend) -> FastAPI:
     install_error_handlers(app)
     metrics = ReplicaMetrics()
     proxy = Proxy(backend, metrics)
-    controller = backend  # admin calls go through the backend's controller handle
 
     async def ask(ref: Any) -> Any:
         return await backend.call(ref)
 
     def ctl() -> Any:
-        return controller.controller
+        """The controller handle (looked up when first needed, by name)."""
+        return backend.controller
 
     # ------------------------------------------------------------------ OpenAI
     for path in INFERENCE_PATHS:

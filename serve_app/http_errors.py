@@ -58,24 +58,6 @@ def sse_error(error: ProxifierError | dict[str, Any]) -> bytes:
     return f"event: error\ndata: {json.dumps(body)}\n\n".encode()
 
 
-class PayloadTooLarge(ProxifierError):
-    status = 413
-    error_type = "invalid_request_error"
-    code = "request_too_large"
-
-
-class UpstreamFailed(ProxifierError):
-    status = 502
-    error_type = "upstream_error"
-    code = "upstream_failed"
-
-
-class UpstreamTimeout(ProxifierError):
-    status = 504
-    error_type = "upstream_error"
-    code = "upstream_timeout"
-
-
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ProxifierError)
     async def _proxifier(_: Request, error: ProxifierError) -> JSONResponse:

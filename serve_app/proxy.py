@@ -13,6 +13,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -20,9 +21,15 @@ import ray
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from proxifier.errors import InvalidRequest, ProxifierError
+from proxifier.errors import (
+    InvalidRequest,
+    PayloadTooLarge,
+    ProxifierError,
+    UpstreamFailed,
+    UpstreamTimeout,
+)
 from serve_app.backend import RayBackend
-from serve_app.http_errors import PayloadTooLarge, UpstreamFailed, UpstreamTimeout, sse_error
+from serve_app.http_errors import sse_error
 from serve_app.metrics import ReplicaMetrics
 
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -56,6 +63,18 @@ def parse_request(raw: bytes) -> dict[str, Any]:
     return payload
 
 
+@dataclass
+class Call:
+    """One inference request on its way through: where it goes and what it carries."""
+
+    model: str
+    path: str
+    raw: bytes
+    request_id: str
+    arrived: float  # monotonic, for the queue-wait metric
+    handle: Any = None  # the model actor that holds its place or slot
+
+
 class Proxy:
     """Forwards inference requests; one per replica, with one pooled HTTP client."""
 
@@ -77,62 +96,57 @@ class Proxy:
         settings, model_config = config.settings, config.models[model]
         timeout = model_config.queue_timeout or settings.queue.queue_timeout
         deadline = arrived_at + timeout
-        request_id = f"req_{uuid.uuid4().hex}"
+        call = Call(model, path, raw, f"req_{uuid.uuid4().hex}", arrived)
         stream = payload.get("stream") is True
         wants_async = "respond-async" in request.headers.get("prefer", "").lower()
         try:
             if wants_async or settings.queue.respond_async:
-                handle, answer = await self.backend.on_model(
+                call.handle, answer = await self.backend.on_model(
                     model,
                     deadline,
                     lambda h: h.enqueue_or_submit.remote(
-                        request_id, path, payload, deadline, arrived_at
+                        call.request_id, path, payload, deadline, arrived_at
                     ),
                 )
                 if "queued" in answer:
                     return self.accepted(model, answer["queued"])
             else:
-                handle, answer = await self.backend.on_model(
-                    model, deadline, lambda h: h.enqueue.remote(request_id, deadline, arrived_at)
+                call.handle, answer = await self.backend.on_model(
+                    model,
+                    deadline,
+                    lambda h: h.enqueue.remote(call.request_id, deadline, arrived_at),
                 )
                 if "queued" in answer and stream:
-                    # A quick answer (a lease, or a failure) still gets a plain HTTP status;
-                    # only a longer wait becomes a stream of keep-alive comments.
-                    ref = handle.wait_lease.remote(request_id)
-                    waiting = asyncio.ensure_future(self.backend.call(ref))
-                    try:
-                        done, _ = await asyncio.wait({waiting}, timeout=QUICK_ANSWER)
-                    except asyncio.CancelledError:
-                        waiting.cancel()
-                        ray.cancel(ref)
-                        raise
-                    if done:
-                        answer = {"lease": waiting.result()}
-                    else:
-                        return StreamingResponse(
-                            self.queued_stream(
-                                model,
-                                handle,
-                                request_id,
-                                answer["queued"],
-                                waiting,
-                                ref,
-                                raw,
-                                path,
-                                arrived,
-                                settings.queue.keepalive_interval,
-                            ),
-                            media_type="text/event-stream",
-                            headers=STREAM_HEADERS,
-                        )
-                elif "queued" in answer:
-                    answer = {"lease": await self.wait_lease(handle, request_id)}
+                    return await self.stream_when_granted(
+                        call, answer["queued"], settings.queue.keepalive_interval
+                    )
+                if "queued" in answer:
+                    answer = {"lease": await self.wait_lease(call)}
+            return await self.forward(call, answer["lease"], stream)
         except ProxifierError as error:
             self.metrics.answered(model, error.status)
             raise
-        lease = answer["lease"]
-        self.metrics.waited(model, time.monotonic() - arrived)
-        return await self.forward(model, handle, lease, path, raw, stream)
+
+    async def stream_when_granted(
+        self, call: Call, queued: dict[str, Any], keepalive: float
+    ) -> Response:
+        """A streaming request that must wait. A quick answer (a lease, or a failure) still
+        gets a plain HTTP status; only a longer wait becomes a stream of keep-alive comments."""
+        ref = call.handle.wait_lease.remote(call.request_id)
+        waiting = asyncio.ensure_future(self.backend.call(ref))
+        try:
+            done, _ = await asyncio.wait({waiting}, timeout=QUICK_ANSWER)
+        except asyncio.CancelledError:
+            waiting.cancel()
+            ray.cancel(ref)
+            raise
+        if done:
+            return await self.forward(call, waiting.result(), stream=True)
+        return StreamingResponse(
+            self.queued_stream(call, queued, waiting, ref, keepalive),
+            media_type="text/event-stream",
+            headers=STREAM_HEADERS,
+        )
 
     def accepted(self, model: str, queued: dict[str, Any]) -> JSONResponse:
         self.metrics.answered(model, 202)
@@ -144,9 +158,9 @@ class Proxy:
         }
         return JSONResponse(body, 202, headers={"Location": f"/v1/queue/{queued['request_id']}"})
 
-    async def wait_lease(self, handle: Any, request_id: str) -> dict[str, Any]:
+    async def wait_lease(self, call: Call) -> dict[str, Any]:
         """Wait in the queue; a client that goes away takes its place (or slot) back."""
-        ref = handle.wait_lease.remote(request_id)
+        ref = call.handle.wait_lease.remote(call.request_id)
         try:
             return await self.backend.call(ref)
         except asyncio.CancelledError:
@@ -155,18 +169,14 @@ class Proxy:
 
     async def queued_stream(
         self,
-        model: str,
-        handle: Any,
-        request_id: str,
+        call: Call,
         queued: dict[str, Any],
         waiting: asyncio.Future[Any],
         ref: Any,
-        raw: bytes,
-        path: str,
-        arrived: float,
         keepalive: float,
     ) -> AsyncIterator[bytes]:
-        """A streaming request that must wait: SSE comments until the lease, then the tokens."""
+        """SSE comments while the request waits, then the tokens; an error after the stream
+        began is an SSE `error` event with the same body as the HTTP error would have had."""
         yield _comment(queued["position"], queued["model_state"])
         try:
             while True:
@@ -174,55 +184,48 @@ class Proxy:
                 if done:
                     break
                 with contextlib.suppress(Exception):
-                    where = await handle.queue_position.remote(request_id)
+                    where = await call.handle.queue_position.remote(call.request_id)
                     yield _comment(where["position"], where["model_state"])
             lease = waiting.result()
+            self.metrics.waited(call.model, time.monotonic() - call.arrived)
+            upstream = await self._open(call, lease)
         except ProxifierError as error:
-            self.metrics.answered(model, error.status)
+            self.metrics.answered(call.model, error.status)
             yield sse_error(error)
             return
         except (asyncio.CancelledError, GeneratorExit):
             waiting.cancel()
             ray.cancel(ref)
             raise
-        self.metrics.waited(model, time.monotonic() - arrived)
-        try:
-            upstream = await self._open(model, handle, lease, path, raw)
-        except ProxifierError as error:
-            self.metrics.answered(model, error.status)
-            yield sse_error(error)
-            return
         if upstream.status_code != 200:
             body = await upstream.aread()
             await upstream.aclose()
-            self._release(handle, lease)
-            self.metrics.answered(model, upstream.status_code)
+            self._release(call, lease)
+            self.metrics.answered(call.model, upstream.status_code)
             yield sse_error(_upstream_body(body, upstream.status_code))
             return
-        async for chunk in self.relay(model, handle, lease, upstream):
+        async for chunk in self.relay(call, lease, upstream):
             yield chunk
 
-    async def forward(
-        self, model: str, handle: Any, lease: dict[str, Any], path: str, raw: bytes, stream: bool
-    ) -> Response:
-        upstream = await self._open(model, handle, lease, path, raw)
+    async def forward(self, call: Call, lease: dict[str, Any], stream: bool) -> Response:
+        model = call.model
+        self.metrics.waited(model, time.monotonic() - call.arrived)
+        upstream = await self._open(call, lease)
         if stream and upstream.status_code == 200:
             return StreamingResponse(
-                self.relay(model, handle, lease, upstream),
+                self.relay(call, lease, upstream),
                 media_type="text/event-stream",
                 headers=STREAM_HEADERS,
             )
         try:
             content = await upstream.aread()
         except httpx.TimeoutException:
-            self.metrics.answered(model, 504)
             raise UpstreamTimeout(f"model '{model}' did not answer in time") from None
         except httpx.HTTPError as exc:
-            self.metrics.answered(model, 502)
             raise UpstreamFailed(f"model '{model}' failed while answering: {exc}") from None
         finally:
             await upstream.aclose()
-            self._release(handle, lease)
+            self._release(call, lease)
         self.metrics.answered(model, upstream.status_code)
         return Response(
             content,
@@ -231,7 +234,7 @@ class Proxy:
         )
 
     async def relay(
-        self, model: str, handle: Any, lease: dict[str, Any], upstream: httpx.Response
+        self, call: Call, lease: dict[str, Any], upstream: httpx.Response
     ) -> AsyncIterator[bytes]:
         """Each upstream chunk to the client as it arrives; a disconnect ends the upstream
         request (closing its connection stops llama-server's generation) and frees the slot."""
@@ -242,29 +245,31 @@ class Proxy:
         except httpx.HTTPError as exc:
             status = 502
             yield sse_error(
-                UpstreamFailed(f"model '{model}' failed in the middle of the stream: {exc}")
+                UpstreamFailed(f"model '{call.model}' failed in the middle of the stream: {exc}")
             )
         except (asyncio.CancelledError, GeneratorExit):
             status = 499  # the client went away
             raise
         finally:
             await upstream.aclose()
-            self._release(handle, lease)
-            self.metrics.answered(model, status)
+            self._release(call, lease)
+            self.metrics.answered(call.model, status)
 
-    async def _open(
-        self, model: str, handle: Any, lease: dict[str, Any], path: str, raw: bytes
-    ) -> httpx.Response:
+    async def _open(self, call: Call, lease: dict[str, Any]) -> httpx.Response:
         config = await self.backend.config()
+        model = call.model
         request = self.client.build_request(
             "POST",
-            f"{lease['url']}{path}",
-            content=raw,
+            f"{lease['url']}{call.path}",
+            content=call.raw,
             headers={
                 "Authorization": f"Bearer {lease['api_key']}",
                 "Content-Type": "application/json",
             },
-            timeout=httpx.Timeout(config.settings.upstream_timeout, connect=5.0),
+            timeout=httpx.Timeout(
+                config.models[model].upstream_timeout or config.settings.upstream_timeout,
+                connect=5.0,
+            ),
         )
         try:
             try:
@@ -275,16 +280,14 @@ class Proxy:
                 # that is really gone refuses it and the client gets 502.
                 return await self.client.send(request, stream=True)
         except httpx.TimeoutException:
-            self._release(handle, lease)
-            self.metrics.answered(model, 504)
+            self._release(call, lease)
             raise UpstreamTimeout(f"model '{model}' did not answer in time") from None
         except httpx.HTTPError as exc:
-            self._release(handle, lease)
-            self.metrics.answered(model, 502)
+            self._release(call, lease)
             raise UpstreamFailed(f"model '{model}' refused the request: {exc}") from None
 
-    def _release(self, handle: Any, lease: dict[str, Any]) -> None:
-        self.backend.fire(handle.release.remote(lease["lease_id"]))
+    def _release(self, call: Call, lease: dict[str, Any]) -> None:
+        self.backend.fire(call.handle.release.remote(lease["lease_id"]))
 
 
 def _comment(position: int | None, state: str) -> bytes:

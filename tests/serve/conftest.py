@@ -37,7 +37,6 @@ def models_config(fake: Path, real: str, tiny: Path) -> dict[str, Any]:
     return {
         "settings": {
             "max_body_size": "64KiB",
-            "upstream_timeout": 2,
             "queue": {"keepalive_interval": 0.5},
         },
         "models": {
@@ -57,7 +56,7 @@ def models_config(fake: Path, real: str, tiny: Path) -> dict[str, Any]:
                 "parallel": 2,
             },
             "slowstream": fake_model(env={"FAKE_LLAMA_TOKEN_DELAY": "0.3"}),
-            "sleepy": fake_model(env={"FAKE_LLAMA_TOKEN_DELAY": "5"}),
+            "sleepy": fake_model(env={"FAKE_LLAMA_TOKEN_DELAY": "5"}, upstream_timeout=2),
             "loading": fake_model(env={"FAKE_LLAMA_LOAD_DELAY": "3"}, parallel=1),
             "tight": fake_model(
                 env={"FAKE_LLAMA_LOAD_DELAY": "60"}, parallel=1, max_queue_size=1, queue_timeout=4

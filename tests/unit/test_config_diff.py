@@ -62,6 +62,7 @@ def test_changes_that_need_a_restart(field: str, before: object, after: object) 
         ("max_queue_size", 100, 5),
         ("queue_timeout", 30, 5),
         ("aliases", [], ["chat"]),
+        ("upstream_timeout", 60, 30),
     ],
 )
 def test_changes_that_apply_live(field: str, before: object, after: object) -> None:
