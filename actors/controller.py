@@ -67,6 +67,7 @@ from proxifier.planning import (
 )
 
 CONTROLLER_NAME = "proxifier:controller"
+AUTH_POLL_INTERVAL = 1.0  # seconds between looks at auth.yaml's modification time
 MODEL_PREFIX = actor_name("")
 
 
@@ -637,8 +638,32 @@ class Controller:
     def _ensure_upkeep(self) -> None:
         if self._upkeep is None or self._upkeep.done():
             self._upkeep = asyncio.create_task(self._upkeep_loop())
+            self._keep(asyncio.create_task(self._watch_auth_file()))
         while self._orphans:
             self._keep(asyncio.create_task(self._retire(*self._orphans.pop())))
+
+    async def _watch_auth_file(self) -> None:
+        """auth.yaml takes effect when it changes on disk (keys added or removed, no restart);
+        a bad edit is rejected and the keys in force stay."""
+        path = self._auth_path(self.config)
+        seen = _mtime(path)
+        while True:
+            await asyncio.sleep(AUTH_POLL_INTERVAL)
+            path = self._auth_path(self.config)
+            current = _mtime(path)
+            if current == seen:
+                continue
+            seen = current
+            try:
+                auth = self._load_auth(self.config)
+            except ConfigError as error:
+                self._event(
+                    "config_rejected", file=str(path), errors=[str(i) for i in error.issues]
+                )
+                continue
+            if auth != self.auth:
+                self.auth, self.auth_version = auth, self.auth_version + 1
+                self._event("auth_reloaded", keys=len(auth.api_keys), enabled=auth.enabled)
 
     async def _upkeep_loop(self) -> None:
         """Every cleanup_interval: stop idle models; bring preloaded ones back."""
@@ -808,6 +833,13 @@ def _nodes() -> list[NodeView]:
             )
         )
     return views
+
+
+def _mtime(path: Path | None) -> float | None:
+    try:
+        return None if path is None else path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return None
 
 
 def _write_atomically(path: Path, text: str) -> None:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import secrets
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
+import yaml
 
 from proxifier.config import (
     AuthConfig,
@@ -20,6 +23,7 @@ from proxifier.config import (
     load_auth_config,
     load_models_config,
     model_path_warnings,
+    validate_auth,
 )
 from proxifier.config_diff import diff_models
 
@@ -243,6 +247,34 @@ def config_diff(old_file: str, new_file: str) -> int:
     return 0
 
 
+def new_key(name: str, permissions: list[str], expires: str | None, models: list[str]) -> int:
+    """Print a fresh key once, and the auth.yaml lines that store only its SHA-256 digest."""
+    key = "px-" + secrets.token_urlsafe(32)
+    entry: dict[str, Any] = {
+        "key_sha256": hashlib.sha256(key.encode()).hexdigest(),
+        "permissions": permissions,
+    }
+    if expires:
+        entry["expires"] = expires
+    if models:
+        entry["models"] = models
+    try:  # the lines must load exactly as they will in auth.yaml
+        validate_auth({"api_keys": {name: entry}}, file="the new key")
+    except ConfigError as error:
+        _print_issues(error.issues, sys.stderr)
+        return 1
+    print(f"key: {key}")
+    print("(shown once: only its digest goes into auth.yaml)\n")
+    print("Add under api_keys: in auth.yaml:")
+    print(
+        yaml.safe_dump({name: entry}, sort_keys=False, default_flow_style=None)
+        .rstrip()
+        .replace("\n", "\n  ")
+        .join(["  ", ""])
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="proxifier",
@@ -297,6 +329,16 @@ def build_parser() -> argparse.ArgumentParser:
         )
         return sub
 
+    keys = commands.add_parser("keys", help="make API keys for auth.yaml")
+    keys_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    new = keys_commands.add_parser("new", help="print a new key and its auth.yaml lines")
+    new.add_argument("name")
+    new.add_argument(
+        "--permissions", nargs="+", required=True, choices=["admin", "models", "config", "read"]
+    )
+    new.add_argument("--expires", help="a date or date-time, e.g. 2027-01-31")
+    new.add_argument("--models", nargs="*", default=[], help="allow-list of model globs")
+
     admin_parser("status", "every model's state, where it runs, its load")
     admin_parser("models", "the models clients can ask for")
     admin_parser("start", "start a model").add_argument("model")
@@ -319,6 +361,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return config_validate(args.models, args.auth)
     if args.command == "config" and args.config_command == "diff":
         return config_diff(args.old, args.new)
+    if args.command == "keys":
+        return new_key(args.name, args.permissions, args.expires, args.models)
     if args.command == "serve":
         from serve_app.run import serve_forever  # Ray is only imported to serve
 

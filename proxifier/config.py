@@ -148,6 +148,7 @@ ALLOWED: dict[str, str] = {
     "models": "a list of model names or glob patterns",
     "rate_limits": "a mapping of key class: requests per minute (an integer of 1 or more)",
     "public_endpoints": "a list of exact paths starting with /",
+    "cors_origins": "a list of origins such as https://app.example.com (empty: CORS off)",
 }
 
 _STRICT = ConfigDict(extra="forbid", frozen=True, validate_default=True)
@@ -342,6 +343,7 @@ class AuthConfig(BaseModel):
     api_keys: dict[str, ApiKeyConfig] = {}
     rate_limits: dict[str, int] = {}
     public_endpoints: list[str] = ["/health", "/metrics"]
+    cors_origins: list[str] = []
 
     @field_validator("rate_limits")
     @classmethod

@@ -80,6 +80,12 @@ class InvalidRequest(ProxifierError):
     code = "invalid_request"
 
 
+class Forbidden(ProxifierError):
+    status = 403
+    error_type = "permission_error"
+    code = "model_not_allowed"
+
+
 class NotFound(ProxifierError):
     status = 404
     error_type = "invalid_request_error"

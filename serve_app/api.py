@@ -12,11 +12,13 @@ from typing import Annotated, Any
 from fastapi import Body, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 
+from proxifier.auth import may_use_model
 from proxifier.errors import NotFound
 from serve_app.backend import RayBackend
 from serve_app.http_errors import error_response, install_error_handlers
 from serve_app.metrics import ReplicaMetrics, render
-from serve_app.proxy import Proxy
+from serve_app.proxy import Proxy, check_model_access
+from serve_app.security import Security, caller_of
 
 INFERENCE_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 
@@ -28,6 +30,7 @@ def build_api(backend: RayBackend) -> FastAPI:
         version="0.1.0",
     )
     install_error_handlers(app)
+    app.add_middleware(Security, backend=backend)
     metrics = ReplicaMetrics()
     proxy = Proxy(backend, metrics)
 
@@ -47,12 +50,16 @@ def build_api(backend: RayBackend) -> FastAPI:
         app.add_api_route(path, inference, methods=["POST"], include_in_schema=True)
 
     @app.get("/v1/models")
-    async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": await ask(ctl().models_list.remote())}
+    async def list_models(request: Request) -> dict[str, Any]:
+        caller = caller_of(request.scope)
+        listed = await ask(ctl().models_list.remote())
+        visible = [m for m in listed if caller is None or may_use_model(caller, m["id"])]
+        return {"object": "list", "data": visible}
 
     @app.get("/v1/models/{model}")
-    async def get_model(model: str) -> dict[str, Any]:
+    async def get_model(model: str, request: Request) -> dict[str, Any]:
         name = await backend.resolve(model)
+        check_model_access(caller_of(request.scope), name)
         listed = await ask(ctl().models_list.remote())
         return next(entry for entry in listed if entry["id"] == name)
 

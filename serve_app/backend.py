@@ -13,6 +13,7 @@ from typing import Any
 import ray
 
 from actors.controller import get_controller
+from actors.rate_limiter import get_or_create_rate_limiter
 from proxifier.config import AuthConfig, ModelsConfig
 from proxifier.errors import ModelNotFound, ModelRetired, ProxifierError, Unavailable
 
@@ -23,6 +24,7 @@ ATTEMPTS = 3  # a retired or dead model actor is replaced this many times per re
 class RayBackend:
     def __init__(self, controller: Any = None) -> None:
         self._controller = controller
+        self._rate_limiter: Any = None
         self._config: ModelsConfig | None = None
         self._auth: tuple[int, AuthConfig] | None = None
         self._fetched = 0.0
@@ -35,6 +37,12 @@ class RayBackend:
         if self._controller is None:
             self._controller = get_controller()
         return self._controller
+
+    @property
+    def rate_limiter(self) -> Any:
+        if self._rate_limiter is None:
+            self._rate_limiter = get_or_create_rate_limiter()
+        return self._rate_limiter
 
     async def config(self) -> ModelsConfig:
         if self._config is None or time.monotonic() - self._fetched > CONFIG_TTL:

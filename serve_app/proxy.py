@@ -21,7 +21,9 @@ import ray
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from proxifier.auth import Caller, may_use_model
 from proxifier.errors import (
+    Forbidden,
     InvalidRequest,
     PayloadTooLarge,
     ProxifierError,
@@ -31,6 +33,7 @@ from proxifier.errors import (
 from serve_app.backend import RayBackend
 from serve_app.http_errors import sse_error
 from serve_app.metrics import ReplicaMetrics
+from serve_app.security import caller_of
 
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 QUICK_ANSWER = 1.0  # seconds a queued stream waits before it commits to a 200 and keep-alives
@@ -93,6 +96,7 @@ class Proxy:
         raw = await read_body(request, config.settings.max_body_size)
         payload = parse_request(raw)
         model = await self.backend.resolve(payload["model"])
+        check_model_access(caller_of(request.scope), model)
         settings, model_config = config.settings, config.models[model]
         timeout = model_config.queue_timeout or settings.queue.queue_timeout
         deadline = arrived_at + timeout
@@ -288,6 +292,12 @@ class Proxy:
 
     def _release(self, call: Call, lease: dict[str, Any]) -> None:
         self.backend.fire(call.handle.release.remote(lease["lease_id"]))
+
+
+def check_model_access(caller: Caller | None, model: str) -> None:
+    """403 when the caller's key has a `models:` allow-list that does not name this model."""
+    if caller is not None and not may_use_model(caller, model):
+        raise Forbidden(f"API key '{caller.name}' may not use model '{model}'")
 
 
 def _comment(position: int | None, state: str) -> bytes:

@@ -58,22 +58,14 @@ def serve_forever(
         print(f"warning: {warning}", file=sys.stderr)
     host = host or models.settings.host
     port = port or models.settings.port
-    # API keys are validated but not enforced yet (README, auth.yaml): until they are, the
-    # server is open to whoever reaches it, so it stays on loopback unless told otherwise.
-    if not is_loopback(host) and not insecure:
+    if not auth.enabled and not is_loopback(host) and not insecure:
         print(
-            f"error: refusing to listen on {host}: API keys are not enforced yet, so anyone "
-            "who can reach it could run and stop models. Bind 127.0.0.1, or pass --insecure "
-            "if this network is yours alone.",
+            f"error: refusing to listen on {host} with auth off: anyone who can reach it could "
+            "run and stop models. Set settings.auth_file (see README), bind 127.0.0.1, or "
+            "pass --insecure if this network is yours alone.",
             file=sys.stderr,
         )
         return 2
-    if auth.enabled:
-        print(
-            f"warning: {auth_path} is valid, but API keys, permissions and rate limits are not "
-            "enforced yet: every request is served without a key",
-            file=sys.stderr,
-        )
 
     import ray
     from ray import serve

@@ -97,14 +97,32 @@ def test_console_script_is_installed(repo: Path) -> None:
     assert result.stdout.splitlines()[-1].startswith("OK: 2 model(s)")
 
 
-def test_serve_refuses_a_public_address_while_keys_are_not_enforced(
+def test_serve_refuses_a_public_address_with_auth_off(
     repo: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     code = main(["serve", "--config", str(repo / "configs" / "demo.yaml"), "--host", "0.0.0.0"])
     assert code == 2
-    assert "error: refusing to listen on 0.0.0.0: API keys are not enforced yet" in (
-        capsys.readouterr().err
-    )
+    assert "error: refusing to listen on 0.0.0.0 with auth off" in capsys.readouterr().err
+
+
+def test_keys_new_prints_a_key_and_lines_that_load(capsys: pytest.CaptureFixture[str]) -> None:
+    import hashlib
+
+    import yaml
+
+    from proxifier.config import validate_auth
+
+    code = main(["keys", "new", "ops-key", "--permissions", "models", "read", "--models", "q-*"])
+    out = capsys.readouterr().out
+    assert code == 0
+    key = out.splitlines()[0].removeprefix("key: ")
+    assert key.startswith("px-") and len(key) > 40
+    lines = out.split("Add under api_keys: in auth.yaml:\n", 1)[1]
+    entries = yaml.safe_load(lines)
+    assert key not in lines  # only the digest is written
+    auth = validate_auth({"api_keys": entries}, file="pasted")
+    assert auth.api_keys["ops-key"].digest() == hashlib.sha256(key.encode()).hexdigest()
+    assert auth.api_keys["ops-key"].models == ["q-*"]
 
 
 def test_serve_with_a_bad_config_starts_nothing(

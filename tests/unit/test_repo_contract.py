@@ -64,3 +64,12 @@ def test_readme_documents_every_metric(repo: Path) -> None:
     text = (repo / "README.md").read_text()
     for name, meaning in METRICS.items():
         assert f"| `{name}" in text and meaning in text, name
+
+
+def test_readme_permission_table_matches_the_code(repo: Path) -> None:
+    from proxifier.auth import ROUTES
+
+    text = (repo / "README.md").read_text()
+    for permission in ("admin", "models", "config", "read"):
+        assert f"| `{permission}` |" in text
+    assert "`ROUTES`" in text and len(ROUTES) >= 15

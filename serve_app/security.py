@@ -1,0 +1,143 @@
+"""The ingress's gate: CORS preflights first, then API keys, permissions and rate limits, as one
+plain ASGI middleware (no per-request thread hops, streams untouched). Decisions come from
+`proxifier.auth`; the counters live in the rate-limiter actor."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from starlette.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from proxifier.auth import Caller, Denied, authorize, identify, is_public, presented_key
+from proxifier.config import AuthConfig
+from serve_app.backend import RayBackend
+from serve_app.http_errors import error_body
+
+CALLER = "proxifier.caller"  # where the authenticated key is left in the ASGI scope
+
+
+def caller_of(scope: Scope) -> Caller | None:
+    return scope.get("state", {}).get(CALLER)
+
+
+class Security:
+    def __init__(self, app: ASGIApp, backend: RayBackend) -> None:
+        self.app = app
+        self.backend = backend
+        self._cors: tuple[tuple[str, ...], ASGIApp] | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        auth = await self.backend.auth()
+        await self._with_cors(auth, scope, receive, send)
+
+    async def _with_cors(
+        self, auth: AuthConfig, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        """Starlette's CORS middleware (it answers preflights itself, before any key check),
+        rebuilt when the allowed origins change in auth.yaml."""
+        origins = tuple(auth.cors_origins)
+        if not origins:
+            await self._gate(auth, scope, receive, send)
+            return
+        if self._cors is None or self._cors[0] != origins:
+
+            async def gated(scope: Scope, receive: Receive, send: Send) -> None:
+                await self._gate(await self.backend.auth(), scope, receive, send)
+
+            cors = CORSMiddleware(
+                gated,
+                allow_origins=list(origins),
+                allow_methods=["GET", "POST", "OPTIONS"],
+                allow_headers=["authorization", "x-api-key", "content-type", "prefer"],
+                expose_headers=[
+                    "x-ratelimit-limit",
+                    "x-ratelimit-remaining",
+                    "x-ratelimit-reset",
+                    "retry-after",
+                    "location",
+                ],
+                allow_credentials=False,
+            )
+            self._cors = (origins, cors)
+        await self._cors[1](scope, receive, send)
+
+    async def _gate(self, auth: AuthConfig, scope: Scope, receive: Receive, send: Send) -> None:
+        method, path = scope["method"], scope["path"]
+        open_dashboard = (
+            not auth.dashboard_auth_required
+            and method == "GET"
+            and (path == "/dashboard" or path.startswith("/dashboard/"))
+        )
+        if not auth.enabled or is_public(path, auth) or open_dashboard:
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        key = presented_key(headers.get("authorization"), headers.get("x-api-key"))
+        if key is None:
+            key = Denied(
+                401,
+                "Missing API key: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'",
+                "missing_api_key",
+            )
+        caller = identify(key, auth) if isinstance(key, str) else key
+        if isinstance(caller, Denied):
+            await _refuse(send, caller, {"WWW-Authenticate": "Bearer"})
+            return
+        denied = authorize(caller, method, path)
+        if denied is not None:
+            await _refuse(send, denied)
+            return
+        limit_headers: dict[str, str] = {}
+        if caller.limit is not None:
+            allowed, remaining, reset = await self.backend.call(
+                self.backend.rate_limiter.check.remote(caller.name, caller.limit)
+            )
+            limit_headers = {
+                "X-RateLimit-Limit": str(caller.limit),
+                "X-RateLimit-Remaining": str(remaining),
+                "X-RateLimit-Reset": str(math.ceil(reset)),
+            }
+            if not allowed:
+                retry = str(max(1, math.ceil(reset)))
+                await _refuse(
+                    send,
+                    Denied(
+                        429,
+                        f"Rate limit of {caller.limit} requests per minute reached for API key "
+                        f"'{caller.name}'; retry in {retry} s",
+                        "rate_limit_exceeded",
+                    ),
+                    {**limit_headers, "Retry-After": retry},
+                )
+                return
+        scope.setdefault("state", {})[CALLER] = caller
+        await self.app(scope, receive, _adding_headers(send, limit_headers))
+
+
+def _adding_headers(send: Send, extra: dict[str, str]) -> Send:
+    if not extra:
+        return send
+    encoded = [(k.lower().encode(), v.encode()) for k, v in extra.items()]
+
+    async def wrapped(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), *encoded]}
+        await send(message)
+
+    return wrapped
+
+
+async def _refuse(send: Send, denied: Denied, headers: dict[str, str] | None = None) -> None:
+    body = json.dumps(error_body(denied.status, denied.message, denied.code)).encode()
+    raw_headers: list[tuple[bytes, bytes]] = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    raw_headers += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": denied.status, "headers": raw_headers})
+    await send({"type": "http.response.body", "body": body})

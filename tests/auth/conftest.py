@@ -1,0 +1,97 @@
+"""The product with auth on: the seed's auth.yaml example plus one key per permission."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.conftest import ensure_ray
+from tests.helpers import free_port, wait_for
+
+KEYS = {
+    "admin": "k-admin",
+    "models": "k-models",
+    "config": "k-config",
+    "read": "k-read",
+}
+
+
+def auth_config(extra_keys: dict[str, Any] | None = None) -> dict[str, Any]:
+    seed = yaml.safe_load(
+        (Path(__file__).resolve().parents[2] / "configs" / "auth.yaml").read_text()
+    )
+    keys = seed["api_keys"]
+    for permission, key in KEYS.items():
+        keys[f"{permission}-only"] = {"key": key, "permissions": [permission]}
+    keys["chat-only-key"] = {"key": "k-chat-only", "permissions": ["models"], "models": ["chat"]}
+    keys["burst-key"] = {"key": "k-burst", "permissions": ["read"]}
+    keys.update(extra_keys or {})
+    seed["rate_limits"]["burst"] = 5
+    seed["cors_origins"] = ["https://app.example.com"]
+    return seed
+
+
+@dataclass
+class Secured:
+    url: str
+    controller: Any
+    auth_path: Path
+
+    def write_auth(self, data: dict[str, Any]) -> None:
+        self.auth_path.write_text(yaml.safe_dump(data))
+
+
+@pytest.fixture(scope="package")
+def secured(
+    proxifier_home: Path,
+    fake_server: Path,
+    tiny_model: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Secured]:
+    import httpx
+    import ray
+    from ray import serve
+
+    from actors.controller import get_controller
+    from serve_app.app import APP_NAME, build_app
+
+    ensure_ray(proxifier_home)
+    folder = tmp_path_factory.mktemp("secured")
+    fake = {"model_path": str(tiny_model), "llama_server": str(fake_server), "num_gpus": 0}
+    (folder / "auth.yaml").write_text(yaml.safe_dump(auth_config()))
+    (folder / "models.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "settings": {"auth_file": "auth.yaml"},
+                "models": {"chat": {**fake, "preload": True}, "other": fake},
+            }
+        )
+    )
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": None})
+    serve.run(
+        build_app({"config": str(folder / "models.yaml"), "replicas": 2}),
+        name=APP_NAME,
+        route_prefix="/",
+    )
+    url = f"http://127.0.0.1:{port}"
+    headers = {"Authorization": f"Bearer {KEYS['admin']}"}
+    wait_for(
+        lambda: (
+            httpx.get(f"{url}/admin/models/chat/status", headers=headers).json().get("state")
+            == "ready"
+        ),
+        timeout=60,
+    )
+    controller = get_controller()
+    yield Secured(url, controller, folder / "auth.yaml")
+    try:
+        ray.get(controller.shutdown.remote(), timeout=120)
+    finally:
+        ray.kill(controller, no_restart=True)
+        serve.shutdown()
