@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+import yaml
 
 from actors.model_actor import NAMESPACE, actor_name, create_model_actor
 from proxifier.backups import backups_to_prune, new_backup_id, valid_backup_id
@@ -281,6 +282,29 @@ class Controller:
     def get_auth(self) -> tuple[int, AuthConfig]:
         return self.auth_version, self.auth
 
+    def config_files(self) -> dict[str, Any]:
+        """The config files as they are on disk, key material in auth.yaml redacted."""
+        auth_path = self._auth_path(self.config)
+        auth_text = None
+        if auth_path is not None and auth_path.exists():
+            auth_text = redact_keys(auth_path.read_text())
+        return {
+            "models_path": str(self.models_path),
+            "models_yaml": self.models_path.read_text(),
+            "auth_path": str(auth_path) if auth_path else None,
+            "auth_yaml": auth_text,
+        }
+
+    def backup_diff(self, backup_id: str) -> dict[str, Any]:
+        """What restoring a backup would change, without changing anything."""
+        folder = self._backup_folder(backup_id)
+        restored = validate_models(
+            parse_yaml_text((folder / "models.yaml").read_text(), f"backup {backup_id}"),
+            file=f"backup {backup_id}/models.yaml",
+            base_dir=self.models_path.parent,
+        )
+        return {"id": backup_id, "changes": diff_models(self.config, restored).summary()}
+
     def get_config(self) -> ModelsConfig:
         return self.config
 
@@ -325,13 +349,17 @@ class Controller:
                 metas.append(json.loads(meta.read_text()))
         return sorted(metas, key=lambda m: m["id"], reverse=True)
 
-    async def restore(self, backup_id: str) -> dict[str, Any]:
-        """Validate a backup, back up the current files, write the backup's atomically, apply."""
+    def _backup_folder(self, backup_id: str) -> Path:
         if not valid_backup_id(backup_id):
             raise InvalidRequest(f"{backup_id!r} is not a backup id")
         folder = self._backup_root() / backup_id
         if not (folder / "models.yaml").exists():
             raise NotFound(f"no backup '{backup_id}'")
+        return folder
+
+    async def restore(self, backup_id: str) -> dict[str, Any]:
+        """Validate a backup, back up the current files, write the backup's atomically, apply."""
+        folder = self._backup_folder(backup_id)
         models_text = (folder / "models.yaml").read_text()
         base = self.models_path.parent
         restored = validate_models(
@@ -840,6 +868,27 @@ def _mtime(path: Path | None) -> float | None:
         return None if path is None else path.stat().st_mtime_ns
     except FileNotFoundError:
         return None
+
+
+def redact_keys(text: str) -> str:
+    """auth.yaml for display: every `key:` and `key_sha256:` value replaced, in whatever YAML
+    style it is written (block or flow, quoted or not); comments and layout stay."""
+    data = yaml.safe_load(text) or {}
+    entries = data.get("api_keys") if isinstance(data, dict) else None
+    secrets = sorted(
+        {
+            str(value)
+            for entry in (entries or {}).values()
+            if isinstance(entry, dict)
+            for field, value in entry.items()
+            if field in ("key", "key_sha256") and value
+        },
+        key=len,
+        reverse=True,
+    )
+    for secret in secrets:
+        text = text.replace(secret, "<redacted>")
+    return text
 
 
 def _write_atomically(path: Path, text: str) -> None:

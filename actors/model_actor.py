@@ -379,6 +379,10 @@ class ModelActor:
     def ping(self) -> str:
         return "pong"
 
+    def __repr__(self) -> str:
+        # What the Ray dashboard shows for this actor, and what its log lines start with.
+        return f"ModelActor({self.name}: {self.state})"
+
     # ------------------------------------------------------------------ start and stop
     def _ensure_starting(self) -> asyncio.Task[None]:
         if self._start_task is None or self._start_task.done():

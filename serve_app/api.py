@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, Response
 from proxifier.auth import may_use_model
 from proxifier.errors import NotFound
 from serve_app.backend import RayBackend
+from serve_app.dashboard import install_dashboard
 from serve_app.http_errors import error_response, install_error_handlers
 from serve_app.metrics import ReplicaMetrics, render
 from serve_app.proxy import Proxy, check_model_access
@@ -166,6 +167,14 @@ def build_api(backend: RayBackend) -> FastAPI:
     async def list_backups() -> dict[str, Any]:
         return {"backups": await ask(ctl().list_backups.remote())}
 
+    @app.get("/admin/config/backups/{backup_id}/diff")
+    async def backup_diff(backup_id: str) -> dict[str, Any]:
+        return await ask(ctl().backup_diff.remote(backup_id))
+
+    @app.get("/admin/config/files")
+    async def config_files() -> dict[str, Any]:
+        return await ask(ctl().config_files.remote())
+
     @app.post("/admin/config/restore/{backup_id}")
     async def restore_config(backup_id: str) -> dict[str, Any]:
         return await ask(ctl().restore.remote(backup_id))
@@ -180,6 +189,8 @@ def build_api(backend: RayBackend) -> FastAPI:
         since: Annotated[int, Query()] = -1, limit: Annotated[int, Query(ge=1, le=1000)] = 500
     ) -> Any:
         return {"events": await ask(ctl().events_since.remote(since, limit))}
+
+    install_dashboard(app, ask, ctl)
 
     # ------------------------------------------------------------------ health, metrics
     @app.get("/health")

@@ -68,11 +68,11 @@ class Security:
 
     async def _gate(self, auth: AuthConfig, scope: Scope, receive: Receive, send: Send) -> None:
         method, path = scope["method"], scope["path"]
-        open_dashboard = (
-            not auth.dashboard_auth_required
-            and method == "GET"
-            and (path == "/dashboard" or path.startswith("/dashboard/"))
-        )
+        dashboard = method == "GET" and (path == "/dashboard" or path.startswith("/dashboard/"))
+        # The page and its scripts hold no data and are how a browser gets to ask for a key;
+        # the dashboard's data (its stream) needs one unless dashboard_auth_required is off.
+        shell = dashboard and (path == "/dashboard" or path.startswith("/dashboard/static/"))
+        open_dashboard = dashboard and (shell or not auth.dashboard_auth_required)
         if not auth.enabled or is_public(path, auth) or open_dashboard:
             await self.app(scope, receive, send)
             return

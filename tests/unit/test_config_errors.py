@@ -302,3 +302,20 @@ def test_env_names_must_be_variable_names() -> None:
         "models.yaml: model 'a': field 'env': {'BAD=NAME': '1'} is not allowed; "
         "expected a mapping of NAME: value (names of letters, digits and _)"
     ]
+
+
+def test_auth_yaml_shown_with_keys_redacted_in_any_style() -> None:
+    from actors.controller import redact_keys
+
+    text = (
+        "# keys below\n"
+        "api_keys:\n"
+        "  a: {key: flow-secret, permissions: [read]}\n"
+        "  b:\n"
+        '    key: "block-secret"\n'
+        "    permissions: [models]\n"
+        f"  c: {{key_sha256: {'ab' * 32}, permissions: [read]}}\n"
+    )
+    shown = redact_keys(text)
+    assert "flow-secret" not in shown and "block-secret" not in shown and "ab" * 32 not in shown
+    assert shown.count("<redacted>") == 3 and shown.startswith("# keys below")

@@ -34,7 +34,12 @@ def test_test_command_sets_up_everything(repo: Path) -> None:
     setup = (repo / "scripts" / "setup").read_text()
     assert "scripts/setup" in test and "RAY_AUTH_MODE=disabled" in test
     assert "pytest" in test and "ruff check" in test
-    for step in ("pip install", "scripts/install-llama-server", "scripts/make-tiny-model"):
+    for step in (
+        "pip install",
+        "scripts/install-llama-server",
+        "scripts/make-tiny-model",
+        "apt-get install -y -q chromium",
+    ):
         assert step in setup, step
 
 

@@ -1,0 +1,87 @@
+"""A person using the dashboard: it loads clean, shows the models, starts and stops one live,
+asks for a key and refuses a wrong one, and shows hostile names as text."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tests.browser.conftest import ADMIN_KEY, EVIL, screenshot
+
+
+def logged_in(page: Any, url: str) -> Any:
+    page.add_init_script(f"sessionStorage.setItem('proxifier.key', '{ADMIN_KEY}')")
+    page.goto(f"{url}/dashboard")
+    page.wait_for_selector("#live.live")
+    page.wait_for_selector("tr[data-model='chat'] [data-state='ready']")
+    return page
+
+
+def row_state(page: Any, model: str) -> str:
+    return page.locator(f"tr[data-model='{model}'] .state").inner_text()
+
+
+def test_the_page_loads_clean_and_lists_every_model(page: Any, dashboard_url: str) -> None:
+    logged_in(page, dashboard_url)
+    names = page.locator("#models tbody tr td:first-child").all_inner_texts()
+    assert names == ["chat", "idle", EVIL]  # by priority, as the server lists them
+    assert row_state(page, "chat") == "ready"
+    assert page.console_errors == []
+    path = screenshot(page, "overview")
+    assert path.stat().st_size > 10_000
+
+
+def test_start_and_stop_change_the_state_live(page: Any, dashboard_url: str) -> None:
+    logged_in(page, dashboard_url)
+    page.click("button[data-do='start'][data-model='idle']")
+    # No reload: the row changes when the stream brings the new state.
+    page.wait_for_selector("tr[data-model='idle'] [data-state='ready']", timeout=30_000)
+    page.click("button[data-do='stop'][data-model='idle']")
+    page.wait_for_selector("tr[data-model='idle'] [data-state='stopped']", timeout=30_000)
+    assert page.console_errors == []
+
+
+def test_it_asks_for_a_key_and_refuses_a_wrong_one(page: Any, dashboard_url: str) -> None:
+    page.goto(f"{dashboard_url}/dashboard")
+    page.wait_for_selector("#key-dialog[open]")
+    assert "Missing API key" in page.inner_text("#key-reason")
+    page.fill("#key-input", "not-the-key")
+    page.click("#key-save")
+    page.wait_for_selector("#key-dialog[open]")
+    page.wait_for_function(
+        "document.querySelector('#key-reason').textContent.includes('Invalid API key')"
+    )
+    assert page.inner_text("#live-text") == "needs a key"
+    page.fill("#key-input", ADMIN_KEY)
+    page.click("#key-save")
+    page.wait_for_selector("#live.live")
+    page.wait_for_selector("tr[data-model='chat']")
+    assert page.evaluate("sessionStorage.getItem('proxifier.key')") == ADMIN_KEY
+
+
+def test_a_hostile_model_name_is_shown_as_text(page: Any, dashboard_url: str) -> None:
+    logged_in(page, dashboard_url)
+    cell = page.locator("#models tbody tr:nth-child(3) td:first-child")
+    assert cell.inner_text() == EVIL
+    assert page.locator("#models img").count() == 0
+    page.click("#tabs button[data-view='groups']")
+    assert page.locator("#groups img, #priorities img").count() == 0
+    assert EVIL in page.inner_text("#priorities")
+
+
+def test_every_view_renders(page: Any, dashboard_url: str) -> None:
+    logged_in(page, dashboard_url)
+    for view, ready in [
+        ("groups", "#groups .group"),
+        ("queues", "#queues .chart"),
+        ("config", "#models-yaml:not(:empty)"),
+        ("cluster", "#nodes tbody tr"),
+        ("events", "#events li"),
+    ]:
+        page.click(f"#tabs button[data-view='{view}']")
+        page.wait_for_selector(ready)
+        screenshot(page, view)
+    page.click("#tabs button[data-view='config']")
+    page.wait_for_selector("#auth-yaml:not(:empty)")
+    assert ADMIN_KEY not in page.inner_text("#auth-yaml")
+    assert "<redacted>" in page.inner_text("#auth-yaml")
+    assert page.console_errors == []
