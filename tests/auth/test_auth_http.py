@@ -175,3 +175,27 @@ def test_key_material_never_reaches_the_logs(secured: Secured) -> None:
 
 def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
+
+
+def test_an_open_dashboard_still_needs_a_key_for_actions(secured: Secured) -> None:
+    closed = httpx.get(f"{secured.url}/admin/models/status")
+    assert closed.status_code == 401
+    page = httpx.get(f"{secured.url}/dashboard")  # the page itself is always served
+    assert page.status_code == 200 and "LLM Proxifier" in page.text
+    with httpx.stream("GET", f"{secured.url}/dashboard/stream", timeout=30) as stream:
+        assert stream.status_code == 401
+    secured.write_auth({**auth_config(), "dashboard_auth_required": False})
+    try:
+
+        def stream_is_open() -> bool:
+            with httpx.stream("GET", f"{secured.url}/dashboard/stream", timeout=30) as stream:
+                if stream.status_code != 200:
+                    return False
+                first = next(stream.iter_lines())
+                return first == "event: stats"
+
+        wait_for(stream_is_open, timeout=30)
+        start = httpx.post(f"{secured.url}/admin/models/chat/start")
+        assert start.status_code == 401
+    finally:
+        secured.write_auth(auth_config())

@@ -144,6 +144,4 @@ def pytest_runtest_makereport(item: Any, call: Any) -> Iterator[None]:
     if report.failed and call.when == "call" and opened is not None:
         ARTIFACTS.mkdir(exist_ok=True)
         opened.screenshot(path=str(ARTIFACTS / f"failed-{item.name}.png"), full_page=True)
-        (ARTIFACTS / f"failed-{item.name}.console.txt").write_text(
-            "\n".join(opened.console_errors)
-        )
+        (ARTIFACTS / f"failed-{item.name}.console.txt").write_text("\n".join(opened.console_errors))
