@@ -24,7 +24,12 @@ from typing import Any
 import ray
 import yaml
 
-from actors.model_actor import NAMESPACE, actor_name, create_model_actor
+from actors.model_actor import (
+    NAMESPACE,
+    actor_name,
+    cluster_singleton_options,
+    create_model_actor,
+)
 from proxifier.backups import backups_to_prune, new_backup_id, valid_backup_id
 from proxifier.config import (
     AUTH_DISABLED,
@@ -902,15 +907,9 @@ ControllerRemote = ray.remote(Controller)
 
 def create_controller(models_path: str | Path, auth_path: str | Path | None = None) -> Any:
     """The detached, named controller (restarted by Ray if it dies; it then adopts models)."""
+    # On the head node (it holds the config files); it adopts the models when Ray restarts it.
     return ControllerRemote.options(
-        name=CONTROLLER_NAME,
-        namespace=NAMESPACE,
-        lifetime="detached",
-        num_cpus=0,
-        # On the head node: it holds the config files, and GPU hosts come and go.
-        resources={"node:__internal_head__": 0.001},
-        max_restarts=-1,
-        max_concurrency=4096,
+        **cluster_singleton_options(CONTROLLER_NAME), max_concurrency=4096
     ).remote(str(models_path), str(auth_path) if auth_path else None)
 
 

@@ -54,6 +54,19 @@ def actor_name(model: str) -> str:
     return f"proxifier:model:{model}"
 
 
+def cluster_singleton_options(name: str) -> dict[str, Any]:
+    """Options of the one-per-cluster actors (controller, rate limiter): named, detached,
+    restarted by Ray when they die, and on the head node, which outlives GPU hosts."""
+    return {
+        "name": name,
+        "namespace": NAMESPACE,
+        "lifetime": "detached",
+        "num_cpus": 0,
+        "resources": {"node:__internal_head__": 0.001},
+        "max_restarts": -1,
+    }
+
+
 @dataclass
 class Job:
     """A request queued with `Prefer: respond-async`: the actor runs it and keeps the answer."""

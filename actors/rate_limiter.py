@@ -7,7 +7,7 @@ from typing import Any
 
 import ray
 
-from actors.model_actor import NAMESPACE
+from actors.model_actor import cluster_singleton_options
 from proxifier.auth import SlidingWindow
 
 RATE_LIMITER_NAME = "proxifier:ratelimiter"
@@ -32,16 +32,5 @@ class RateLimiter:
 
 def get_or_create_rate_limiter() -> Any:
     """The cluster's rate limiter (created on first use: detached, on the head node)."""
-    return (
-        ray.remote(RateLimiter)
-        .options(
-            name=RATE_LIMITER_NAME,
-            namespace=NAMESPACE,
-            get_if_exists=True,
-            lifetime="detached",
-            num_cpus=0,
-            resources={"node:__internal_head__": 0.001},
-            max_restarts=-1,
-        )
-        .remote()
-    )
+    options = cluster_singleton_options(RATE_LIMITER_NAME)
+    return ray.remote(RateLimiter).options(**options, get_if_exists=True).remote()

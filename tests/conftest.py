@@ -85,6 +85,9 @@ def ensure_ray(proxifier_home: Path) -> None:
     import ray
 
     os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+    # Replicas behind HAProxy drain for 30 s before they stop; tests stop Serve with no client
+    # left, and the raylet (started here) passes this on to every worker.
+    os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "1"
     if not ray.is_initialized():
         ray.init(
             address="local",
@@ -144,3 +147,62 @@ def _shutdown_ray_at_the_end() -> Iterator[None]:
         import ray
 
         ray.shutdown()
+
+
+@contextlib.contextmanager
+def deployed(
+    proxifier_home: Path,
+    config: Path,
+    *,
+    replicas: int = 1,
+    ready: str,
+    headers: dict[str, str] | None = None,
+) -> Iterator[tuple[str, Any]]:
+    """The whole product on the test cluster: deploy `config`, wait until model `ready` is up,
+    yield (base URL, controller); afterwards stop every model and Serve."""
+    import httpx
+    import ray
+    from ray import serve
+
+    from actors.controller import get_controller
+    from serve_app.app import APP_NAME, build_app
+    from tests.helpers import free_port, wait_for
+
+    ensure_ray(proxifier_home)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": None})
+    serve.run(
+        build_app({"config": str(config), "replicas": replicas}), name=APP_NAME, route_prefix="/"
+    )
+    url = f"http://127.0.0.1:{port}"
+    status = f"{url}/admin/models/{ready}/status"
+    wait_for(
+        lambda: httpx.get(status, headers=headers or {}).json().get("state") == "ready",
+        timeout=60,
+    )
+    controller = get_controller()
+    try:
+        yield url, controller
+    finally:
+        try:
+            ray.get(controller.shutdown.remote(), timeout=120)
+        finally:
+            ray.kill(controller, no_restart=True)
+            serve.shutdown()
+            _wait_until_serve_is_gone()
+
+
+def _wait_until_serve_is_gone() -> None:
+    """serve.shutdown() gives up waiting after 30 s while Serve's controller goes on shutting
+    down; a serve.start() before it is gone would join the dying instance. Killing it instead
+    is worse: its "shutdown in progress" flag stays in the GCS and the next controller obeys it."""
+    import ray
+
+    from tests.helpers import wait_for
+
+    def serve_actors() -> list[dict[str, str]]:
+        return [
+            a for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == "serve"
+        ]
+
+    wait_for(lambda: not serve_actors(), timeout=120)

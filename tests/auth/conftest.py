@@ -10,8 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import ensure_ray
-from tests.helpers import free_port, wait_for
+from tests.conftest import deployed
 
 KEYS = {
     "admin": "k-admin",
@@ -53,14 +52,6 @@ def secured(
     tiny_model: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Secured]:
-    import httpx
-    import ray
-    from ray import serve
-
-    from actors.controller import get_controller
-    from serve_app.app import APP_NAME, build_app
-
-    ensure_ray(proxifier_home)
     folder = tmp_path_factory.mktemp("secured")
     fake = {"model_path": str(tiny_model), "llama_server": str(fake_server), "num_gpus": 0}
     (folder / "auth.yaml").write_text(yaml.safe_dump(auth_config()))
@@ -72,26 +63,8 @@ def secured(
             }
         )
     )
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": None})
-    serve.run(
-        build_app({"config": str(folder / "models.yaml"), "replicas": 2}),
-        name=APP_NAME,
-        route_prefix="/",
-    )
-    url = f"http://127.0.0.1:{port}"
-    headers = {"Authorization": f"Bearer {KEYS['admin']}"}
-    wait_for(
-        lambda: (
-            httpx.get(f"{url}/admin/models/chat/status", headers=headers).json().get("state")
-            == "ready"
-        ),
-        timeout=60,
-    )
-    controller = get_controller()
-    yield Secured(url, controller, folder / "auth.yaml")
-    try:
-        ray.get(controller.shutdown.remote(), timeout=120)
-    finally:
-        ray.kill(controller, no_restart=True)
-        serve.shutdown()
+    admin = {"Authorization": f"Bearer {KEYS['admin']}"}
+    with deployed(
+        proxifier_home, folder / "models.yaml", replicas=2, ready="chat", headers=admin
+    ) as (url, controller):
+        yield Secured(url, controller, folder / "auth.yaml")

@@ -12,8 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import ensure_ray
-from tests.helpers import free_port, wait_for
+from tests.conftest import deployed
 
 EVIL = "<img src=x onerror=alert(1)>"
 ADMIN_KEY = "k-admin"
@@ -46,14 +45,6 @@ def dashboard_url(
     tiny_model: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[str]:
-    import httpx
-    import ray
-    from ray import serve
-
-    from actors.controller import get_controller
-    from serve_app.app import APP_NAME, build_app
-
-    ensure_ray(proxifier_home)
     folder = tmp_path_factory.mktemp("browser")
     fake = {"model_path": str(tiny_model), "llama_server": str(fake_server), "num_gpus": 0}
     (folder / "auth.yaml").write_text(
@@ -78,25 +69,12 @@ def dashboard_url(
             }
         )
     )
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": None})
-    serve.run(build_app({"config": str(folder / "models.yaml")}), name=APP_NAME, route_prefix="/")
-    url = f"http://127.0.0.1:{port}"
     admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
-    wait_for(
-        lambda: (
-            httpx.get(f"{url}/admin/models/chat/status", headers=admin).json().get("state")
-            == "ready"
-        ),
-        timeout=60,
-    )
-    yield url
-    controller = get_controller()
-    try:
-        ray.get(controller.shutdown.remote(), timeout=120)
-    finally:
-        ray.kill(controller, no_restart=True)
-        serve.shutdown()
+    with deployed(proxifier_home, folder / "models.yaml", ready="chat", headers=admin) as (
+        url,
+        _,
+    ):
+        yield url
 
 
 @pytest.fixture(scope="package")

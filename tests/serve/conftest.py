@@ -13,8 +13,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import ensure_ray
-from tests.helpers import free_port, wait_for
+from tests.conftest import deployed
 
 
 @dataclass
@@ -77,28 +76,10 @@ def deployment(
     tiny_model: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Deployment]:
-    import ray
-    from ray import serve
-
-    from actors.controller import get_controller
-    from serve_app.app import APP_NAME, build_app
-
-    ensure_ray(proxifier_home)
     path = tmp_path_factory.mktemp("serve") / "models.yaml"
     path.write_text(yaml.safe_dump(models_config(fake_server, real_server, tiny_model)))
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": None})
-    serve.run(build_app({"config": str(path), "replicas": 2}), name=APP_NAME, route_prefix="/")
-    url = f"http://127.0.0.1:{port}"
-    controller = get_controller()
-    found = Deployment(url, controller, path)
-    wait_for(lambda: found.status("chat")["state"] == "ready", timeout=60)
-    yield found
-    try:
-        ray.get(controller.shutdown.remote(), timeout=120)
-    finally:
-        ray.kill(controller, no_restart=True)
-        serve.shutdown()
+    with deployed(proxifier_home, path, replicas=2, ready="chat") as (url, controller):
+        yield Deployment(url, controller, path)
 
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")

@@ -127,7 +127,7 @@ def test_an_upstream_crash_is_502(deployment: Deployment) -> None:
         json={"model": "crashy", "messages": [{"role": "user", "content": "hi"}]},
         timeout=60,
     )
-    assert response.status_code == 502
+    assert response.status_code == 502, response.text
     assert response.json()["error"]["code"] == "upstream_failed"
 
 
