@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import os
 import secrets
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,7 @@ from proxifier.config import (
 from proxifier.config_diff import PLACEMENT_FIELDS, RESTART_FIELDS
 from proxifier.errors import (
     InvalidRequest,
+    LeaseError,
     ModelFailed,
     ModelRetired,
     ProxifierError,
@@ -45,6 +48,8 @@ from proxifier.errors import (
 from proxifier.lifecycle import ModelState, RestartBudget, check_transition, health_poll_delays
 from proxifier.llama import LlamaServerNotFound, build_argv, find_llama_server, proxifier_home
 from proxifier.slots import Lease, Outcome, SlotQueue
+
+logger = logging.getLogger(__name__)
 
 NAMESPACE = "proxifier"
 INSTANCE_MARK = "=== proxifier: llama-server instance"
@@ -226,10 +231,17 @@ class ModelActor:
         return await self._wait(request_id)
 
     async def enqueue(
-        self, request_id: str, deadline: float | None = None, arrived: float | None = None
+        self,
+        request_id: str,
+        deadline: float | None = None,
+        arrived: float | None = None,
+        released: Sequence[str] = (),
     ) -> dict[str, Any]:
         """The first half of acquire: `{"lease": ...}` at once, or `{"queued": {position,
-        model_state}}` and the caller then calls `wait_lease` (streams send keep-alives between)."""
+        model_state}}` and the caller then calls `wait_lease` (streams send keep-alives between).
+        `released`: leases the caller gives back first, sparing it one call per request; the
+        slots they free go to the oldest waiters before this request joins the queue."""
+        self._give_back(released)
         return self._enqueue(request_id, deadline, arrived)
 
     async def wait_lease(self, request_id: str) -> dict[str, Any]:
@@ -256,6 +268,18 @@ class ModelActor:
     async def release(self, lease_id: str) -> None:
         """Give a slot back; the oldest waiter gets it."""
         self._grant(self.slots.release(lease_id, time.time()))
+
+    async def release_many(self, lease_ids: Sequence[str]) -> None:
+        self._give_back(lease_ids)
+
+    def _give_back(self, lease_ids: Sequence[str]) -> None:
+        """Releases sent in a batch: one this actor does not know (it was restarted since)
+        must not fail the others or the request they rode with."""
+        for lease_id in lease_ids:
+            try:
+                self._grant(self.slots.release(lease_id, time.time()))
+            except LeaseError as error:
+                logger.warning("model %s: %s", self.name, error)
 
     def _enqueue(
         self, request_id: str, deadline: float | None, arrived: float | None = None

@@ -9,15 +9,15 @@ plus a trivial Serve endpoint (Serve's own floor), then sends the same chat requ
 non-streamed and streamed, at concurrency 1, 8 and 32, and prints requests/s, p50/p99 latency,
 time to first token, and the ratios and differences to `direct`.
 
-usage: .venv/bin/python scripts/bench_proxy.py [--seconds S] [--max-tokens N]
+usage: .venv/bin/python scripts/bench_proxy.py [--seconds S] [--rounds R] [--max-tokens N]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -40,7 +40,18 @@ def pct(values: list[float], q: float) -> float:
 async def one(
     client: httpx.AsyncClient, url: str, body: dict[str, Any], headers: dict[str, str]
 ) -> tuple[float, float]:
-    """(latency, time to first token) of one request, in seconds."""
+    """(latency, time to first token) of one request, in seconds. Like the product's own
+    upstream client, it retries once when a pooled connection turns out closed (llama-server
+    closes keep-alive connections now and then), so `direct` is not penalised for it."""
+    try:
+        return await _one(client, url, body, headers)
+    except httpx.RemoteProtocolError:
+        return await _one(client, url, body, headers)
+
+
+async def _one(
+    client: httpx.AsyncClient, url: str, body: dict[str, Any], headers: dict[str, str]
+) -> tuple[float, float]:
     started = time.perf_counter()
     first = None
     if body.get("stream"):
@@ -63,20 +74,20 @@ async def one(
 async def load(
     url: str, body: dict[str, Any], headers: dict[str, str], concurrency: int, seconds: float
 ) -> dict[str, Any]:
+    """`concurrency` clients sending `body` back to back for `seconds`."""
     latencies: list[float] = []
     firsts: list[float] = []
+    errors: collections.Counter[str] = collections.Counter()
     stop_at = time.perf_counter() + seconds
     async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=None)) as client:
         await one(client, url, body, headers)  # warm the connection and the model
-
-        errors: list[str] = []
 
         async def worker() -> None:
             while time.perf_counter() < stop_at:
                 try:
                     latency, first = await one(client, url, body, headers)
                 except httpx.HTTPError as exc:
-                    errors.append(type(exc).__name__)
+                    errors[type(exc).__name__] += 1
                     continue
                 latencies.append(latency)
                 firsts.append(first)
@@ -84,19 +95,29 @@ async def load(
         began = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - began
+    return {"latencies": latencies, "firsts": firsts, "elapsed": elapsed, "errors": errors}
+
+
+def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Rounds pooled: requests/s over the time of all rounds, percentiles over all requests."""
+    latencies = [x for run in runs for x in run["latencies"]]
+    firsts = [x for run in runs for x in run["firsts"]]
+    errors: collections.Counter[str] = sum((run["errors"] for run in runs), collections.Counter())
     return {
-        "rps": len(latencies) / elapsed,
+        "rps": len(latencies) / sum(run["elapsed"] for run in runs),
         "p50": pct(latencies, 0.5) * 1e3,
         "p99": pct(latencies, 0.99) * 1e3,
         "ttft": pct(firsts, 0.5) * 1e3,
-        "n": len(latencies),
-        "errors": len(errors),
+        "errors": errors,
     }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=5.0, help="per measurement")
+    parser.add_argument("--seconds", type=float, default=2.0, help="per target and round")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="rounds per cell; targets alternate in each"
+    )
     parser.add_argument("--max-tokens", type=int, default=16)
     args = parser.parse_args()
 
@@ -164,8 +185,8 @@ def main() -> int:
         "floor": (f"http://127.0.0.1:{port}/floor/v1/chat/completions", {}),
     }
     print(
-        f"tiny model, max_tokens={args.max_tokens}, {args.seconds:g} s per cell, Serve: {mode}, "
-        f"{os.cpu_count()} cores\n"
+        f"tiny model, max_tokens={args.max_tokens}, {args.rounds} x {args.seconds:g} s per cell, "
+        f"Serve: {mode}, {os.cpu_count()} cores\n"
     )
     header = (
         f"{'mode':<7}{'conc':>5} {'target':<7}{'req/s':>8}{'p50 ms':>9}{'p99 ms':>9}"
@@ -175,12 +196,19 @@ def main() -> int:
     results: dict[tuple[bool, int, str], dict[str, Any]] = {}
     for stream in (False, True):
         for concurrency in (1, 8, 32):
-            for name, (url, headers) in targets.items():
-                if name == "floor" and stream:
-                    continue
-                body = {**base, "model": "tiny", "stream": stream}
-                result = asyncio.run(load(url, body, headers, concurrency, args.seconds))
-                results[(stream, concurrency, name)] = result
+            names = [n for n in targets if not (stream and n == "floor")]
+            runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+            # Targets alternate within each round, so a machine that drifts (other load,
+            # thermal) drifts for all of them alike.
+            for _ in range(args.rounds):
+                for name in names:
+                    url, headers = targets[name]
+                    body = {**base, "model": "tiny", "stream": stream}
+                    runs[name].append(
+                        asyncio.run(load(url, body, headers, concurrency, args.seconds))
+                    )
+            for name in names:
+                result = results[(stream, concurrency, name)] = summary(runs[name])
                 direct = results[(stream, concurrency, "direct")]
                 note = ""
                 if name != "direct":
@@ -190,14 +218,23 @@ def main() -> int:
                         f"p99 +{result['p99'] - direct['p99']:.1f} ms, "
                         f"ttft +{result['ttft'] - direct['ttft']:.1f} ms"
                     )
+                if name == "proxy" and not stream:
+                    # What the product could reach if it cost nothing beyond Serve's own
+                    # hop: llama-server's and Serve's time per request, added up.
+                    floor = summary(runs["floor"])
+                    ceiling = 1 / (1 / direct["rps"] + 1 / floor["rps"])
+                    note += (
+                        f", Serve-bound ceiling {ceiling:.1f}/s (x{result['rps'] / ceiling:.2f})"
+                    )
                 if result["errors"]:
-                    note += f" ({result['errors']} errors)"
+                    kinds = ", ".join(f"{n} {k}" for k, n in result["errors"].most_common())
+                    note += f" (failed: {kinds})"
                 print(
                     f"{'stream' if stream else 'json':<7}{concurrency:>5} {name:<7}"
                     f"{result['rps']:>8.1f}{result['p50']:>9.1f}{result['p99']:>9.1f}"
                     f"{result['ttft']:>9.1f}  {note}"
                 )
-    floor_p50 = statistics.mean(results[(False, c, "floor")]["p50"] for c in (1,))
+    floor_p50 = results[(False, 1, "floor")]["p50"]
     print(f"\nServe's floor (trivial endpoint, concurrency 1): p50 {floor_p50:.1f} ms")
     ray.get(controller.shutdown.remote())
     serve.shutdown()

@@ -76,6 +76,7 @@ class Call:
     request_id: str
     arrived: float  # monotonic, for the queue-wait metric
     handle: Any = None  # the model actor that holds its place or slot
+    queued: bool = False  # its lease was granted from the queue (others may wait too)
 
 
 class Proxy:
@@ -118,13 +119,16 @@ class Proxy:
                 call.handle, answer = await self.backend.on_model(
                     model,
                     deadline,
-                    lambda h: h.enqueue.remote(call.request_id, deadline, arrived_at),
+                    lambda h: h.enqueue.remote(
+                        call.request_id, deadline, arrived_at, self.backend.take_releases(model, h)
+                    ),
                 )
                 if "queued" in answer and stream:
                     return await self.stream_when_granted(
                         call, answer["queued"], settings.queue.keepalive_interval
                     )
                 if "queued" in answer:
+                    call.queued = True
                     answer = {"lease": await self.wait_lease(call)}
             return await self.forward(call, answer["lease"], stream)
         except ProxifierError as error:
@@ -136,6 +140,7 @@ class Proxy:
     ) -> Response:
         """A streaming request that must wait. A quick answer (a lease, or a failure) still
         gets a plain HTTP status; only a longer wait becomes a stream of keep-alive comments."""
+        call.queued = True
         ref = call.handle.wait_lease.remote(call.request_id)
         waiting = asyncio.ensure_future(self.backend.call(ref))
         try:
@@ -291,7 +296,7 @@ class Proxy:
             raise UpstreamFailed(f"model '{model}' refused the request: {exc}") from None
 
     def _release(self, call: Call, lease: dict[str, Any]) -> None:
-        self.backend.fire(call.handle.release.remote(lease["lease_id"]))
+        self.backend.release(call.model, call.handle, lease["lease_id"], defer=not call.queued)
 
 
 def check_model_access(caller: Caller | None, model: str) -> None:

@@ -116,6 +116,32 @@ def test_clearing_the_queue_answers_every_waiter(make_actor: MakeActor) -> None:
             ray.get(ref, timeout=10)
 
 
+def test_a_release_riding_with_an_enqueue_serves_the_oldest_waiter_first(
+    make_actor: MakeActor,
+) -> None:
+    actor = make_actor(parallel=1)
+    held = ray.get(actor.acquire.remote("holder"), timeout=30)
+    waiting = actor.acquire.remote("waited-first")
+    wait_for(lambda: ray.get(actor.queue_status.remote())["depth"] == 1)
+    # The holder's slot, given back with a newcomer's enqueue, goes to the request that
+    # waited; the newcomer queues behind it. A lease id the actor never granted (it was
+    # restarted since) is skipped without failing the call.
+    answer = ray.get(
+        actor.enqueue.remote("newcomer", None, None, ["lease-from-a-past-life", held["lease_id"]])
+    )
+    assert answer["queued"]["position"] == 1
+    assert ray.get(waiting, timeout=10)["request_id"] == "waited-first"
+    assert ray.get(actor.stats.remote())["requests_served"] == 1
+
+
+def test_release_many_gives_every_slot_back(make_actor: MakeActor) -> None:
+    actor = make_actor(parallel=2)
+    leases = [ray.get(actor.acquire.remote(f"r{i}"), timeout=30) for i in range(2)]
+    ray.get(actor.release_many.remote([lease["lease_id"] for lease in leases]))
+    stats = ray.get(actor.stats.remote())
+    assert (stats["in_flight"], stats["requests_served"]) == (0, 2)
+
+
 def test_a_lease_never_released_expires_after_max_lease_time(make_actor: MakeActor) -> None:
     actor = make_actor(
         parallel=1, settings={"max_lease_time": 0.5, "queue": {"cleanup_interval": 0.1}}
