@@ -235,12 +235,12 @@ class ModelActor:
         request_id: str,
         deadline: float | None = None,
         arrived: float | None = None,
-        released: Sequence[str] = (),
+        released: Sequence[tuple[str, int]] = (),
     ) -> dict[str, Any]:
         """The first half of acquire: `{"lease": ...}` at once, or `{"queued": {position,
         model_state}}` and the caller then calls `wait_lease` (streams send keep-alives between).
-        `released`: leases the caller gives back first, sparing it one call per request; the
-        slots they free go to the oldest waiters before this request joins the queue."""
+        `released`: (lease id, requests served) the caller gives back first, sparing it a call;
+        the slots they free go to the oldest waiters before this request joins the queue."""
         self._give_back(released)
         return self._enqueue(request_id, deadline, arrived)
 
@@ -265,19 +265,19 @@ class ModelActor:
     async def queue_position(self, request_id: str) -> dict[str, Any]:
         return {"position": self.slots.position(request_id), "model_state": str(self.state)}
 
-    async def release(self, lease_id: str) -> None:
-        """Give a slot back; the oldest waiter gets it."""
-        self._grant(self.slots.release(lease_id, time.time()))
+    async def release(self, lease_id: str, served: int = 1) -> None:
+        """Give a slot back after `served` requests ran on it; the oldest waiter gets it."""
+        self._grant(self.slots.release(lease_id, time.time(), served))
 
-    async def release_many(self, lease_ids: Sequence[str]) -> None:
-        self._give_back(lease_ids)
+    async def release_many(self, released: Sequence[tuple[str, int]]) -> None:
+        self._give_back(released)
 
-    def _give_back(self, lease_ids: Sequence[str]) -> None:
+    def _give_back(self, released: Sequence[tuple[str, int]]) -> None:
         """Releases sent in a batch: one this actor does not know (it was restarted since)
         must not fail the others or the request they rode with."""
-        for lease_id in lease_ids:
+        for lease_id, served in released:
             try:
-                self._grant(self.slots.release(lease_id, time.time()))
+                self._grant(self.slots.release(lease_id, time.time(), served))
             except LeaseError as error:
                 logger.warning("model %s: %s", self.name, error)
 
@@ -830,6 +830,7 @@ class ModelActor:
             "max_queue_size": self.slots.max_queue,
             "oldest_wait": self.slots.oldest_wait(now),
             "requests_served": self.slots.served,
+            "leases_granted": self.slots.granted,
             "last_used": self.slots.last_release,
             "idle_for": self.slots.idle_for(now),
             "busy": self.slots.busy,

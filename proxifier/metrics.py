@@ -17,7 +17,10 @@ LOAD_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 METRICS: dict[str, str] = {
     "proxifier_model_state": "1 for the state each model is in now (label state)",
     "proxifier_requests_total": "requests answered, by model and HTTP status",
-    "proxifier_in_flight": "requests holding a slot of the model now",
+    "proxifier_in_flight": (
+        "slots of the model out now: requests running, and slots a replica keeps for its next"
+        " request (at most `queue.lease_hold`)"
+    ),
     "proxifier_queue_depth": "requests waiting in the model's queue now",
     "proxifier_queue_wait_seconds": "time from arrival to a granted slot",
     "proxifier_model_load_seconds": "time from starting llama-server to its first 200 on /health",

@@ -62,6 +62,7 @@ class SlotQueue:
         self.last_release: float | None = None
         self.opened_at: float | None = None
         self.served = 0
+        self.granted = 0  # leases handed out; fewer than `served` when replicas reuse them
         self._seq = itertools.count()
         self._tickets = itertools.count()
 
@@ -108,15 +109,16 @@ class SlotQueue:
         self.waiters[request_id] = Waiter(request_id, now, deadline, next(self._tickets))
         return Outcome.QUEUED, None
 
-    def release(self, lease_id: str, now: float) -> list[Lease]:
-        """Free a slot; returns the leases this grants to waiters, oldest first."""
+    def release(self, lease_id: str, now: float, served: int = 1) -> list[Lease]:
+        """Free a slot after `served` requests ran on it (an ingress replica may hand one lease
+        from request to request); returns the leases this grants to waiters, oldest first."""
         lease = self.leases.pop(lease_id, None)
         if lease is None:
             if lease_id in self.forgotten:
                 return []
             raise LeaseError(f"lease {lease_id!r} was never granted")
         self.holders.discard(lease.request_id)
-        self.served += 1
+        self.served += served
         self.last_release = now
         return self._grant_waiters(now)
 
@@ -171,6 +173,7 @@ class SlotQueue:
         lease = Lease(uuid.uuid4().hex, request_id, self.instance, now, next(self._seq), ticket)
         self.leases[lease.lease_id] = lease
         self.holders.add(request_id)
+        self.granted += 1
         return lease
 
     def _grant_waiters(self, now: float) -> list[Lease]:

@@ -16,12 +16,11 @@ from actors.controller import get_controller
 from actors.rate_limiter import get_or_create_rate_limiter
 from proxifier.config import AuthConfig, ModelsConfig
 from proxifier.errors import ModelNotFound, ModelRetired, ProxifierError, Unavailable
+from proxifier.lease_reuse import HeldLease, ModelLeases, releases
 
 CONFIG_TTL = 1.0  # seconds a replica trusts its copy of the config (reloads show up this fast)
 ATTEMPTS = 3  # a retired or dead model actor is replaced this many times per request
-# How long a release may wait to ride along with the next request's enqueue (one actor call
-# instead of two per request); only releases of leases granted without queueing wait at all.
-RELEASE_DELAY = 0.01
+MAX_REUSE_AGE = 0.25  # seconds one lease may pass from request to request (lease_reuse)
 
 
 class RayBackend:
@@ -34,8 +33,8 @@ class RayBackend:
         self._handles: dict[str, Any] = {}
         self._lock = asyncio.Lock()
         self._background: set[asyncio.Task[Any]] = set()
-        # model -> (actor handle, lease ids to give back, timer that sends them alone)
-        self._releases: dict[str, tuple[Any, list[str], asyncio.TimerHandle]] = {}
+        self._held: dict[str, ModelLeases] = {}  # finished leases not yet given back
+        self._timers: dict[str, asyncio.TimerHandle] = {}  # sends them when nobody takes them
 
     @property
     def controller(self) -> Any:
@@ -95,37 +94,81 @@ class RayBackend:
             retry_after=1,
         )
 
-    def release(self, model: str, handle: Any, lease_id: str, *, defer: bool) -> None:
-        """Give a lease back: at once, or (`defer`) with the model's next enqueue, or alone
-        after RELEASE_DELAY when no request comes. A lease granted after queueing is never
-        deferred: others were waiting for that slot."""
-        pending = self._releases.get(model)
-        if pending is not None and pending[0] is not handle:
-            self.flush_releases(model)
-            pending = None
-        if not defer:
-            self.fire(handle.release.remote(lease_id))
-        elif pending is None:
-            timer = asyncio.get_running_loop().call_later(RELEASE_DELAY, self.flush_releases, model)
-            self._releases[model] = (handle, [lease_id], timer)
-        else:
-            pending[1].append(lease_id)
+    # -------------------------------------------------------------- leases held between requests
+    def take_over(self, model: str) -> HeldLease | None:
+        """A lease this replica holds for `model` that a new request may use with no actor call."""
+        handle = self._handles.get(model)
+        held = self._held.get(model)
+        if handle is None or held is None:
+            return None
+        return held.take_over(handle, time.monotonic())
 
-    def take_releases(self, model: str, handle: Any) -> list[str]:
-        """The deferred releases that ride with a call to `handle` (it must send them)."""
-        pending = self._releases.get(model)
-        if pending is None or pending[0] is not handle:
-            return []
-        del self._releases[model]
-        pending[2].cancel()
-        return pending[1]
+    def finish(
+        self,
+        model: str,
+        handle: Any,
+        lease: dict[str, Any],
+        *,
+        granted_at: float,
+        served: int,
+        from_queue: bool,
+        clean: bool,
+    ) -> None:
+        """A request on `lease` is over: hold the lease a moment (see proxifier.lease_reuse) or
+        give it back now."""
+        held = self._leases(model)
+        kept, to_release = held.finish(
+            handle,
+            lease,
+            granted_at=granted_at,
+            served=served,
+            now=time.monotonic(),
+            from_queue=from_queue,
+            clean=clean,
+        )
+        self._send(to_release)
+        if kept and model not in self._timers:
+            self._schedule(model, held)
 
-    def flush_releases(self, model: str) -> None:
-        pending = self._releases.pop(model, None)
-        if pending is not None:
-            handle, lease_ids, timer = pending
-            timer.cancel()
-            self.fire(handle.release_many.remote(lease_ids))
+    def take_releases(self, model: str, handle: Any) -> list[tuple[str, int]]:
+        """The held leases that ride with a call to `handle` (the caller must send them)."""
+        held = self._held.get(model)
+        return releases(held.take_all(handle)) if held is not None else []
+
+    def joined_queue(self, model: str) -> None:
+        """A request of ours waits for this model: give back what is held, hold nothing."""
+        self._send(self._leases(model).joined_queue(time.monotonic()))
+
+    def left_queue(self, model: str) -> None:
+        self._leases(model).left_queue(time.monotonic())
+
+    def _leases(self, model: str) -> ModelLeases:
+        held = self._held.setdefault(model, ModelLeases())
+        if self._config is not None:  # follows config reloads
+            held.hold = self._config.settings.queue.lease_hold
+            held.max_reuse_age = max(MAX_REUSE_AGE, 2 * held.hold)
+        return held
+
+    def _schedule(self, model: str, held: ModelLeases) -> None:
+        due = held.next_due()
+        if due is None:
+            self._timers.pop(model, None)
+            return
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, due - time.monotonic())
+        self._timers[model] = loop.call_later(delay, self._on_timer, model)
+
+    def _on_timer(self, model: str) -> None:
+        held = self._held[model]
+        self._send(held.due(time.monotonic()))
+        self._schedule(model, held)
+
+    def _send(self, entries: list[HeldLease]) -> None:
+        by_handle: dict[int, tuple[Any, list[HeldLease]]] = {}
+        for entry in entries:
+            by_handle.setdefault(id(entry.handle), (entry.handle, []))[1].append(entry)
+        for handle, group in by_handle.values():
+            self.fire(handle.release_many.remote(releases(group)))
 
     def forget(self, model: str, handle: Any = None) -> None:
         if handle is None or self._handles.get(model) is handle:

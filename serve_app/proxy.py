@@ -30,6 +30,7 @@ from proxifier.errors import (
     UpstreamFailed,
     UpstreamTimeout,
 )
+from proxifier.lease_reuse import HeldLease
 from serve_app.backend import RayBackend
 from serve_app.http_errors import sse_error
 from serve_app.metrics import ReplicaMetrics
@@ -37,6 +38,10 @@ from serve_app.security import caller_of
 
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 QUICK_ANSWER = 1.0  # seconds a queued stream waits before it commits to a 200 and keep-alives
+
+
+class StaleLease(Exception):
+    """A lease taken over from an earlier request no longer reaches its llama-server."""
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -77,6 +82,14 @@ class Call:
     arrived: float  # monotonic, for the queue-wait metric
     handle: Any = None  # the model actor that holds its place or slot
     queued: bool = False  # its lease was granted from the queue (others may wait too)
+    reused: bool = False  # its lease was taken over from an earlier request of this replica
+    granted_at: float | None = None  # monotonic, when its lease was granted
+    served: int = 0  # requests the lease served before this one
+
+    def take_over(self, held: HeldLease) -> Call:
+        self.handle, self.granted_at, self.served = held.handle, held.granted_at, held.served
+        self.reused = True
+        return self
 
 
 class Proxy:
@@ -114,23 +127,30 @@ class Proxy:
                     ),
                 )
                 if "queued" in answer:
+                    self.backend.joined_queue(model)  # the actor runs it; we only take note
+                    self.backend.left_queue(model)
                     return self.accepted(model, answer["queued"])
-            else:
-                call.handle, answer = await self.backend.on_model(
-                    model,
-                    deadline,
-                    lambda h: h.enqueue.remote(
-                        call.request_id, deadline, arrived_at, self.backend.take_releases(model, h)
-                    ),
+                return await self.forward(call, answer["lease"], stream)
+            held = self.backend.take_over(model)
+            if held is not None:
+                with contextlib.suppress(StaleLease):
+                    return await self.forward(call.take_over(held), held.lease, stream)
+                call = Call(model, path, raw, call.request_id, arrived)
+            call.handle, answer = await self.backend.on_model(
+                model,
+                deadline,
+                lambda h: h.enqueue.remote(
+                    call.request_id, deadline, arrived_at, self.backend.take_releases(model, h)
+                ),
+            )
+            if "queued" not in answer:
+                return await self.forward(call, answer["lease"], stream)
+            call.queued = True
+            if stream:
+                return await self.stream_when_granted(
+                    call, answer["queued"], settings.queue.keepalive_interval
                 )
-                if "queued" in answer and stream:
-                    return await self.stream_when_granted(
-                        call, answer["queued"], settings.queue.keepalive_interval
-                    )
-                if "queued" in answer:
-                    call.queued = True
-                    answer = {"lease": await self.wait_lease(call)}
-            return await self.forward(call, answer["lease"], stream)
+            return await self.forward(call, await self.wait_lease(call), stream)
         except ProxifierError as error:
             self.metrics.answered(model, error.status)
             raise
@@ -140,9 +160,8 @@ class Proxy:
     ) -> Response:
         """A streaming request that must wait. A quick answer (a lease, or a failure) still
         gets a plain HTTP status; only a longer wait becomes a stream of keep-alive comments."""
-        call.queued = True
         ref = call.handle.wait_lease.remote(call.request_id)
-        waiting = asyncio.ensure_future(self.backend.call(ref))
+        waiting = self.waiting(call, ref)
         try:
             done, _ = await asyncio.wait({waiting}, timeout=QUICK_ANSWER)
         except asyncio.CancelledError:
@@ -171,10 +190,18 @@ class Proxy:
         """Wait in the queue; a client that goes away takes its place (or slot) back."""
         ref = call.handle.wait_lease.remote(call.request_id)
         try:
-            return await self.backend.call(ref)
+            return await self.waiting(call, ref)
         except asyncio.CancelledError:
             ray.cancel(ref)  # the actor gives the place back (or the slot, if just granted)
             raise
+
+    def waiting(self, call: Call, ref: Any) -> asyncio.Future[Any]:
+        """The wait for a lease, during which this replica holds no slot of the model (it
+        must not serve a newcomer ahead of the queue)."""
+        self.backend.joined_queue(call.model)
+        future = asyncio.ensure_future(self.backend.call(ref))
+        future.add_done_callback(lambda _: self.backend.left_queue(call.model))
+        return future
 
     async def queued_stream(
         self,
@@ -218,23 +245,26 @@ class Proxy:
 
     async def forward(self, call: Call, lease: dict[str, Any], stream: bool) -> Response:
         model = call.model
-        self.metrics.waited(model, time.monotonic() - call.arrived)
+        waited = time.monotonic() - call.arrived
         upstream = await self._open(call, lease)
+        self.metrics.waited(model, waited)
         if stream and upstream.status_code == 200:
             return StreamingResponse(
                 self.relay(call, lease, upstream),
                 media_type="text/event-stream",
                 headers=STREAM_HEADERS,
             )
+        clean = False
         try:
             content = await upstream.aread()
+            clean = upstream.status_code < 500
         except httpx.TimeoutException:
             raise UpstreamTimeout(f"model '{model}' did not answer in time") from None
         except httpx.HTTPError as exc:
             raise UpstreamFailed(f"model '{model}' failed while answering: {exc}") from None
         finally:
             await upstream.aclose()
-            self._release(call, lease)
+            self._release(call, lease, clean=clean)
         self.metrics.answered(model, upstream.status_code)
         return Response(
             content,
@@ -261,10 +291,12 @@ class Proxy:
             raise
         finally:
             await upstream.aclose()
-            self._release(call, lease)
+            self._release(call, lease, clean=status == 200)
             self.metrics.answered(call.model, status)
 
     async def _open(self, call: Call, lease: dict[str, Any]) -> httpx.Response:
+        if call.granted_at is None:
+            call.granted_at = time.monotonic()
         config = await self.backend.config()
         model = call.model
         request = self.client.build_request(
@@ -282,21 +314,44 @@ class Proxy:
         )
         try:
             try:
-                return await self.client.send(request, stream=True)
+                upstream = await self.client.send(request, stream=True)
             except httpx.RemoteProtocolError:
                 # llama-server closes a keep-alive connection after 100 requests; a pooled
                 # connection can be closed as we reuse it. A new one is tried once; a server
                 # that is really gone refuses it and the client gets 502.
-                return await self.client.send(request, stream=True)
+                upstream = await self.client.send(request, stream=True)
+        except (httpx.ConnectError, httpx.RemoteProtocolError) as exc:
+            self._release(call, lease)
+            if call.reused:
+                # A lease held from an earlier request outlived its llama-server (a crash, a
+                # restart, a stop): nothing reached the client yet, so the request starts over.
+                raise StaleLease from None
+            raise UpstreamFailed(f"model '{model}' refused the request: {exc}") from None
         except httpx.TimeoutException:
             self._release(call, lease)
             raise UpstreamTimeout(f"model '{model}' did not answer in time") from None
         except httpx.HTTPError as exc:
             self._release(call, lease)
             raise UpstreamFailed(f"model '{model}' refused the request: {exc}") from None
+        if call.reused and upstream.status_code == 401:
+            # Restarted on the same port with a new instance key: the held lease is stale.
+            await upstream.aclose()
+            self._release(call, lease)
+            raise StaleLease
+        return upstream
 
-    def _release(self, call: Call, lease: dict[str, Any]) -> None:
-        self.backend.release(call.model, call.handle, lease["lease_id"], defer=not call.queued)
+    def _release(self, call: Call, lease: dict[str, Any], *, clean: bool = False) -> None:
+        """The request is over: the backend holds the lease for the next request (when it
+        ended cleanly) or gives it back (proxifier.lease_reuse)."""
+        self.backend.finish(
+            call.model,
+            call.handle,
+            lease,
+            granted_at=call.granted_at if call.granted_at is not None else time.monotonic(),
+            served=call.served + 1,
+            from_queue=call.queued,
+            clean=clean,
+        )
 
 
 def check_model_access(caller: Caller | None, model: str) -> None:

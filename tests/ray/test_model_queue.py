@@ -126,20 +126,21 @@ def test_a_release_riding_with_an_enqueue_serves_the_oldest_waiter_first(
     # The holder's slot, given back with a newcomer's enqueue, goes to the request that
     # waited; the newcomer queues behind it. A lease id the actor never granted (it was
     # restarted since) is skipped without failing the call.
-    answer = ray.get(
-        actor.enqueue.remote("newcomer", None, None, ["lease-from-a-past-life", held["lease_id"]])
-    )
+    released = [("lease-from-a-past-life", 1), (held["lease_id"], 3)]
+    answer = ray.get(actor.enqueue.remote("newcomer", None, None, released))
     assert answer["queued"]["position"] == 1
     assert ray.get(waiting, timeout=10)["request_id"] == "waited-first"
-    assert ray.get(actor.stats.remote())["requests_served"] == 1
+    stats = ray.get(actor.stats.remote())
+    # The lease served three requests at the replica that held it; one grant per lease.
+    assert (stats["requests_served"], stats["leases_granted"]) == (3, 2)
 
 
 def test_release_many_gives_every_slot_back(make_actor: MakeActor) -> None:
     actor = make_actor(parallel=2)
     leases = [ray.get(actor.acquire.remote(f"r{i}"), timeout=30) for i in range(2)]
-    ray.get(actor.release_many.remote([lease["lease_id"] for lease in leases]))
+    ray.get(actor.release_many.remote([(lease["lease_id"], 2) for lease in leases]))
     stats = ray.get(actor.stats.remote())
-    assert (stats["in_flight"], stats["requests_served"]) == (0, 2)
+    assert (stats["in_flight"], stats["requests_served"]) == (0, 4)
 
 
 def test_a_lease_never_released_expires_after_max_lease_time(make_actor: MakeActor) -> None:

@@ -71,6 +71,14 @@ def test_release_grants_the_oldest_waiter() -> None:
     assert queue.served == 1 and queue.last_release == 5.0
 
 
+def test_a_lease_passed_from_request_to_request_counts_every_request() -> None:
+    queue = opened(slots=1)
+    _, lease = queue.request("a", 0.0, FAR)
+    assert lease is not None
+    queue.release(lease.lease_id, now=1.0, served=7)
+    assert (queue.served, queue.granted) == (7, 1)
+
+
 def test_grants_are_numbered_in_order() -> None:
     queue = SlotQueue(1, 10)
     for index in range(5):
