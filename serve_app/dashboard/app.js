@@ -262,10 +262,13 @@ function renderGroups() {
 
 function sparkline(points, key, color) {
   const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
-  svg.setAttribute("viewBox", `0 0 ${HISTORY_SECONDS} 100`);
+  // The time axis grows with the history (at least a minute), so a page opened a moment ago
+  // already shows something readable.
+  const now = points.length ? points[points.length - 1].t : 0;
+  const span = points.length ? Math.min(HISTORY_SECONDS, Math.max(60, now - points[0].t)) : 60;
+  svg.setAttribute("viewBox", `0 0 ${span} 100`);
   svg.setAttribute("preserveAspectRatio", "none");
   if (points.length > 1) {
-    const now = points[points.length - 1].t;
     const top = Math.max(1, ...points.map((p) => p[key]));
     const line = document.createElementNS("http://www.w3.org/2000/svg", "polyline");
     line.setAttribute("fill", "none");
@@ -273,7 +276,7 @@ function sparkline(points, key, color) {
     line.setAttribute("stroke-width", "2");
     line.setAttribute("vector-effect", "non-scaling-stroke");
     line.setAttribute("points", points.map((p) =>
-      `${HISTORY_SECONDS - (now - p.t)},${95 - (p[key] / top) * 85}`).join(" "));
+      `${span - (now - p.t)},${95 - (p[key] / top) * 85}`).join(" "));
     svg.append(line);
   }
   return svg;
@@ -284,7 +287,7 @@ function renderQueues() {
     const points = state.history[m.name] || [];
     const last = points[points.length - 1] || { depth: 0, wait: 0 };
     const top = (key) => Math.max(0, ...points.map((p) => p[key]));
-    return el("div", { class: "chart" },
+    return el("div", { class: "chart", "data-model": m.name },
       el("strong", {}, m.name), `  now: ${last.depth} queued, oldest wait ${last.wait.toFixed(1)} s`,
       el("div", { class: "legend depth" }, `queue depth (peak ${top("depth")})`),
       sparkline(points, "depth", "#2f6fed"),

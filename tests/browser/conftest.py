@@ -65,6 +65,8 @@ def dashboard_url(
                     "chat": {**fake, "preload": True, "priority": 9, "resource_group": "prod"},
                     "idle": {**fake, "priority": 4, "resource_group": "dev"},
                     EVIL: {**fake, "priority": 1, "resource_group": "dev"},
+                    # Loads for a minute: requests queue for it (the queue monitor's test).
+                    "slow": {**fake, "priority": 1, "env": {"FAKE_LLAMA_LOAD_DELAY": "60"}},
                 },
             }
         )

@@ -3,9 +3,14 @@ asks for a key and refuses a wrong one, and shows hostile names as text."""
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
+import httpx
+
 from tests.browser.conftest import ADMIN_KEY, EVIL, screenshot
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
 
 def logged_in(page: Any, url: str) -> Any:
@@ -23,7 +28,7 @@ def row_state(page: Any, model: str) -> str:
 def test_the_page_loads_clean_and_lists_every_model(page: Any, dashboard_url: str) -> None:
     logged_in(page, dashboard_url)
     names = page.locator("#models tbody tr td:first-child").all_inner_texts()
-    assert names == ["chat", "idle", EVIL]  # by priority, as the server lists them
+    assert names == ["chat", "idle", EVIL, "slow"]  # by priority, then name, as listed
     assert row_state(page, "chat") == "ready"
     assert page.console_errors == []
     path = screenshot(page, "overview")
@@ -84,4 +89,43 @@ def test_every_view_renders(page: Any, dashboard_url: str) -> None:
     page.wait_for_selector("#auth-yaml:not(:empty)")
     assert ADMIN_KEY not in page.inner_text("#auth-yaml")
     assert "<redacted>" in page.inner_text("#auth-yaml")
+    assert page.console_errors == []
+
+
+def test_the_queue_monitor_plots_a_queue_as_it_builds(page: Any, dashboard_url: str) -> None:
+    logged_in(page, dashboard_url)
+    page.click("#tabs button[data-view='queues']")
+    answers: list[int] = []
+
+    def ask() -> None:
+        answers.append(
+            httpx.post(
+                f"{dashboard_url}/v1/chat/completions",
+                json={"model": "slow", "messages": [{"role": "user", "content": "hi"}]},
+                headers=ADMIN,
+                timeout=60,
+            ).status_code
+        )
+
+    waiting = [threading.Thread(target=ask) for _ in range(3)]
+    for thread in waiting:
+        thread.start()
+    chart = "#queues .chart[data-model='slow']"
+    try:
+        page.wait_for_function(
+            f"document.querySelector(\"{chart}\")?.textContent.includes('now: 3 queued')",
+            timeout=30_000,
+        )
+        assert "queue depth (peak 3)" in page.inner_text(chart)
+        assert page.locator(f"{chart} svg polyline").count() == 2  # depth and oldest wait
+        screenshot(page, "queues")
+    finally:
+        httpx.post(f"{dashboard_url}/admin/queue/slow/clear", headers=ADMIN, timeout=30)
+        for thread in waiting:
+            thread.join()
+        httpx.post(f"{dashboard_url}/admin/models/slow/stop", headers=ADMIN, timeout=60)
+    assert answers == [503, 503, 503]  # told why: an admin cleared the queue
+    page.wait_for_function(
+        f"document.querySelector(\"{chart}\")?.textContent.includes('now: 0 queued')"
+    )
     assert page.console_errors == []
