@@ -255,8 +255,11 @@ class ModelActor:
         body: dict[str, Any],
         deadline: float | None = None,
         arrived: float | None = None,
+        released: Sequence[tuple[str, int]] = (),
     ) -> dict[str, Any]:
-        """For `Prefer: respond-async`: a lease when a slot is free now, else an async job."""
+        """For `Prefer: respond-async`: a lease when a slot is free now, else an async job.
+        `released` as for `enqueue`: given back first, so they count as free."""
+        self._give_back(released)
         free_now = self.slots.free_slots() > 0 and not self.slots.waiters
         if self.state == ModelState.READY and free_now:
             return self._enqueue(request_id, deadline, arrived)

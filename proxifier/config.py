@@ -133,7 +133,7 @@ ALLOWED: dict[str, str] = {
     "result_ttl": "a number of seconds greater than 0",
     "respond_async": "true or false",
     "keepalive_interval": "a number of seconds greater than 0",
-    "lease_hold": "a number of seconds, 0 or more (0 = every slot goes back at once)",
+    "lease_hold": "a number of seconds from 0 to 5 (0 = every slot goes back at once)",
     "aliases": "a list of names",
     "model_path": "a path to a .gguf file",
     "host": "a host name or IP address to bind",
@@ -165,7 +165,7 @@ class QueueSettings(BaseModel):
     cleanup_interval: float = Field(10.0, gt=0)
     respond_async: bool = False
     keepalive_interval: float = Field(3.0, gt=0)
-    lease_hold: float = Field(0.01, ge=0)
+    lease_hold: float = Field(0.01, ge=0, le=5)
 
 
 class Settings(BaseModel):

@@ -6,7 +6,9 @@ and tests can build it around any backend.
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import Body, FastAPI, Query, Request
@@ -25,10 +27,16 @@ INFERENCE_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 
 
 def build_api(backend: RayBackend) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await backend.give_back_all()  # slots this replica holds go back before it exits
+
     app = FastAPI(
         title="LLM Proxifier",
         description="One OpenAI-compatible endpoint for many llama-server models on Ray.",
         version="0.1.0",
+        lifespan=lifespan,
     )
     install_error_handlers(app)
     app.add_middleware(Security, backend=backend)

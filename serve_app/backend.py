@@ -159,15 +159,29 @@ class RayBackend:
         self._timers[model] = loop.call_later(delay, self._on_timer, model)
 
     def _on_timer(self, model: str) -> None:
+        self._timers.pop(model, None)
         held = self._held[model]
-        self._send(held.due(time.monotonic()))
-        self._schedule(model, held)
+        try:
+            self._send(held.due(time.monotonic()))
+        finally:
+            self._schedule(model, held)
+
+    async def give_back_all(self, timeout: float = 5.0) -> None:
+        """The replica is shutting down: every held slot goes back now (else it would wait
+        for the actor's max_lease_time)."""
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        refs = []
+        for held in self._held.values():
+            entries, held.held = held.held, []
+            refs += [h.release_many.remote(releases(g)) for h, g in _by_handle(entries)]
+        if refs:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.gather(*refs, return_exceptions=True), timeout)
 
     def _send(self, entries: list[HeldLease]) -> None:
-        by_handle: dict[int, tuple[Any, list[HeldLease]]] = {}
-        for entry in entries:
-            by_handle.setdefault(id(entry.handle), (entry.handle, []))[1].append(entry)
-        for handle, group in by_handle.values():
+        for handle, group in _by_handle(entries):
             self.fire(handle.release_many.remote(releases(group)))
 
     def forget(self, model: str, handle: Any = None) -> None:
@@ -193,3 +207,11 @@ class RayBackend:
         task = asyncio.get_running_loop().create_task(observe())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+def _by_handle(entries: list[HeldLease]) -> list[tuple[Any, list[HeldLease]]]:
+    """Held leases grouped by the actor they go back to (handles are not hashable by value)."""
+    groups: dict[int, tuple[Any, list[HeldLease]]] = {}
+    for entry in entries:
+        groups.setdefault(id(entry.handle), (entry.handle, []))[1].append(entry)
+    return list(groups.values())

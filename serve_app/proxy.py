@@ -118,12 +118,23 @@ class Proxy:
         stream = payload.get("stream") is True
         wants_async = "respond-async" in request.headers.get("prefer", "").lower()
         try:
+            # A slot this replica holds from its last request: no actor call at all.
+            held = self.backend.take_over(model)
+            if held is not None:
+                with contextlib.suppress(StaleLease):
+                    return await self.forward(call.take_over(held), held.lease, stream)
+                call = Call(model, path, raw, call.request_id, arrived)
             if wants_async or settings.queue.respond_async:
                 call.handle, answer = await self.backend.on_model(
                     model,
                     deadline,
                     lambda h: h.enqueue_or_submit.remote(
-                        call.request_id, path, payload, deadline, arrived_at
+                        call.request_id,
+                        path,
+                        payload,
+                        deadline,
+                        arrived_at,
+                        self.backend.take_releases(model, h),
                     ),
                 )
                 if "queued" in answer:
@@ -131,11 +142,6 @@ class Proxy:
                     self.backend.left_queue(model)
                     return self.accepted(model, answer["queued"])
                 return await self.forward(call, answer["lease"], stream)
-            held = self.backend.take_over(model)
-            if held is not None:
-                with contextlib.suppress(StaleLease):
-                    return await self.forward(call.take_over(held), held.lease, stream)
-                call = Call(model, path, raw, call.request_id, arrived)
             call.handle, answer = await self.backend.on_model(
                 model,
                 deadline,
@@ -165,8 +171,7 @@ class Proxy:
         try:
             done, _ = await asyncio.wait({waiting}, timeout=QUICK_ANSWER)
         except asyncio.CancelledError:
-            waiting.cancel()
-            ray.cancel(ref)
+            self._abandon(call, waiting, ref)
             raise
         if done:
             return await self.forward(call, waiting.result(), stream=True)
@@ -189,11 +194,21 @@ class Proxy:
     async def wait_lease(self, call: Call) -> dict[str, Any]:
         """Wait in the queue; a client that goes away takes its place (or slot) back."""
         ref = call.handle.wait_lease.remote(call.request_id)
+        waiting = self.waiting(call, ref)
         try:
-            return await self.waiting(call, ref)
+            return await waiting
         except asyncio.CancelledError:
-            ray.cancel(ref)  # the actor gives the place back (or the slot, if just granted)
+            self._abandon(call, waiting, ref)
             raise
+
+    def _abandon(self, call: Call, waiting: asyncio.Future[Any], ref: Any) -> None:
+        """The client went away while its request waited: give back its place in the queue,
+        or the slot, when the lease had already come and nobody will use it."""
+        if waiting.done() and not waiting.cancelled() and waiting.exception() is None:
+            self._release(call, waiting.result(), count=False)
+            return
+        waiting.cancel()
+        ray.cancel(ref)  # the actor gives the place back (or the slot, if just granted)
 
     def waiting(self, call: Call, ref: Any) -> asyncio.Future[Any]:
         """The wait for a lease, during which this replica holds no slot of the model (it
@@ -213,8 +228,8 @@ class Proxy:
     ) -> AsyncIterator[bytes]:
         """SSE comments while the request waits, then the tokens; an error after the stream
         began is an SSE `error` event with the same body as the HTTP error would have had."""
-        yield _comment(queued["position"], queued["model_state"])
         try:
+            yield _comment(queued["position"], queued["model_state"])
             while True:
                 done, _ = await asyncio.wait({waiting}, timeout=keepalive)
                 if done:
@@ -222,21 +237,23 @@ class Proxy:
                 with contextlib.suppress(Exception):
                     where = await call.handle.queue_position.remote(call.request_id)
                     yield _comment(where["position"], where["model_state"])
+        except (asyncio.CancelledError, GeneratorExit):
+            self._abandon(call, waiting, ref)
+            raise
+        try:
             lease = waiting.result()
             self.metrics.waited(call.model, time.monotonic() - call.arrived)
-            upstream = await self._open(call, lease)
+            upstream = await self._open(call, lease)  # it gives the slot back if it fails
         except ProxifierError as error:
             self.metrics.answered(call.model, error.status)
             yield sse_error(error)
             return
-        except (asyncio.CancelledError, GeneratorExit):
-            waiting.cancel()
-            ray.cancel(ref)
-            raise
         if upstream.status_code != 200:
-            body = await upstream.aread()
-            await upstream.aclose()
-            self._release(call, lease)
+            try:
+                body = await upstream.aread()
+            finally:
+                await upstream.aclose()
+                self._release(call, lease)
             self.metrics.answered(call.model, upstream.status_code)
             yield sse_error(_upstream_body(body, upstream.status_code))
             return
@@ -295,10 +312,27 @@ class Proxy:
             self.metrics.answered(call.model, status)
 
     async def _open(self, call: Call, lease: dict[str, Any]) -> httpx.Response:
+        """Send the request to llama-server and return its response, headers read. Whatever
+        stops it (an upstream error, a stale held slot, the client going away) gives the slot
+        back; after it returns, the caller owns the release."""
         if call.granted_at is None:
             call.granted_at = time.monotonic()
+        try:
+            return await self._send(call, lease)
+        except StaleLease:
+            self._release(call, lease, count=False)  # served nothing; it starts over
+            raise
+        except BaseException:
+            self._release(call, lease)
+            raise
+
+    async def _send(self, call: Call, lease: dict[str, Any]) -> httpx.Response:
         config = await self.backend.config()
         model = call.model
+        model_config = config.models.get(model)
+        upstream_timeout = (
+            model_config.upstream_timeout if model_config is not None else None
+        ) or config.settings.upstream_timeout
         request = self.client.build_request(
             "POST",
             f"{lease['url']}{call.path}",
@@ -307,10 +341,7 @@ class Proxy:
                 "Authorization": f"Bearer {lease['api_key']}",
                 "Content-Type": "application/json",
             },
-            timeout=httpx.Timeout(
-                config.models[model].upstream_timeout or config.settings.upstream_timeout,
-                connect=5.0,
-            ),
+            timeout=httpx.Timeout(upstream_timeout, connect=5.0),
         )
         try:
             try:
@@ -320,35 +351,37 @@ class Proxy:
                 # connection can be closed as we reuse it. A new one is tried once; a server
                 # that is really gone refuses it and the client gets 502.
                 upstream = await self.client.send(request, stream=True)
-        except (httpx.ConnectError, httpx.RemoteProtocolError) as exc:
-            self._release(call, lease)
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError) as exc:
             if call.reused:
-                # A lease held from an earlier request outlived its llama-server (a crash, a
-                # restart, a stop): nothing reached the client yet, so the request starts over.
+                # A slot held from an earlier request outlived its llama-server (a crash, a
+                # restart, a stop, a lost node): nothing reached the client yet, so the
+                # request starts over through the queue.
                 raise StaleLease from None
+            if isinstance(exc, httpx.ConnectTimeout):
+                raise UpstreamTimeout(f"model '{model}' could not be reached in time") from None
             raise UpstreamFailed(f"model '{model}' refused the request: {exc}") from None
         except httpx.TimeoutException:
-            self._release(call, lease)
             raise UpstreamTimeout(f"model '{model}' did not answer in time") from None
         except httpx.HTTPError as exc:
-            self._release(call, lease)
             raise UpstreamFailed(f"model '{model}' refused the request: {exc}") from None
         if call.reused and upstream.status_code == 401:
-            # Restarted on the same port with a new instance key: the held lease is stale.
+            # Restarted on the same port with a new instance key: the held slot is stale.
             await upstream.aclose()
-            self._release(call, lease)
             raise StaleLease
         return upstream
 
-    def _release(self, call: Call, lease: dict[str, Any], *, clean: bool = False) -> None:
+    def _release(
+        self, call: Call, lease: dict[str, Any], *, clean: bool = False, count: bool = True
+    ) -> None:
         """The request is over: the backend holds the lease for the next request (when it
-        ended cleanly) or gives it back (proxifier.lease_reuse)."""
+        ended cleanly) or gives it back (proxifier.lease_reuse). `count`: whether this
+        request counts as served on it (not when it never reached llama-server)."""
         self.backend.finish(
             call.model,
             call.handle,
             lease,
             granted_at=call.granted_at if call.granted_at is not None else time.monotonic(),
-            served=call.served + 1,
+            served=call.served + (1 if count else 0),
             from_queue=call.queued,
             clean=clean,
         )

@@ -98,3 +98,15 @@ def test_a_held_slot_whose_llama_server_died_is_not_the_clients_problem(url: str
     reply = chat(url, "chat")
     assert reply.status_code == 200, reply.text
     assert status(url, "chat")["pid"] != before["pid"]
+
+
+def test_respond_async_takes_a_held_slot_instead_of_queueing(url: str) -> None:
+    assert chat(url, "single").status_code == 200  # its slot is now held by the replica
+    reply = httpx.post(
+        f"{url}/v1/chat/completions",
+        json={"model": "single", **CHAT},
+        headers={"Prefer": "respond-async"},
+        timeout=60,
+    )
+    # A free slot (held by this very replica) means "proxied at once", not 202.
+    assert reply.status_code == 200 and reply.json()["object"] == "chat.completion"

@@ -97,6 +97,22 @@ def test_each_sse_event_reaches_the_client_as_it_is_produced(deployment: Deploym
     assert arrivals[-1] - arrivals[0] >= 3 * 0.3 * 0.9  # a lower bound: it cannot be faster
 
 
+def test_a_client_gone_before_a_plain_answer_releases_the_slot(deployment: Deployment) -> None:
+    # Not streamed: llama-server sends nothing until the whole answer is ready, so the client
+    # leaves while the product still waits for the response headers.
+    body = {"model": "slowstream", "messages": [{"role": "user", "content": "hi"}]}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            f"{deployment.url}/v1/chat/completions",
+            json={**body, "max_tokens": 50},
+            timeout=httpx.Timeout(60, read=1.5),
+        )
+    from tests.helpers import wait_for
+
+    # Well before max_lease_time (an hour) would reclaim it.
+    wait_for(lambda: deployment.status("slowstream")["in_flight"] == 0, timeout=20)
+
+
 def test_a_client_disconnect_releases_the_slot(deployment: Deployment) -> None:
     with httpx.stream(
         "POST",
