@@ -12,7 +12,7 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +20,7 @@ import httpx
 import ray
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from proxifier.auth import Caller, may_use_model
 from proxifier.errors import (
@@ -42,6 +43,30 @@ QUICK_ANSWER = 1.0  # seconds a queued stream waits before it commits to a 200 a
 
 class StaleLease(Exception):
     """A lease taken over from an earlier request no longer reaches its llama-server."""
+
+
+class OwnedStream(StreamingResponse):
+    """A streamed answer that owns a slot or a place in a queue. A body generator that never
+    started never runs its `finally`, so when the client is gone before the first byte,
+    `unstarted` gives back what the stream owns; a started one is closed here, at once."""
+
+    def __init__(
+        self,
+        body: AsyncGenerator[bytes, None],
+        call: Call,
+        unstarted: Callable[[], Awaitable[None]],
+    ) -> None:
+        super().__init__(body, media_type="text/event-stream", headers=STREAM_HEADERS)
+        self.body, self.call, self.unstarted = body, call, unstarted
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if self.call.streaming:
+                await self.body.aclose()  # runs its cleanup now, not when collected
+            else:
+                await self.unstarted()
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -85,6 +110,7 @@ class Call:
     reused: bool = False  # its lease was taken over from an earlier request of this replica
     granted_at: float | None = None  # monotonic, when its lease was granted
     served: int = 0  # requests the lease served before this one
+    streaming: bool = False  # its response body has started (OwnedStream)
 
     def take_over(self, held: HeldLease) -> Call:
         self.handle, self.granted_at, self.served = held.handle, held.granted_at, held.served
@@ -175,11 +201,12 @@ class Proxy:
             raise
         if done:
             return await self.forward(call, waiting.result(), stream=True)
-        return StreamingResponse(
-            self.queued_stream(call, queued, waiting, ref, keepalive),
-            media_type="text/event-stream",
-            headers=STREAM_HEADERS,
-        )
+
+        async def unstarted() -> None:
+            self._abandon(call, waiting, ref)
+
+        body = self.queued_stream(call, queued, waiting, ref, keepalive)
+        return OwnedStream(body, call, unstarted)
 
     def accepted(self, model: str, queued: dict[str, Any]) -> JSONResponse:
         self.metrics.answered(model, 202)
@@ -225,9 +252,10 @@ class Proxy:
         waiting: asyncio.Future[Any],
         ref: Any,
         keepalive: float,
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         """SSE comments while the request waits, then the tokens; an error after the stream
         began is an SSE `error` event with the same body as the HTTP error would have had."""
+        call.streaming = True
         try:
             yield _comment(queued["position"], queued["model_state"])
             while True:
@@ -257,8 +285,9 @@ class Proxy:
             self.metrics.answered(call.model, upstream.status_code)
             yield sse_error(_upstream_body(body, upstream.status_code))
             return
-        async for chunk in self.relay(call, lease, upstream):
-            yield chunk
+        async with contextlib.aclosing(self.relay(call, lease, upstream)) as chunks:
+            async for chunk in chunks:
+                yield chunk
 
     async def forward(self, call: Call, lease: dict[str, Any], stream: bool) -> Response:
         model = call.model
@@ -266,11 +295,13 @@ class Proxy:
         upstream = await self._open(call, lease)
         self.metrics.waited(model, waited)
         if stream and upstream.status_code == 200:
-            return StreamingResponse(
-                self.relay(call, lease, upstream),
-                media_type="text/event-stream",
-                headers=STREAM_HEADERS,
-            )
+
+            async def unstarted() -> None:
+                await upstream.aclose()
+                self._release(call, lease)
+                self.metrics.answered(model, 499)
+
+            return OwnedStream(self.relay(call, lease, upstream), call, unstarted)
         clean = False
         try:
             content = await upstream.aread()
@@ -291,9 +322,10 @@ class Proxy:
 
     async def relay(
         self, call: Call, lease: dict[str, Any], upstream: httpx.Response
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         """Each upstream chunk to the client as it arrives; a disconnect ends the upstream
         request (closing its connection stops llama-server's generation) and frees the slot."""
+        call.streaming = True
         status = 200
         try:
             async for chunk in upstream.aiter_raw():
