@@ -165,7 +165,7 @@ class QueueSettings(BaseModel):
     cleanup_interval: float = Field(10.0, gt=0)
     respond_async: bool = False
     keepalive_interval: float = Field(3.0, gt=0)
-    lease_hold: float = Field(0.01, ge=0, le=5)
+    lease_hold: float = Field(0.05, ge=0, le=5)
 
 
 class Settings(BaseModel):

@@ -36,8 +36,8 @@ class HeldLease:
 class ModelLeases:
     """One model's held leases at one replica."""
 
-    hold: float = 0.01  # settings.queue.lease_hold; 0 = nothing is held
-    max_reuse_age: float = 0.25
+    hold: float = 0.05  # settings.queue.lease_hold; 0 = nothing is held
+    max_reuse_age: float = 1.0
     contention_hold: float = 1.0
     held: list[HeldLease] = field(default_factory=list)
     waiting: int = 0  # our requests now in the model's queue

@@ -10,6 +10,7 @@ non-streamed and streamed, at concurrency 1, 8 and 32, and prints requests/s, p5
 time to first token, and the ratios and differences to `direct`.
 
 usage: .venv/bin/python scripts/bench_proxy.py [--seconds S] [--rounds R] [--max-tokens N]
+                                                [--lease-hold S]
 """
 
 from __future__ import annotations
@@ -109,6 +110,7 @@ def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "p99": pct(latencies, 0.99) * 1e3,
         "ttft": pct(firsts, 0.5) * 1e3,
         "errors": errors,
+        "n": len(latencies),
     }
 
 
@@ -119,6 +121,9 @@ def main() -> int:
         "--rounds", type=int, default=3, help="rounds per cell; targets alternate in each"
     )
     parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument(
+        "--lease-hold", type=float, help="settings.queue.lease_hold (default: the product's)"
+    )
     args = parser.parse_args()
 
     import ray
@@ -131,10 +136,12 @@ def main() -> int:
     from serve_app.run import HARDENING
 
     home = Path(tempfile.mkdtemp())
+    queue_settings = {} if args.lease_hold is None else {"lease_hold": args.lease_hold}
     config = home / "models.yaml"
     config.write_text(
         yaml.safe_dump(
             {
+                "settings": {"queue": queue_settings},
                 "models": {
                     "tiny": {
                         "model_path": str(REPO / "models" / "tiny.gguf"),
@@ -143,7 +150,7 @@ def main() -> int:
                         "parallel": 32,
                         "preload": True,
                     }
-                }
+                },
             }
         )
     )
@@ -194,19 +201,27 @@ def main() -> int:
     )
     print(header)
     results: dict[tuple[bool, int, str], dict[str, Any]] = {}
+    grants: dict[tuple[bool, int], int] = {}
     for stream in (False, True):
         for concurrency in (1, 8, 32):
             names = [n for n in targets if not (stream and n == "floor")]
             runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+            grants[(stream, concurrency)] = 0
             # Targets alternate within each round, so a machine that drifts (other load,
             # thermal) drifts for all of them alike.
             for _ in range(args.rounds):
                 for name in names:
                     url, headers = targets[name]
                     body = {**base, "model": "tiny", "stream": stream}
+                    before = ray.get(handle.stats.remote())
                     runs[name].append(
                         asyncio.run(load(url, body, headers, concurrency, args.seconds))
                     )
+                    if name == "proxy":
+                        after = ray.get(handle.stats.remote())
+                        grants[(stream, concurrency)] += (
+                            after["leases_granted"] - before["leases_granted"]
+                        )
             for name in names:
                 result = results[(stream, concurrency, name)] = summary(runs[name])
                 direct = results[(stream, concurrency, "direct")]
@@ -226,6 +241,11 @@ def main() -> int:
                     note += (
                         f", Serve-bound ceiling {ceiling:.1f}/s (x{result['rps'] / ceiling:.2f})"
                     )
+                if name == "proxy":
+                    # Requests that took over a slot the replica held made no actor call.
+                    served = result["n"] + args.rounds  # + each round's warm-up request
+                    fresh = grants[(stream, concurrency)] / served
+                    note += f", new lease for {fresh:.0%} of requests"
                 if result["errors"]:
                     kinds = ", ".join(f"{n} {k}" for k, n in result["errors"].most_common())
                     note += f" (failed: {kinds})"

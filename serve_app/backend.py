@@ -20,7 +20,7 @@ from proxifier.lease_reuse import HeldLease, ModelLeases, releases
 
 CONFIG_TTL = 1.0  # seconds a replica trusts its copy of the config (reloads show up this fast)
 ATTEMPTS = 3  # a retired or dead model actor is replaced this many times per request
-MAX_REUSE_AGE = 0.25  # seconds one lease may pass from request to request (lease_reuse)
+MAX_REUSE_AGE = 1.0  # seconds one lease may pass from request to request (lease_reuse)
 
 
 class RayBackend:
