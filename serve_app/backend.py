@@ -145,8 +145,10 @@ class RayBackend:
     def _leases(self, model: str) -> ModelLeases:
         held = self._held.setdefault(model, ModelLeases())
         if self._config is not None:  # follows config reloads
-            held.hold = self._config.settings.queue.lease_hold
-            held.max_reuse_age = max(MAX_REUSE_AGE, 2 * held.hold)
+            settings = self._config.settings
+            held.hold = settings.queue.lease_hold
+            # Never near max_lease_time: the actor would reclaim a slot still in use here.
+            held.max_reuse_age = min(max(MAX_REUSE_AGE, 2 * held.hold), settings.max_lease_time / 2)
         return held
 
     def _schedule(self, model: str, held: ModelLeases) -> None:
