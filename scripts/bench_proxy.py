@@ -213,15 +213,13 @@ def main() -> int:
                 for name in names:
                     url, headers = targets[name]
                     body = {**base, "model": "tiny", "stream": stream}
-                    before = ray.get(handle.stats.remote())
+                    granted = ray.get(handle.stats.remote())["leases_granted"]
                     runs[name].append(
                         asyncio.run(load(url, body, headers, concurrency, args.seconds))
                     )
                     if name == "proxy":
-                        after = ray.get(handle.stats.remote())
-                        grants[(stream, concurrency)] += (
-                            after["leases_granted"] - before["leases_granted"]
-                        )
+                        now_granted = ray.get(handle.stats.remote())["leases_granted"]
+                        grants[(stream, concurrency)] += now_granted - granted
             for name in names:
                 result = results[(stream, concurrency, name)] = summary(runs[name])
                 direct = results[(stream, concurrency, "direct")]

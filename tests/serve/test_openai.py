@@ -3,12 +3,29 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import httpx
 import openai
 import pytest
 
+from tests.helpers import wait_for
 from tests.serve.conftest import Deployment
+
+
+def slow_stream(deployment: Deployment, max_tokens: int) -> Any:
+    """A streamed chat on the fake that produces one token every 0.3 s."""
+    return httpx.stream(
+        "POST",
+        f"{deployment.url}/v1/chat/completions",
+        json={
+            "model": "slowstream",
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": max_tokens,
+            "stream": True,
+        },
+        timeout=60,
+    )
 
 
 @pytest.fixture
@@ -75,17 +92,7 @@ def test_aliases_resolve_and_unknown_models_are_404(client: openai.OpenAI) -> No
 def test_each_sse_event_reaches_the_client_as_it_is_produced(deployment: Deployment) -> None:
     # The fake produces a token every 0.3 s; buffering would deliver them together.
     arrivals = []
-    with httpx.stream(
-        "POST",
-        f"{deployment.url}/v1/chat/completions",
-        json={
-            "model": "slowstream",
-            "messages": [{"role": "user", "content": "hi"}],
-            "max_tokens": 4,
-            "stream": True,
-        },
-        timeout=60,
-    ) as response:
+    with slow_stream(deployment, max_tokens=4) as response:
         assert response.status_code == 200
         lines = []
         for line in response.iter_lines():
@@ -107,29 +114,15 @@ def test_a_client_gone_before_a_plain_answer_releases_the_slot(deployment: Deplo
             json={**body, "max_tokens": 50},
             timeout=httpx.Timeout(60, read=1.5),
         )
-    from tests.helpers import wait_for
-
     # Well before max_lease_time (an hour) would reclaim it.
     wait_for(lambda: deployment.status("slowstream")["in_flight"] == 0, timeout=20)
 
 
 def test_a_client_disconnect_releases_the_slot(deployment: Deployment) -> None:
-    with httpx.stream(
-        "POST",
-        f"{deployment.url}/v1/chat/completions",
-        json={
-            "model": "slowstream",
-            "messages": [{"role": "user", "content": "hi"}],
-            "max_tokens": 50,
-            "stream": True,
-        },
-        timeout=60,
-    ) as response:
+    with slow_stream(deployment, max_tokens=50) as response:
         lines = response.iter_lines()  # kept open: leaving the loop early would close it
         while not next(lines).startswith("data: {"):
             pass
         assert deployment.status("slowstream")["in_flight"] == 1
     # Closed after one event of fifty: the upstream request ends and the lease comes back.
-    from tests.helpers import wait_for
-
     wait_for(lambda: deployment.status("slowstream")["in_flight"] == 0, timeout=20)
