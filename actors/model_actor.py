@@ -55,8 +55,20 @@ NAMESPACE = "proxifier"
 INSTANCE_MARK = "=== proxifier: llama-server instance"
 
 
-def actor_name(model: str) -> str:
-    return f"proxifier:model:{model}"
+def actor_name(model: str, generation: str = "") -> str:
+    """`proxifier:model:<name>@<generation>`: a fresh instance of a model can be created while
+    the one it replaces still stops or drains (its name would otherwise still be taken)."""
+    return f"proxifier:model:{model}@{generation}" if generation else f"proxifier:model:{model}"
+
+
+def model_of(name: str) -> str | None:
+    """The model an actor name belongs to (the inverse of `actor_name`), or None."""
+    prefix = actor_name("")
+    if not name.startswith(prefix):
+        return None
+    rest = name[len(prefix) :]
+    model, separator, _generation = rest.rpartition("@")
+    return (model if separator else rest) or None
 
 
 def cluster_singleton_options(name: str) -> dict[str, Any]:
@@ -126,9 +138,11 @@ class ModelActor:
         self.stop_reason: str | None = None
         self.log_path = proxifier_home() / "logs" / f"{_safe(name)}.log"
         self._start_task: asyncio.Task[None] | None = None
+        self._spawned = asyncio.Event()  # the current start's process runs
         # Stops and reloads take this lock; starts triggered by requests do not need it.
         self._lock = asyncio.Lock()
         self._background: asyncio.Task[None] | None = None
+        self._reaper: asyncio.Task[None] | None = None
         self._client: httpx.AsyncClient | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._unclaimed: set[str] = set()
@@ -173,6 +187,15 @@ class ModelActor:
         Once accepted, the actor is retired: acquires that race the stop get ModelRetired (a
         retryable answer) and the caller asks the controller for a fresh actor.
         """
+        answer = await self.retire(reason)
+        if answer["accepted"]:
+            await self.stop(reason)
+        return answer
+
+    async def retire(self, reason: str) -> dict[str, Any]:
+        """The first half of `request_stop`, answered before anything stops: refused while
+        anything is in flight; once accepted, every acquire gets ModelRetired (retryable), so
+        the controller can drop this actor from its registry before it stops it."""
         refusal = self._busy_reason()
         if refusal is None and self._lock.locked():
             refusal = "a stop or reload is in progress"
@@ -181,7 +204,6 @@ class ModelActor:
         if refusal is not None:
             return {"accepted": False, "reason": refusal}
         self.retired = True
-        await self.stop(reason)
         return {"accepted": True, "reason": reason}
 
     async def drain(self, reason: str, timeout: float) -> dict[str, Any]:
@@ -208,6 +230,15 @@ class ModelActor:
             del self.jobs[request_id]
         return done
 
+    async def abandon(self, request_id: str) -> None:
+        """The caller of a queued request went away (whether or not it ever came to wait for
+        it): its place leaves the queue, or the slot granted to it goes to the next waiter."""
+        future = self.waiters.get(request_id)
+        if future is not None:
+            self._abandon(request_id, future)
+        else:
+            self.slots.cancel(request_id)
+
     async def cancel(self, request_id: str) -> bool:
         """Take a waiting request out of the queue (its client went away)."""
         waiter = self.slots.cancel(request_id)
@@ -220,12 +251,18 @@ class ModelActor:
 
     # ------------------------------------------------------------------ requests (public)
     async def acquire(
-        self, request_id: str, deadline: float | None = None, arrived: float | None = None
+        self,
+        request_id: str,
+        deadline: float | None = None,
+        arrived: float | None = None,
+        holder: str | None = None,
     ) -> dict[str, Any]:
         """A lease `{lease_id, url, api_key, ...}` for one request: at once when a slot is free,
         else after waiting in the FIFO (which starts the model when it is stopped).
-        `arrived` (wall clock) is when the request reached the product, for honest wait times."""
-        answer = self._enqueue(request_id, deadline, arrived)
+        `arrived` (wall clock) is when the request reached the product, for honest wait times.
+        `holder`: who renews the lease (`renew`); it is reclaimed `lease_ttl` s after the last
+        renewal. Without one it lasts until released (or `max_lease_time`)."""
+        answer = self._enqueue(request_id, deadline, arrived, holder)
         if "lease" in answer:
             return answer["lease"]
         return await self._wait(request_id)
@@ -236,13 +273,15 @@ class ModelActor:
         deadline: float | None = None,
         arrived: float | None = None,
         released: Sequence[tuple[str, int]] = (),
+        holder: str | None = None,
     ) -> dict[str, Any]:
         """The first half of acquire: `{"lease": ...}` at once, or `{"queued": {position,
         model_state}}` and the caller then calls `wait_lease` (streams send keep-alives between).
         `released`: (lease id, requests served) the caller gives back first, sparing it a call;
-        the slots they free go to the oldest waiters before this request joins the queue."""
+        the slots they free go to the oldest waiters before this request joins the queue.
+        `holder` as for `acquire`."""
         self._give_back(released)
-        return self._enqueue(request_id, deadline, arrived)
+        return self._enqueue(request_id, deadline, arrived, holder)
 
     async def wait_lease(self, request_id: str) -> dict[str, Any]:
         """The second half of acquire: the lease once granted, or why not."""
@@ -256,13 +295,14 @@ class ModelActor:
         deadline: float | None = None,
         arrived: float | None = None,
         released: Sequence[tuple[str, int]] = (),
+        holder: str | None = None,
     ) -> dict[str, Any]:
         """For `Prefer: respond-async`: a lease when a slot is free now, else an async job.
         `released` as for `enqueue`: given back first, so they count as free."""
         self._give_back(released)
         free_now = self.slots.free_slots() > 0 and not self.slots.waiters
         if self.state == ModelState.READY and free_now:
-            return self._enqueue(request_id, deadline, arrived)
+            return self._enqueue(request_id, deadline, arrived, holder)
         return {"queued": await self.submit(request_id, path, body, deadline)}
 
     async def queue_position(self, request_id: str) -> dict[str, Any]:
@@ -275,6 +315,12 @@ class ModelActor:
     async def release_many(self, released: Sequence[tuple[str, int]]) -> None:
         self._give_back(released)
 
+    async def renew(self, holder: str, lease_ids: Sequence[str]) -> list[str]:
+        """An ingress replica still uses these leases (it calls every lease_ttl/6 s while it
+        holds any). Returns those this actor no longer counts as the holder's."""
+        self._ensure_background()
+        return self.slots.renew(holder, lease_ids, time.time())
+
     def _give_back(self, released: Sequence[tuple[str, int]]) -> None:
         """Releases sent in a batch: one this actor does not know (it was restarted since)
         must not fail the others or the request they rode with."""
@@ -285,7 +331,11 @@ class ModelActor:
                 logger.warning("model %s: %s", self.name, error)
 
     def _enqueue(
-        self, request_id: str, deadline: float | None, arrived: float | None = None
+        self,
+        request_id: str,
+        deadline: float | None,
+        arrived: float | None = None,
+        holder: str | None = None,
     ) -> dict[str, Any]:
         self._ensure_background()
         now = min(time.time(), arrived or math.inf)
@@ -294,7 +344,7 @@ class ModelActor:
         if self.state == ModelState.FAILED:
             self._raise_if_cooling_down()
         deadline = min(deadline or math.inf, now + self._queue_timeout())
-        outcome, lease = self.slots.request(request_id, now, deadline)
+        outcome, lease = self.slots.request(request_id, now, deadline, holder)
         if outcome is Outcome.GRANTED:
             assert lease is not None
             return {"lease": self._lease(lease)}
@@ -355,6 +405,15 @@ class ModelActor:
             "in_flight": len(self.slots.leases),
             "slots": self.slots.slots,
             "waiting": waiting[:100],
+            "leases": [
+                {
+                    "request_id": lease.request_id,
+                    "holder": lease.holder,
+                    "held_for": now - lease.granted_at,
+                    "renewed_ago": now - self.slots.renewed.get(lease.lease_id, lease.granted_at),
+                }
+                for lease in list(self.slots.leases.values())[:100]
+            ],
         }
 
     async def clear_queue(self, reason: str = "the queue was cleared by an admin") -> int:
@@ -428,8 +487,25 @@ class ModelActor:
         if self._start_task is None or self._start_task.done():
             # The state changes now, so whoever triggered the start already sees "starting".
             self._set_state(ModelState.STARTING)
+            self._spawned.clear()
             self._start_task = asyncio.create_task(self._start_instance())
         return self._start_task
+
+    async def launch(self) -> str:
+        """Start llama-server like `start`, but answer as soon as its process runs (or the
+        start ended), not when it has loaded: the controller starts models in priority order
+        this way while their loads overlap. Returns the state."""
+        self._ensure_background()
+        async with self._lock:
+            if self.retired or self.state == ModelState.READY:
+                return str(self.state)
+            if self.state == ModelState.FAILED and self.failed_until > time.time():
+                return str(self.state)
+            task = self._ensure_starting()
+        spawned = asyncio.ensure_future(self._spawned.wait())
+        await asyncio.wait({task, spawned}, return_when=asyncio.FIRST_COMPLETED)
+        spawned.cancel()
+        return str(self.state)
 
     async def _start_instance(self) -> None:
         if self.state != ModelState.STARTING:
@@ -470,6 +546,7 @@ class ModelActor:
             process = await spawn(argv, env, self.log_path)
             self.process, self.host, self.port, self.api_key = process, host, port, api_key
             self.started_at = time.time()
+            self._spawned.set()
             self._event("starting", pid=process.pid, url=f"http://{host}:{port}")
             failure = await self._wait_ready(process, f"http://{host}:{port}")
         except asyncio.CancelledError:
@@ -722,9 +799,30 @@ class ModelActor:
     def _ensure_background(self) -> None:
         if self._background is None or self._background.done():
             self._background = asyncio.create_task(self._upkeep())
+        if self._reaper is None or self._reaper.done():
+            self._reaper = asyncio.create_task(self._reap_leases())
+
+    async def _reap_leases(self) -> None:
+        """Slots whose holder stopped renewing them (an ingress replica that died, or a request
+        whose bookkeeping lost its lease) go back to the queue within seconds, not hours."""
+        while True:
+            await asyncio.sleep(min(1.0, self.settings.lease_ttl / 4))
+            reclaimed, granted = self.slots.reap(
+                time.time(), self.settings.max_lease_time, self.settings.lease_ttl
+            )
+            if reclaimed:
+                holders = sorted({str(lease.holder) for lease in reclaimed})
+                self._event("leases_reclaimed", count=len(reclaimed), holders=holders)
+                logger.warning(
+                    "model %s: reclaimed %d slot(s) nobody renewed (holders %s)",
+                    self.name,
+                    len(reclaimed),
+                    ", ".join(holders),
+                )
+            self._grant(granted)
 
     async def _upkeep(self) -> None:
-        """Sweep expired waiters, reclaim leases whose holder vanished, drop old job results."""
+        """Sweep expired waiters, drop old job results and answers nobody came for."""
         while True:
             await asyncio.sleep(self.settings.queue.cleanup_interval)
             now = time.time()
@@ -737,10 +835,6 @@ class ModelActor:
                         retry_after=self._queue_timeout(),
                     ),
                 )
-            reclaimed, granted = self.slots.reap(now, self.settings.max_lease_time)
-            if reclaimed:
-                self._event("leases_reclaimed", count=len(reclaimed))
-            self._grant(granted)
             for request_id, job in list(self.jobs.items()):
                 if job.done_at is not None and now - job.done_at > self.settings.result_ttl:
                     del self.jobs[request_id]
@@ -877,11 +971,12 @@ def create_model_actor(
     settings: Settings,
     base_dir: str | Path,
     events_to: str | None = None,
+    generation: str = "",
     **options: Any,
 ) -> ray.actor.ActorHandle:
     """Create the named actor for a model (num_cpus 0 unless the options say otherwise)."""
     defaults: dict[str, Any] = {
-        "name": actor_name(name),
+        "name": actor_name(name, generation),
         "namespace": NAMESPACE,
         "num_cpus": 0,
         "max_concurrency": 4096,

@@ -130,6 +130,8 @@ ALLOWED: dict[str, str] = {
     "restart_window": "a number of seconds greater than 0",
     "cooldown": "a number of seconds, 0 or more",
     "max_lease_time": "a number of seconds greater than 0",
+    "lease_ttl": "a number of seconds, 1 or more",
+    "min_residency": "a number of seconds, 0 or more",
     "result_ttl": "a number of seconds greater than 0",
     "respond_async": "true or false",
     "keepalive_interval": "a number of seconds greater than 0",
@@ -186,6 +188,10 @@ class Settings(BaseModel):
     restart_window: float = Field(300.0, gt=0)
     cooldown: float = Field(60.0, ge=0)
     max_lease_time: float = Field(3600.0, gt=0)
+    # A slot an ingress replica holds stays taken only while the replica renews it (every
+    # lease_ttl/6 s): a replica that died, or bookkeeping that lost a slot, gives it back this fast.
+    lease_ttl: float = Field(6.0, ge=1)
+    min_residency: float = Field(10.0, ge=0)
     result_ttl: float = Field(600.0, gt=0)
     max_body_size: int = 10 * 1000**2
     upstream_timeout: float = Field(600.0, gt=0)

@@ -8,8 +8,10 @@ into resolved futures; the unit tests drive it directly.
 from __future__ import annotations
 
 import itertools
+import math
 import uuid
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -36,6 +38,7 @@ class Lease:
     granted_at: float
     seq: int  # grant order
     ticket: int | None  # queue order, for a lease that waited
+    holder: str | None = None  # the ingress replica that renews it; None: the actor's own
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,7 @@ class Waiter:
     enqueued_at: float
     deadline: float
     ticket: int
+    holder: str | None = None
 
 
 class SlotQueue:
@@ -59,6 +63,7 @@ class SlotQueue:
         self.holders: set[str] = set()  # request ids holding a lease, for O(1) duplicate checks
         self.waiters: OrderedDict[str, Waiter] = OrderedDict()
         self.forgotten: OrderedDict[str, None] = OrderedDict()
+        self.renewed: dict[str, float] = {}  # lease id -> last renewal by its holder
         self.last_release: float | None = None
         self.opened_at: float | None = None
         self.served = 0
@@ -98,16 +103,31 @@ class SlotQueue:
         return max(0.0, now - max(marks))
 
     # --- changes ------------------------------------------------------------------------------
-    def request(self, request_id: str, now: float, deadline: float) -> tuple[Outcome, Lease | None]:
-        """Grant a slot at once, queue the request, or refuse it because the queue is full."""
+    def request(
+        self, request_id: str, now: float, deadline: float, holder: str | None = None
+    ) -> tuple[Outcome, Lease | None]:
+        """Grant a slot at once, queue the request, or refuse it because the queue is full.
+        A lease with a `holder` must be renewed by it (see `renew` and `reap`)."""
         if request_id in self.waiters or request_id in self.holders:
             raise LeaseError(f"request {request_id!r} already holds or awaits a slot")
         if self.free_slots() > 0 and not self.waiters:
-            return Outcome.GRANTED, self._grant(request_id, now)
+            return Outcome.GRANTED, self._grant(request_id, now, holder=holder)
         if len(self.waiters) >= self.max_queue:
             return Outcome.FULL, None
-        self.waiters[request_id] = Waiter(request_id, now, deadline, next(self._tickets))
+        self.waiters[request_id] = Waiter(request_id, now, deadline, next(self._tickets), holder)
         return Outcome.QUEUED, None
+
+    def renew(self, holder: str, lease_ids: Iterable[str], now: float) -> list[str]:
+        """`holder` still uses these leases. Returns the ids this queue no longer knows as the
+        holder's (voided by a stop or crash, or reaped): the holder must stop counting on them."""
+        unknown = []
+        for lease_id in lease_ids:
+            lease = self.leases.get(lease_id)
+            if lease is None or lease.holder != holder:
+                unknown.append(lease_id)
+            else:
+                self.renewed[lease_id] = now
+        return unknown
 
     def release(self, lease_id: str, now: float, served: int = 1) -> list[Lease]:
         """Free a slot after `served` requests ran on it (an ingress replica may hand one lease
@@ -118,6 +138,7 @@ class SlotQueue:
                 return []
             raise LeaseError(f"lease {lease_id!r} was never granted")
         self.holders.discard(lease.request_id)
+        self.renewed.pop(lease_id, None)
         self.served += served
         self.last_release = now
         return self._grant_waiters(now)
@@ -136,6 +157,7 @@ class SlotQueue:
             self._forget(lease.lease_id)
         self.leases.clear()
         self.holders.clear()
+        self.renewed.clear()
         return voided
 
     def cancel(self, request_id: str) -> Waiter | None:
@@ -155,22 +177,40 @@ class SlotQueue:
         self.waiters.clear()
         return cleared
 
-    def reap(self, now: float, max_lease_time: float) -> tuple[list[Lease], list[Lease]]:
-        """Reclaim leases held longer than max_lease_time (their holder died without releasing).
+    def reap(
+        self, now: float, max_lease_time: float, lease_ttl: float = math.inf
+    ) -> tuple[list[Lease], list[Lease]]:
+        """Reclaim the slots nobody uses any more: a lease with a holder that has not been
+        renewed for `lease_ttl` seconds (the holder died, or lost track of it), and a lease
+        without one held longer than `max_lease_time`.
 
         Returns (reclaimed leases, leases granted to waiters with the freed slots).
         """
-        stale = [lease for lease in self.leases.values() if now - lease.granted_at > max_lease_time]
+        stale = [
+            lease
+            for lease in self.leases.values()
+            if self._stale(lease, now, max_lease_time, lease_ttl)
+        ]
         for lease in stale:
             del self.leases[lease.lease_id]
             self.holders.discard(lease.request_id)
+            self.renewed.pop(lease.lease_id, None)
             self._forget(lease.lease_id)
         return stale, (self._grant_waiters(now) if stale else [])
 
+    def _stale(self, lease: Lease, now: float, max_lease_time: float, lease_ttl: float) -> bool:
+        if lease.holder is None:
+            return now - lease.granted_at > max_lease_time
+        return now - self.renewed.get(lease.lease_id, lease.granted_at) > lease_ttl
+
     # --- internals ----------------------------------------------------------------------------
-    def _grant(self, request_id: str, now: float, ticket: int | None = None) -> Lease:
+    def _grant(
+        self, request_id: str, now: float, ticket: int | None = None, holder: str | None = None
+    ) -> Lease:
         assert self.instance is not None and len(self.leases) < self.slots, "no free slot"
-        lease = Lease(uuid.uuid4().hex, request_id, self.instance, now, next(self._seq), ticket)
+        lease = Lease(
+            uuid.uuid4().hex, request_id, self.instance, now, next(self._seq), ticket, holder
+        )
         self.leases[lease.lease_id] = lease
         self.holders.add(request_id)
         self.granted += 1
@@ -180,7 +220,7 @@ class SlotQueue:
         granted = []
         while self.waiters and self.free_slots() > 0:
             request_id, waiter = self.waiters.popitem(last=False)
-            granted.append(self._grant(request_id, now, waiter.ticket))
+            granted.append(self._grant(request_id, now, waiter.ticket, waiter.holder))
         return granted
 
     def _forget(self, lease_id: str) -> None:

@@ -6,6 +6,7 @@ and tests can build it around any backend.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
@@ -20,10 +21,11 @@ from serve_app.backend import RayBackend
 from serve_app.dashboard import install_dashboard
 from serve_app.http_errors import error_response, install_error_handlers
 from serve_app.metrics import ReplicaMetrics, render
-from serve_app.proxy import Proxy, check_model_access
+from serve_app.proxy import LeaseGuard, Proxy, check_model_access
 from serve_app.security import Security, caller_of
 
 INFERENCE_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+HEALTH_WAIT = 5.0  # seconds /health waits for the controller before it answers 503
 
 
 def build_api(backend: RayBackend) -> FastAPI:
@@ -40,6 +42,7 @@ def build_api(backend: RayBackend) -> FastAPI:
     )
     install_error_handlers(app)
     app.add_middleware(Security, backend=backend)
+    app.add_middleware(LeaseGuard, backend=backend)  # outermost: it outlives every other layer
     metrics = ReplicaMetrics()
     proxy = Proxy(backend, metrics)
 
@@ -192,6 +195,13 @@ def build_api(backend: RayBackend) -> FastAPI:
     async def cluster() -> dict[str, Any]:
         return await ask(ctl().cluster.remote())
 
+    @app.get("/admin/scheduler/explain")
+    async def explain(model: str, request: Request) -> dict[str, Any]:
+        """Why a model runs where it runs, waits, or failed: the scheduler's last decision."""
+        name = await backend.resolve(model)
+        check_model_access(caller_of(request.scope), name)
+        return await ask(ctl().explain.remote(name))
+
     @app.get("/admin/events")
     async def events(
         since: Annotated[int, Query()] = -1, limit: Annotated[int, Query(ge=1, le=1000)] = 500
@@ -205,7 +215,7 @@ def build_api(backend: RayBackend) -> FastAPI:
     async def health() -> Response:
         started = time.monotonic()
         try:
-            statuses = await ask(ctl().status.remote())
+            statuses = await asyncio.wait_for(ask(ctl().status.remote()), HEALTH_WAIT)
         except Exception as error:  # the ingress is up; say what is not
             return error_response(
                 503, f"controller unreachable: {type(error).__name__}", "controller_unreachable"

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import socket
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -19,8 +22,55 @@ from proxifier.errors import ModelNotFound, ModelRetired, ProxifierError, Unavai
 from proxifier.lease_reuse import HeldLease, ModelLeases, releases
 
 CONFIG_TTL = 1.0  # seconds a replica trusts its copy of the config (reloads show up this fast)
+CONTROLLER_WAIT = 5.0  # seconds a config refresh waits for the controller before going on without
 ATTEMPTS = 3  # a retired or dead model actor is replaced this many times per request
 MAX_REUSE_AGE = 1.0  # seconds one lease may pass from request to request (lease_reuse)
+RENEWALS_PER_TTL = 6  # a replica renews its slots this often per lease_ttl (5 may be missed)
+
+
+class Owned:
+    """The slots one request holds. Whatever is left when the request ends goes back
+    (`LeaseGuard`), whichever way it ended; meanwhile the backend renews them with their model
+    actors, so a slot outlives its request by at most lease_ttl even if this bookkeeping
+    itself were lost (the actor reclaims what nobody renews)."""
+
+    def __init__(self) -> None:
+        self.leases: dict[str, tuple[Any, Callable[[], None]]] = {}
+        self.places: dict[str, Callable[[], None]] = {}  # request id -> leave the queue
+        self.closed = False
+
+    def add(self, lease_id: str, handle: Any, release: Callable[[], None]) -> None:
+        """The request got a slot; `release` gives it back (it calls `drop`). A slot that
+        arrives after the request ended goes straight back."""
+        self.leases[lease_id] = (handle, release)
+        if self.closed:
+            release()
+
+    def drop(self, lease_id: str) -> bool:
+        """The slot is being given back: True the first time, False after (no double release)."""
+        return self.leases.pop(lease_id, None) is not None
+
+    def queued(self, request_id: str, leave: Callable[[], None]) -> None:
+        """The request waits in a model's queue; `leave` takes it out (or gives back the slot
+        it was granted) if the request ends before its wait does."""
+        self.places[request_id] = leave
+        if self.closed:
+            self.left(request_id)()
+
+    def left(self, request_id: str) -> Callable[[], None]:
+        """The wait is over (a slot came, or an error): nothing to take out any more."""
+        return self.places.pop(request_id, _nothing)
+
+    def close(self) -> None:
+        self.closed = True
+        for request_id in list(self.places):
+            self.left(request_id)()
+        for _, release in list(self.leases.values()):
+            release()
+
+
+def _nothing() -> None:
+    return None
 
 
 class RayBackend:
@@ -35,6 +85,10 @@ class RayBackend:
         self._background: set[asyncio.Task[Any]] = set()
         self._held: dict[str, ModelLeases] = {}  # finished leases not yet given back
         self._timers: dict[str, asyncio.TimerHandle] = {}  # sends them when nobody takes them
+        # Who renews this replica's slots: model actors reclaim them when the renewals stop.
+        self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._owners: set[Owned] = set()
+        self._renewer: asyncio.Task[None] | None = None
 
     @property
     def controller(self) -> Any:
@@ -49,13 +103,26 @@ class RayBackend:
         return self._rate_limiter
 
     async def config(self) -> ModelsConfig:
+        """The config, refreshed every CONFIG_TTL s. While the controller is away (Ray restarts
+        it) the replica goes on with its last copy, so ready models keep answering."""
         if self._config is None or time.monotonic() - self._fetched > CONFIG_TTL:
             async with self._lock:
                 if self._config is None or time.monotonic() - self._fetched > CONFIG_TTL:
-                    self._config, self._auth = await asyncio.gather(
-                        self.call(self.controller.get_config.remote()),
-                        self.call(self.controller.get_auth.remote()),
-                    )
+                    try:
+                        self._config, self._auth = await asyncio.wait_for(
+                            asyncio.gather(
+                                self.call(self.controller.get_config.remote()),
+                                self.call(self.controller.get_auth.remote()),
+                            ),
+                            CONTROLLER_WAIT,
+                        )
+                    except (ray.exceptions.RayError, TimeoutError, ValueError) as error:
+                        self._controller = None  # look it up again next time
+                        if self._config is None:
+                            raise Unavailable(
+                                f"the controller is unreachable ({type(error).__name__})",
+                                retry_after=5,
+                            ) from None
                     self._fetched = time.monotonic()
         return self._config
 
@@ -74,10 +141,18 @@ class RayBackend:
         return model
 
     async def on_model(
-        self, model: str, deadline: float, call: Callable[[Any], Awaitable[Any]]
+        self,
+        model: str,
+        deadline: float,
+        call: Callable[[Any], Awaitable[Any]],
+        got_lease: Callable[[Any, dict[str, Any]], None] | None = None,
+        got_place: Callable[[Any], None] | None = None,
     ) -> tuple[Any, Any]:
         """Run `call(handle)` on the model's actor; when the actor is retiring or gone, ask the
-        controller for the current one and try again. Returns (handle, result)."""
+        controller for the current one and try again. Returns (handle, result).
+        `got_lease(handle, lease)` runs as soon as an answer with a lease arrives, even when
+        the caller was cancelled meanwhile (its client went away): the slot is never lost;
+        `got_place(handle)` likewise when the answer is a place in the queue."""
         last_error: Exception | None = None
         for _ in range(ATTEMPTS):
             handle = self._handles.get(model)
@@ -85,7 +160,9 @@ class RayBackend:
                 handle = await self.call(self.controller.get_model.remote(model, deadline))
                 self._handles[model] = handle
             try:
-                return handle, await self.call(call(handle))
+                if got_lease is None:
+                    return handle, await self.call(call(handle))
+                return handle, await self.leased(handle, call(handle), got_lease, got_place)
             except (ModelRetired, ray.exceptions.RayActorError) as error:
                 self.forget(model, handle)
                 last_error = error
@@ -93,6 +170,79 @@ class RayBackend:
             f"model '{model}' kept moving while the request was placed ({last_error}); try again",
             retry_after=1,
         )
+
+    async def leased(
+        self,
+        handle: Any,
+        ref: Any,
+        got_lease: Callable[[Any, dict[str, Any]], None],
+        got_place: Callable[[Any], None] | None = None,
+    ) -> Any:
+        """Await an actor call whose answer may carry a lease (`{"lease": ...}` or the lease
+        itself). The answer is taken in a task of its own: a caller cancelled while it travels
+        does not lose it, `got_lease` still receives it."""
+
+        def take(task: asyncio.Future[Any]) -> None:
+            if task.cancelled() or task.exception() is not None:
+                return
+            answer = task.result()
+            lease = answer.get("lease", answer) if isinstance(answer, dict) else None
+            if isinstance(lease, dict) and "lease_id" in lease:
+                got_lease(handle, lease)
+            elif got_place is not None and isinstance(answer, dict) and "queued" in answer:
+                got_place(handle)
+
+        task = asyncio.ensure_future(self.call(ref))
+        task.add_done_callback(take)
+        return await asyncio.shield(task)
+
+    # -------------------------------------------------------------- slots owned and renewed
+    def open_request(self) -> Owned:
+        owned = Owned()
+        self._owners.add(owned)
+        if self._renewer is None or self._renewer.done():
+            self._renewer = asyncio.get_running_loop().create_task(self._renew_forever())
+        return owned
+
+    def close_request(self, owned: Owned) -> None:
+        self._owners.discard(owned)
+        owned.close()
+
+    async def _renew_forever(self) -> None:
+        while True:
+            ttl = self._config.settings.lease_ttl if self._config is not None else 6.0
+            await asyncio.sleep(ttl / RENEWALS_PER_TTL)
+            with contextlib.suppress(Exception):
+                await self.renew_once()
+
+    async def renew_once(self) -> None:
+        """Tell each model actor which of its slots this replica still uses; forget held
+        slots an actor no longer counts as ours (voided by a restart, or reclaimed)."""
+        groups: dict[int, tuple[Any, list[str]]] = {}
+        for owned in list(self._owners):
+            for lease_id, (handle, _) in list(owned.leases.items()):
+                groups.setdefault(id(handle), (handle, []))[1].append(lease_id)
+        for held in self._held.values():
+            for entry in held.held:
+                groups.setdefault(id(entry.handle), (entry.handle, []))[1].append(
+                    entry.lease["lease_id"]
+                )
+        if not groups:
+            return
+        ttl = self._config.settings.lease_ttl if self._config is not None else 6.0
+        answers = await asyncio.gather(
+            *(
+                asyncio.wait_for(handle.renew.remote(self.holder, ids), ttl)
+                for handle, ids in groups.values()
+            ),
+            return_exceptions=True,
+        )
+        unknown = {
+            lease_id for answer in answers if isinstance(answer, list) for lease_id in answer
+        }
+        if unknown:
+            for held in self._held.values():
+                held.held = [h for h in held.held if h.lease["lease_id"] not in unknown]
 
     # -------------------------------------------------------------- leases held between requests
     def take_over(self, model: str) -> HeldLease | None:

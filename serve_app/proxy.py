@@ -13,14 +13,13 @@ import json
 import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-import ray
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from proxifier.auth import Caller, may_use_model
 from proxifier.errors import (
@@ -32,13 +31,34 @@ from proxifier.errors import (
     UpstreamTimeout,
 )
 from proxifier.lease_reuse import HeldLease
-from serve_app.backend import RayBackend
+from serve_app.backend import Owned, RayBackend
 from serve_app.http_errors import sse_error
 from serve_app.metrics import ReplicaMetrics
 from serve_app.security import caller_of
 
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 QUICK_ANSWER = 1.0  # seconds a queued stream waits before it commits to a 200 and keep-alives
+LEASES = "proxifier.leases"  # where LeaseGuard leaves a request's Owned in the ASGI scope
+
+
+class LeaseGuard:
+    """ASGI middleware: every request owns its slots through one `Owned`, and whatever it
+    still holds when the app returns (the answer sent, an error, the client gone at any
+    moment) goes back then, whichever path inside forgot it."""
+
+    def __init__(self, app: ASGIApp, backend: RayBackend) -> None:
+        self.app, self.backend = app, backend
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        owned = self.backend.open_request()
+        scope[LEASES] = owned
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.backend.close_request(owned)
 
 
 class StaleLease(Exception):
@@ -111,6 +131,7 @@ class Call:
     granted_at: float | None = None  # monotonic, when its lease was granted
     served: int = 0  # requests the lease served before this one
     streaming: bool = False  # its response body has started (OwnedStream)
+    owned: Owned = field(default_factory=Owned)  # the slots the request holds (LeaseGuard)
 
     def take_over(self, held: HeldLease) -> Call:
         self.handle, self.granted_at, self.served = held.handle, held.granted_at, held.served
@@ -140,16 +161,19 @@ class Proxy:
         settings, model_config = config.settings, config.models[model]
         timeout = model_config.queue_timeout or settings.queue.queue_timeout
         deadline = arrived_at + timeout
-        call = Call(model, path, raw, f"req_{uuid.uuid4().hex}", arrived)
+        owned = request.scope.get(LEASES)
+        assert isinstance(owned, Owned), "the app must run behind LeaseGuard"
+        call = Call(model, path, raw, f"req_{uuid.uuid4().hex}", arrived, owned=owned)
         stream = payload.get("stream") is True
         wants_async = "respond-async" in request.headers.get("prefer", "").lower()
         try:
             # A slot this replica holds from its last request: no actor call at all.
             held = self.backend.take_over(model)
             if held is not None:
+                self._own(call.take_over(held), held.handle, held.lease)
                 with contextlib.suppress(StaleLease):
-                    return await self.forward(call.take_over(held), held.lease, stream)
-                call = Call(model, path, raw, call.request_id, arrived)
+                    return await self.forward(call, held.lease, stream)
+                call = Call(model, path, raw, call.request_id, arrived, owned=owned)
             if wants_async or settings.queue.respond_async:
                 call.handle, answer = await self.backend.on_model(
                     model,
@@ -161,7 +185,9 @@ class Proxy:
                         deadline,
                         arrived_at,
                         self.backend.take_releases(model, h),
+                        holder=self.backend.holder,
                     ),
+                    lambda h, lease: self._own(call, h, lease),
                 )
                 if "queued" in answer:
                     self.backend.joined_queue(model)  # the actor runs it; we only take note
@@ -172,8 +198,14 @@ class Proxy:
                 model,
                 deadline,
                 lambda h: h.enqueue.remote(
-                    call.request_id, deadline, arrived_at, self.backend.take_releases(model, h)
+                    call.request_id,
+                    deadline,
+                    arrived_at,
+                    self.backend.take_releases(model, h),
+                    holder=self.backend.holder,
                 ),
+                lambda h, lease: self._own(call, h, lease),
+                lambda h: self._queued(call, h),
             )
             if "queued" not in answer:
                 return await self.forward(call, answer["lease"], stream)
@@ -197,15 +229,15 @@ class Proxy:
         try:
             done, _ = await asyncio.wait({waiting}, timeout=QUICK_ANSWER)
         except asyncio.CancelledError:
-            self._abandon(call, waiting, ref)
+            self._abandon(call, waiting)
             raise
         if done:
             return await self.forward(call, waiting.result(), stream=True)
 
         async def unstarted() -> None:
-            self._abandon(call, waiting, ref)
+            self._abandon(call, waiting)
 
-        body = self.queued_stream(call, queued, waiting, ref, keepalive)
+        body = self.queued_stream(call, queued, waiting, keepalive)
         return OwnedStream(body, call, unstarted)
 
     def accepted(self, model: str, queued: dict[str, Any]) -> JSONResponse:
@@ -225,32 +257,49 @@ class Proxy:
         try:
             return await waiting
         except asyncio.CancelledError:
-            self._abandon(call, waiting, ref)
+            self._abandon(call, waiting)
             raise
 
-    def _abandon(self, call: Call, waiting: asyncio.Future[Any], ref: Any) -> None:
+    def _abandon(self, call: Call, waiting: asyncio.Future[Any]) -> None:
         """The client went away while its request waited: give back its place in the queue,
         or the slot, when the lease had already come and nobody will use it."""
         if waiting.done() and not waiting.cancelled() and waiting.exception() is None:
             self._release(call, waiting.result(), count=False)
             return
-        waiting.cancel()
-        ray.cancel(ref)  # the actor gives the place back (or the slot, if just granted)
+        # The actor gives the place back, or the slot if it grants it first. A lease already
+        # on its way still reaches `waiting`, which hands it to the request's Owned: that one
+        # is closed (or closes with the request), so the slot goes straight back.
+        call.owned.left(call.request_id)()
 
     def waiting(self, call: Call, ref: Any) -> asyncio.Future[Any]:
         """The wait for a lease, during which this replica holds no slot of the model (it
         must not serve a newcomer ahead of the queue)."""
         self.backend.joined_queue(call.model)
-        future = asyncio.ensure_future(self.backend.call(ref))
+        future = asyncio.ensure_future(
+            self.backend.leased(call.handle, ref, lambda h, lease: self._own(call, h, lease))
+        )
         future.add_done_callback(lambda _: self.backend.left_queue(call.model))
+        future.add_done_callback(lambda _: call.owned.left(call.request_id))
         return future
+
+    def _queued(self, call: Call, handle: Any) -> None:
+        """The request waits in the queue: should it end before its wait does (its client
+        gone before or while it waits), its place, or the slot just granted to it, goes back."""
+        call.handle = handle
+        call.owned.queued(
+            call.request_id, lambda: self.backend.fire(handle.abandon.remote(call.request_id))
+        )
+
+    def _own(self, call: Call, handle: Any, lease: dict[str, Any]) -> None:
+        """The request got a slot: from now on it is the request's to give back."""
+        call.handle = handle
+        call.owned.add(lease["lease_id"], handle, lambda: self._release(call, lease, count=False))
 
     async def queued_stream(
         self,
         call: Call,
         queued: dict[str, Any],
         waiting: asyncio.Future[Any],
-        ref: Any,
         keepalive: float,
     ) -> AsyncGenerator[bytes, None]:
         """SSE comments while the request waits, then the tokens; an error after the stream
@@ -266,7 +315,7 @@ class Proxy:
                     where = await call.handle.queue_position.remote(call.request_id)
                     yield _comment(where["position"], where["model_state"])
         except (asyncio.CancelledError, GeneratorExit):
-            self._abandon(call, waiting, ref)
+            self._abandon(call, waiting)
             raise
         try:
             lease = waiting.result()
@@ -407,7 +456,10 @@ class Proxy:
     ) -> None:
         """The request is over: the backend holds the lease for the next request (when it
         ended cleanly) or gives it back (proxifier.lease_reuse). `count`: whether this
-        request counts as served on it (not when it never reached llama-server)."""
+        request counts as served on it (not when it never reached llama-server). Only the
+        first release of a lease counts; later ones (the guard's) do nothing."""
+        if not call.owned.drop(lease["lease_id"]):
+            return
         self.backend.finish(
             call.model,
             call.handle,

@@ -155,6 +155,34 @@ def test_a_lease_never_released_expires_after_max_lease_time(make_actor: MakeAct
     assert "leases_reclaimed" in events
 
 
+def test_a_slot_its_holder_stops_renewing_goes_to_the_next_waiter(make_actor: MakeActor) -> None:
+    actor = make_actor(parallel=1, settings={"lease_ttl": 1})
+    dead = ray.get(actor.acquire.remote("dead", holder="replica-dead"), timeout=30)
+    live = actor.acquire.remote("live", holder="replica-live")  # waits for the only slot
+    # Nobody renews the dead replica's slot: the waiter gets it within about lease_ttl.
+    lease = ray.get(live, timeout=30)
+    assert lease["request_id"] == "live"
+    reclaimed = [e for e in ray.get(actor.events_since.remote()) if e["kind"] == "leases_reclaimed"]
+    assert reclaimed and reclaimed[0]["holders"] == ["replica-dead"]
+    ray.get(actor.release.remote(dead["lease_id"]))  # a late release changes nothing
+    assert ray.get(actor.stats.remote())["in_flight"] == 1
+
+
+def test_a_renewed_slot_is_kept_past_lease_ttl(make_actor: MakeActor) -> None:
+    actor = make_actor(parallel=1, settings={"lease_ttl": 1})
+    lease = ray.get(actor.acquire.remote("stream", holder="replica-a"), timeout=30)
+    waiter = actor.acquire.remote("waiter", holder="replica-b")
+    renewed_until = time.monotonic() + 3  # three lease_ttl's, renewed as a replica does
+    while time.monotonic() < renewed_until:
+        assert ray.get(actor.renew.remote("replica-a", [lease["lease_id"]])) == []
+        time.sleep(0.2)
+    status = ray.get(actor.queue_status.remote())
+    assert [entry["request_id"] for entry in status["leases"]] == ["stream"]
+    assert status["depth"] == 1  # the waiter still waits: the slot was never taken away
+    ray.get(actor.release.remote(lease["lease_id"]))
+    assert ray.get(waiter, timeout=10)["request_id"] == "waiter"
+
+
 def test_idle_clock_runs_from_the_last_release(make_actor: MakeActor) -> None:
     actor = make_actor()
     lease = ray.get(actor.acquire.remote("long"), timeout=30)

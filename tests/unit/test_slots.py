@@ -147,6 +147,45 @@ def test_reap_reclaims_leases_whose_holder_vanished() -> None:
     assert lease is not None and queue.release(lease.lease_id, 62.0) == []
 
 
+def test_a_renewed_lease_lives_as_long_as_its_holder_renews_it() -> None:
+    queue = opened(slots=1)
+    _, lease = queue.request("stream", 0.0, FAR, holder="replica-a")
+    assert lease is not None and lease.holder == "replica-a"
+    for now in range(5, 3600, 5):  # a stream of an hour, renewed every 5 s
+        assert queue.renew("replica-a", [lease.lease_id], float(now)) == []
+        assert queue.reap(float(now) + 1, max_lease_time=60.0, lease_ttl=6.0) == ([], [])
+    assert lease.lease_id in queue.leases
+
+
+def test_a_lease_nobody_renews_goes_back_after_lease_ttl_to_the_next_waiter() -> None:
+    queue = opened(slots=1)
+    _, lost = queue.request("lost", 0.0, FAR, holder="replica-a")
+    queue.request("next", 1.0, FAR, holder="replica-b")
+    assert queue.reap(now=5.9, max_lease_time=3600.0, lease_ttl=6.0) == ([], [])
+    reclaimed, granted = queue.reap(now=6.1, max_lease_time=3600.0, lease_ttl=6.0)
+    assert [r.request_id for r in reclaimed] == ["lost"]
+    assert [(g.request_id, g.holder) for g in granted] == [("next", "replica-b")]
+    assert lost is not None and queue.release(lost.lease_id, 7.0) == []  # late release: no-op
+
+
+def test_renewal_counts_only_the_holders_own_leases_and_names_the_unknown() -> None:
+    queue = opened(slots=2)
+    _, mine = queue.request("mine", 0.0, FAR, holder="a")
+    _, theirs = queue.request("theirs", 0.0, FAR, holder="b")
+    assert mine is not None and theirs is not None
+    unknown = queue.renew("a", [mine.lease_id, theirs.lease_id, "gone"], 5.0)
+    assert unknown == [theirs.lease_id, "gone"]
+    reclaimed, _ = queue.reap(now=7.0, max_lease_time=3600.0, lease_ttl=6.0)
+    assert [r.request_id for r in reclaimed] == ["theirs"]  # a's renewal did not keep b's
+
+
+def test_leases_without_a_holder_only_expire_after_max_lease_time() -> None:
+    queue = opened(slots=1)
+    queue.request("job", 0.0, FAR)  # the model actor's own (a respond-async job)
+    assert queue.reap(now=100.0, max_lease_time=3600.0, lease_ttl=6.0) == ([], [])
+    assert [r.request_id for r in queue.reap(3601.0, 3600.0, 6.0)[0]] == ["job"]
+
+
 def test_idle_clock_runs_from_the_last_release_never_while_busy() -> None:
     queue = SlotQueue(1, 5)
     assert queue.idle_for(100.0) == 0.0  # closed
