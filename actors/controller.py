@@ -16,19 +16,22 @@ import json
 import os
 import shutil
 import time
+import uuid
 from collections import deque
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import ray
 import yaml
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.model_actor import (
     NAMESPACE,
-    actor_name,
     cluster_singleton_options,
     create_model_actor,
+    model_of,
 )
 from proxifier.backups import backups_to_prune, new_backup_id, valid_backup_id
 from proxifier.config import (
@@ -52,49 +55,88 @@ from proxifier.errors import (
     ProxifierError,
     QueueTimeout,
     Refused,
+    Unavailable,
 )
 from proxifier.metrics import LOAD_BUCKETS, Histogram
-from proxifier.placement import (
-    NodeView,
-    actor_options,
-    cpu_fallback_warning,
-    demand,
-    unplaceable_message,
-)
+from proxifier.placement import NodeView, actor_options, cpu_fallback_warning, demand
 from proxifier.planning import (
     RunningModel,
-    at_capacity,
-    eviction_candidates,
     group_members,
     group_stop_plan,
     idle_stops,
     reload_plan,
     startup_order,
 )
+from proxifier.scheduler import Evict, Fail, Limits, Node, Place, Resident, Wait, Want, decide
 
 CONTROLLER_NAME = "proxifier:controller"
 AUTH_POLL_INTERVAL = 1.0  # seconds between looks at auth.yaml's modification time
-MODEL_PREFIX = actor_name("")
+RECONCILE_TICK = 1.0  # seconds between passes while a model waits (nothing else woke one)
+STATS_WAIT = 2.0  # seconds a pass waits for a model's facts before it counts it as starting
+
+
+@dataclass
+class Wanted:
+    """A model that must run: the requests (or admin calls) waiting for its actor."""
+
+    future: asyncio.Future[Any]
+    since: float  # its oldest waiting request: demand order among equal priorities
+    waiters: int = 0
+    keep: bool = False  # stays wanted with nobody waiting (boot, admin start, preload)
+    reason: str = "waiting for the scheduler's next pass"
+
+
+def _observed(future: asyncio.Future[Any]) -> None:
+    """A want that failed while nobody waited: its exception is not an unhandled error."""
+    if not future.cancelled():
+        future.exception()
+
+
+def _node_facts(views: list[NodeView], residents: list[Resident]) -> list[Node]:
+    """Nodes for the scheduler. A node's free amounts are the smaller of what Ray reports and
+    its totals less what our models there hold: an actor just created may not show in Ray's
+    numbers yet, and counting it placed is what keeps concurrent starts from overrunning."""
+    held: dict[str, dict[str, float]] = {}
+    for resident in residents:
+        on_node = held.setdefault(resident.node_id, {})
+        for key, amount in resident.holds.items():
+            on_node[key] = on_node.get(key, 0.0) + amount
+    nodes = []
+    for view in views:
+        ours = held.get(view.node_id, {})
+        free = {
+            key: min(view.available.get(key, 0.0), total - ours.get(key, 0.0))
+            for key, total in view.total.items()
+        }
+        nodes.append(Node(view.node_id, view.address, view.total, free, view.labels, view.alive))
+    return nodes
 
 
 class Controller:
     """Ray actor (created by `create_controller`); every public method is a remote call."""
 
-    def __init__(self, models_path: str, auth_path: str | None = None) -> None:
+    async def __init__(self, models_path: str, auth_path: str | None = None) -> None:
+        # async: Ray runs it on the actor's event loop, so the loops start here, also when
+        # Ray restarts a controller that died (DESIGN §11).
         self.models_path = Path(models_path).resolve()
         self.explicit_auth_path = Path(auth_path).resolve() if auth_path else None
-        # A config that does not load fails the actor's creation: `proxifier serve` validates
-        # first, and a reload never replaces a good config with a bad one.
-        self.config = load_models_config(self.models_path)
-        self.auth = self._load_auth(self.config)
+        self.events: deque[dict[str, Any]] = deque(maxlen=1000)
+        self._seq = 0
+        # A restarted controller goes on with the configuration it last accepted, not with
+        # whatever is on disk now (an edit not reloaded yet, or a bad file). A first start
+        # reads the files; one that does not load fails the actor's creation (`proxifier serve`
+        # validates first).
+        self.config, self.auth = self._accepted_or_files()
         self.auth_version = 0
         self.handles: dict[str, Any] = {}
         self.options: dict[str, dict[str, Any]] = {}
         self.placement_failures: dict[str, tuple[float, str]] = {}
-        self.events: deque[dict[str, Any]] = deque(maxlen=1000)
-        self._seq = 0
-        self._placing: dict[str, asyncio.Task[Any]] = {}
-        self._capacity_freed = asyncio.Event()
+        self.wants: dict[str, Wanted] = {}  # models that must run and have no actor yet
+        self.retiring: dict[str, Any] = {}  # instances out of the registry, still stopping
+        self.nodes_of: dict[str, str] = {}  # model -> node id it was placed on
+        self.decisions: dict[str, dict[str, Any]] = {}  # the scheduler's last word per model
+        self._wake = asyncio.Event()
+        self._reconciler: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._upkeep: asyncio.Task[None] | None = None
         self._orphans: list[tuple[str, Any]] = []
@@ -107,6 +149,44 @@ class Controller:
         self.load_seconds: dict[str, Histogram] = {}
         self.evictions: dict[str, int] = {}
         self._adopt()
+        self._ensure_upkeep()
+        self._ensure_reconciler()
+
+    # ------------------------------------------------------------------ the accepted config
+    def _accepted_or_files(self) -> tuple[ModelsConfig, AuthConfig]:
+        restarted = ray.is_initialized() and (
+            ray.get_runtime_context().was_current_actor_reconstructed
+        )
+        stored = accepted_texts(self.models_path) if restarted else None
+        if stored is None:
+            config = load_models_config(self.models_path)
+            auth = self._load_auth(config)
+            self._accept(config, auth)
+            return config, auth
+        config = validate_models(
+            parse_yaml_text(stored["models"], str(self.models_path)),
+            file=str(self.models_path),
+            base_dir=self.models_path.parent,
+        )
+        try:
+            auth = self._load_auth(config)  # auth.yaml applies as it changes on disk
+        except ConfigError as error:
+            if stored.get("auth") is None:
+                raise
+            auth = validate_auth(parse_yaml_text(stored["auth"], "auth"), file="accepted auth")
+            self._event("config_rejected", file="auth.yaml", errors=[str(i) for i in error.issues])
+        self._event("config_restored_after_restart", models_path=str(self.models_path))
+        return config, auth
+
+    def _accept(self, config: ModelsConfig, auth: AuthConfig) -> None:
+        """Remember the files just applied (their text as read now) for a restarted controller."""
+        auth_path = self._auth_path(config)
+        texts = {
+            "models": self.models_path.read_text(),
+            "auth": auth_path.read_text() if auth_path and auth_path.exists() else None,
+        }
+        with contextlib.suppress(Exception):  # no store (no Ray): a restart reads the files
+            store_accepted(self.models_path, texts)
 
     # ------------------------------------------------------------------ boot and adoption
     def _adopt(self) -> None:
@@ -114,12 +194,12 @@ class Controller:
         # The namespace of a detached actor is its creator's, not the one its name lives in.
         for entry in ray.util.list_named_actors(all_namespaces=True):
             name = entry["name"]
-            if entry["namespace"] != NAMESPACE or not name.startswith(MODEL_PREFIX):
+            model = model_of(name)
+            if entry["namespace"] != NAMESPACE or model is None:
                 continue
-            model = name[len(MODEL_PREFIX) :]
             with contextlib.suppress(ValueError):
                 handle = ray.get_actor(name, namespace=NAMESPACE)
-                if model in self.config.models:
+                if model in self.config.models and model not in self.handles:
                     self.handles[model] = handle
                     self.options[model] = actor_options(
                         self.config.models[model], self._cluster_gpus()
@@ -132,22 +212,14 @@ class Controller:
         """Start auto_start and preload models, highest priority first, each placed before the
         next is created; their loads overlap. Safe to call again (running models are kept)."""
         self._ensure_upkeep()
-        results = []
-        for name in startup_order(self.config.models):
-            try:
-                handle = await self._ensure_actor(name, self.config.models[name].priority)
-                self._fire(handle.start.remote())
-                results.append({"model": name, "placed": True})
-            except ProxifierError as error:
-                results.append({"model": name, "placed": False, "error": error.message})
-        return results
+        return await self._start_in_order(startup_order(self.config.models))
 
     # ------------------------------------------------------------------ models
     async def get_model(self, name: str, deadline: float | None = None) -> Any:
         """The actor handle for a model name or alias, placing (and so starting) it if needed."""
         self._ensure_upkeep()
         model = self._resolve(name)
-        return await self._ensure_actor(model, self.config.models[model].priority, deadline)
+        return await self._ensure_actor(model, deadline)
 
     def resolve(self, name: str) -> str:
         return self._resolve(name)
@@ -155,7 +227,9 @@ class Controller:
     async def start_model(self, name: str) -> dict[str, Any]:
         """An admin start: place the model, start it (skipping a failure cooldown), wait."""
         model = self._resolve(name)
-        handle = await self._ensure_actor(model, self.config.models[model].priority)
+        deadline = time.time() + self.config.settings.placement_timeout
+        self.placement_failures.pop(model, None)  # an admin start skips a failure's cooldown
+        handle = await self._ensure_actor(model, deadline)
         return await _call(handle.start.remote(force=True))
 
     async def stop_model(self, name: str, force: bool = False) -> dict[str, Any]:
@@ -254,6 +328,7 @@ class Controller:
             self.auth = auth
             self.auth_version += 1
             result["auth_reloaded"] = True
+        self._accept(new, auth)
         return result
 
     async def reload_model(self, name: str) -> dict[str, Any]:
@@ -394,13 +469,15 @@ class Controller:
         """An async request's state, wherever it is: kept here, or with a running model."""
         if request_id in self.results:
             return self.results[request_id]
-        names = list(self.handles)
+        actors = [*self.handles.items(), *self.retiring.items()]
         answers = await asyncio.gather(
-            *(self.handles[n].result.remote(request_id) for n in names), return_exceptions=True
+            *(handle.result.remote(request_id) for _, handle in actors), return_exceptions=True
         )
-        for name, answer in zip(names, answers, strict=True):
+        for (name, _), answer in zip(actors, answers, strict=True):
             if isinstance(answer, dict) and answer["status"] != "unknown":
                 return {**answer, "model": name}
+        if request_id in self.results:  # taken from an actor that stopped meanwhile
+            return self.results[request_id]
         return {"status": "unknown", "request_id": request_id}
 
     async def models_list(self) -> list[dict[str, Any]]:
@@ -436,6 +513,8 @@ class Controller:
         if event.get("kind") == "ready" and "load_seconds" in event:
             histogram = self.load_seconds.setdefault(event["model"], Histogram(LOAD_BUCKETS))
             histogram.observe(event["load_seconds"])
+        if event.get("kind") == "failed" and event.get("model") in self.handles:
+            self._keep(asyncio.create_task(self._drop_failed(event["model"])))
         self._event(event.get("kind", "event"), **{k: v for k, v in event.items() if k != "kind"})
 
     def events_since(self, seq: int = -1, limit: int = 500) -> list[dict[str, Any]]:
@@ -463,9 +542,22 @@ class Controller:
 
     async def shutdown(self) -> None:
         """Stop every model and kill its actor (what `proxifier serve` does on Ctrl-C)."""
-        if self._upkeep is not None:
-            self._upkeep.cancel()
-        await asyncio.gather(*(self._stop(n, "shutdown") for n in list(self.handles)))
+        for task in (self._upkeep, self._reconciler):
+            if task is not None:
+                task.cancel()
+        for entry in self.wants.values():
+            if not entry.future.done():
+                entry.future.set_exception(Unavailable("the server is shutting down"))
+        self.wants.clear()
+        await asyncio.gather(
+            *(self._stop(n, "shutdown") for n in list(self.handles)),
+            *(self._stop_retiring(n, h) for n, h in list(self.retiring.items())),
+        )
+
+    async def _stop_retiring(self, name: str, handle: Any) -> None:
+        with contextlib.suppress(ray.exceptions.RayActorError):
+            await handle.stop.remote("shutdown")
+        self._forget(name, handle)
 
     def ping(self) -> str:
         return "pong"
@@ -475,110 +567,295 @@ class Controller:
         return os.getpid()
 
     # ------------------------------------------------------------------ placement
-    async def _ensure_actor(self, name: str, priority: int, deadline: float | None = None) -> Any:
+    async def _ensure_actor(self, name: str, deadline: float | None = None) -> Any:
+        """The model's actor, once the scheduler has placed it. Until `deadline` (wall clock)
+        the caller waits while the model waits for room; then it is told what the model waits
+        for. A model no node could ever hold fails at once (and for `cooldown` after)."""
         handle = self.handles.get(name)
         if handle is not None:
             return handle
         failure = self.placement_failures.get(name)
         if failure is not None and time.time() - failure[0] < self.config.settings.cooldown:
             raise ModelFailed(failure[1], retry_after=self.config.settings.cooldown)
-        task = self._placing.get(name)
-        if task is None or task.done():
-            task = asyncio.create_task(self._place(name, priority, deadline))
-            self._placing[name] = task
-        return await asyncio.shield(task)
+        wanted = self._want(name)
+        wanted.waiters += 1
+        try:
+            remaining = None if deadline is None else max(0.0, deadline - time.time())
+            return await asyncio.wait_for(asyncio.shield(wanted.future), remaining)
+        except TimeoutError:
+            raise QueueTimeout(
+                f"model '{name}' could not be placed in time: {wanted.reason}",
+                retry_after=self.config.settings.queue.queue_timeout,
+            ) from None
+        finally:
+            wanted.waiters -= 1
+            if wanted.waiters == 0 and not wanted.keep and self.wants.get(name) is wanted:
+                del self.wants[name]  # nobody waits for it any more
 
-    async def _place(self, name: str, priority: int, deadline: float | None) -> Any:
-        settings = self.config.settings
-        model = self.config.models[name]
-        await self._wait_for_capacity(name, priority, deadline)
+    def _want(self, name: str, keep: bool = False) -> Wanted:
+        """Ask the scheduler to place `name` (it must run); `keep`: until placed or failed,
+        even with no request waiting (boot, admin starts, preload)."""
+        wanted = self.wants.get(name)
+        if wanted is None or wanted.future.done():
+            wanted = Wanted(asyncio.get_running_loop().create_future(), time.time())
+            wanted.future.add_done_callback(_observed)
+            self.wants[name] = wanted
+        wanted.keep = wanted.keep or keep
+        self._ensure_reconciler()
+        self._wake.set()
+        return wanted
+
+    async def _await_placed(self, names: list[str]) -> list[dict[str, Any]]:
+        """Ask for every one of `names` at once (the scheduler orders them by priority) and
+        report, within placement_timeout, which were placed and why the others were not."""
+        wanted = {name: self._want(name, keep=True) for name in names}
+        timeout = self.config.settings.placement_timeout
+        pending = [w.future for w in wanted.values() if not w.future.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=timeout)  # waits; never cancels them
+        results = []
+        for name, entry in wanted.items():
+            if name in self.handles:
+                results.append({"model": name, "placed": True})
+            elif entry.future.done() and entry.future.exception() is not None:
+                error = entry.future.exception()
+                message = error.message if isinstance(error, ProxifierError) else str(error)
+                results.append({"model": name, "placed": False, "error": message})
+            else:
+                results.append({"model": name, "placed": False, "error": entry.reason})
+        return results
+
+    def _ensure_reconciler(self) -> None:
+        if self._reconciler is None or self._reconciler.done():
+            self._reconciler = asyncio.create_task(self._reconcile_forever())
+
+    async def _reconcile_forever(self) -> None:
+        """One pass at a time: on every change (a model wanted, stopped, evicted, lost; a
+        reload) and every second while something waits (nodes join, models go idle)."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), RECONCILE_TICK)
+            self._wake.clear()
+            if not self.wants:
+                continue
+            try:
+                await self._reconcile_once()
+            except Exception as error:  # a bad pass must not end the loop
+                self._event("scheduler_error", error=repr(error))
+
+    async def _reconcile_once(self) -> None:
+        for name in [n for n in self.wants if n not in self.config.models]:
+            self.wants.pop(name).future.set_exception(ModelNotFound(self._not_found_message(name)))
+        for name in [n for n in self.wants if n in self.handles]:
+            self.wants.pop(name).future.set_result(self.handles[name])
+        cooling = self._cooling_down()
+        for name in cooling & set(self.wants):
+            self.wants[name].reason = (
+                "cooling down after a failure: " + self.placement_failures[name][1]
+            )
+        if not set(self.wants) - cooling:
+            return
         gpus = self._cluster_gpus()
+        residents = await self._residents()
+        nodes = _node_facts(_nodes(), residents)
+        wants = []
+        for name, entry in self.wants.items():
+            if name in cooling:
+                continue
+            model = self.config.models[name]
+            options = actor_options(model, gpus)
+            wants.append(
+                Want(name, demand(options), dict(model.labels), model.priority, entry.since)
+            )
+        settings = self.config.settings
+        limits = Limits(settings.max_running_models, settings.min_residency)
+        actions = decide(nodes, residents, wants, limits, time.time())
+        blocked: set[str] = set()  # an eviction was refused: its model waits for the next pass
+        placed: list[Any] = []
+        for action in actions:
+            if isinstance(action, Evict):
+                if action.for_model in blocked:
+                    continue
+                self._explain(
+                    action.for_model,
+                    "evicting",
+                    f"stopping '{action.victim}' ({action.reason}) to make room",
+                )
+                if not await self._evict(action.victim, action.for_model, action.reason):
+                    blocked.add(action.for_model)
+            elif isinstance(action, Place):
+                if action.model not in blocked and action.model in self.wants:
+                    placed.append(self._create(action.model, action.node_id, gpus))
+            elif isinstance(action, Wait):
+                if action.model in self.wants:
+                    self.wants[action.model].reason = action.reason
+                    self._explain(action.model, "waiting", action.reason)
+            elif isinstance(action, Fail):
+                entry = self.wants.pop(action.model, None)
+                self.placement_failures[action.model] = (time.time(), action.reason)
+                self._explain(action.model, "failed", action.reason)
+                self._event("failed", model=action.model, reason=action.reason)
+                if entry is not None:
+                    entry.future.set_exception(
+                        ModelFailed(action.reason, retry_after=self.config.settings.cooldown)
+                    )
+
+        if placed:
+            self._keep(asyncio.create_task(self._start_in_turn(placed)))
+
+    async def _start_in_turn(self, handles: list[Any]) -> None:
+        """Start llama-server on each actor placed in one pass, in the pass's order (priority):
+        each once the one before it exists, so higher priorities start first; loads overlap."""
+        for handle in handles:
+            with contextlib.suppress(ray.exceptions.RayError):
+                await handle.launch.remote()
+
+    def _create(self, name: str, node_id: str, gpus: float) -> Any:
+        """Create the model's actor pinned to the node the scheduler chose (Ray never second-
+        guesses it), register it, start llama-server, and hand it to everyone waiting."""
+        model = self.config.models[name]
         warning = cpu_fallback_warning(name, model, gpus)
         if warning:
             self._event("warning", model=name, message=warning)
         options = actor_options(model, gpus)
+        pinned = {k: v for k, v in options.items() if k != "label_selector"}
         handle = create_model_actor(
             name,
             model,
-            settings,
+            self.config.settings,
             self.config.base_dir,
             events_to=CONTROLLER_NAME,
+            generation=uuid.uuid4().hex[:8],
             lifetime="detached",
-            **options,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+            **pinned,
         )
-        placed = await _placed(handle, settings.placement_timeout)
-        tried: set[str] = set()
-        while not placed:
-            candidates = [
-                c
-                for c in eviction_candidates(await self._running(), priority, demand(options))
-                if c not in tried
-            ]
-            if not candidates:
-                break
-            tried.add(candidates[0])
-            if await self._evict(candidates[0], name, "priority"):
-                placed = await _placed(handle, settings.placement_timeout)
-        if not placed:
-            ray.kill(handle)
-            message = unplaceable_message(name, options, _nodes())
-            self.placement_failures[name] = (time.time(), message)
-            self._event("failed", model=name, reason=message)
-            raise ModelFailed(message, retry_after=settings.cooldown)
-        self.placement_failures.pop(name, None)
         self.handles[name] = handle
         self.options[name] = options
-        self._event("placed", model=name, options=options)
+        self.nodes_of[name] = node_id
+        self.placement_failures.pop(name, None)
+        self._event("placed", model=name, node_id=node_id, options=options)
+        self._explain(name, "placed", f"placed on node {node_id}")
+        entry = self.wants.pop(name, None)
+        if entry is not None:
+            entry.future.set_result(handle)
         return handle
 
-    async def _wait_for_capacity(self, name: str, priority: int, deadline: float | None) -> None:
-        """max_running_models: evict by the same rule, else wait for a model to stop."""
-        limit = self.config.settings.max_running_models
-        if limit <= 0:
+    async def _drop_failed(self, name: str) -> None:
+        """A failed model holds nothing (DESIGN §3): its reason and cooldown stay here, its
+        actor (and the GPU it reserved) goes. The next request after the cooldown, or an
+        admin start, places it afresh."""
+        handle = self.handles.get(name)
+        if handle is None:
             return
-        deadline = deadline or time.time() + self.config.settings.queue.queue_timeout
-        tried: set[str] = set()
-        while True:
-            running = await self._running()
-            if not at_capacity(running, limit):
-                return
-            candidates = [c for c in eviction_candidates(running, priority) if c not in tried]
-            if candidates:
-                tried.add(candidates[0])
-                await self._evict(candidates[0], name, "capacity")
-                continue
-            remaining = deadline - time.time()
-            if remaining <= 0:
-                raise QueueTimeout(
-                    f"model '{name}' waited for a free place: {limit} models are running "
-                    "(max_running_models) and none can be stopped for it",
-                    retry_after=self.config.settings.queue.queue_timeout,
+        try:
+            stats = await handle.stats.remote()
+        except ray.exceptions.RayActorError:
+            return  # gone already: _replace_lost deals with it
+        if stats["state"] != "failed" or self.handles.get(name) is not handle:
+            return
+        reason = f"model '{name}' failed: {stats['last_error']}"
+        self.placement_failures[name] = (time.time(), reason)
+        self._explain(name, "failed", reason)
+        self._unregister(name, handle)
+        await self._dispose(name, handle)
+
+    async def _residents(self) -> list[Resident]:
+        """Facts about every model whose actor exists. One that does not answer in time (its
+        actor is still being created) counts as starting: it holds its place, is never a victim."""
+        names = list(self.handles)
+        stats = await asyncio.gather(
+            *(asyncio.wait_for(self.handles[n].stats.remote(), STATS_WAIT) for n in names),
+            return_exceptions=True,
+        )
+        now = time.time()
+        residents = []
+        for name, stat in zip(names, stats, strict=True):
+            model = self.config.models.get(name)
+            holds = demand(self.options.get(name, {}))
+            priority, preload = (model.priority, model.preload) if model else (10, True)
+            if isinstance(stat, BaseException):
+                node = self.nodes_of.get(name, "")
+                residents.append(
+                    Resident(name, node, holds, priority, preload, "starting", 0, 0, now, None)
                 )
-            self._capacity_freed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._capacity_freed.wait(), timeout=min(remaining, 1.0))
-            tried.clear()
+                continue
+            node = self.nodes_of.get(name) or stat.get("node_id") or ""
+            residents.append(
+                Resident(
+                    name=name,
+                    node_id=node,
+                    holds=holds,
+                    priority=priority,
+                    preload=preload,
+                    state=stat["state"],
+                    in_flight=stat["in_flight"],
+                    queued=stat["queue_depth"],
+                    last_used=stat["last_used"] or stat["ready_at"] or stat["started_at"] or 0.0,
+                    ready_since=stat["ready_at"],
+                )
+            )
+        return residents
+
+    def _cooling_down(self) -> set[str]:
+        cooldown = self.config.settings.cooldown
+        now = time.time()
+        return {n for n, (at, _) in self.placement_failures.items() if now - at < cooldown}
+
+    def _explain(self, model: str, decision: str, reason: str) -> None:
+        self.decisions[model] = {
+            "model": model,
+            "decision": decision,
+            "reason": reason,
+            "time": time.time(),
+        }
+
+    async def explain(self, name: str) -> dict[str, Any]:
+        """The scheduler's last decision about a model and why (placed where, waiting for
+        what, failed because), with where it runs now."""
+        model = self._resolve(name)
+        status = await self._status_of(model)
+        last = self.decisions.get(model)
+        return {
+            "model": model,
+            "state": status["state"],
+            "node_id": status.get("node_id") or self.nodes_of.get(model),
+            "waiting": model in self.wants,
+            "last_decision": last,
+        }
 
     async def _evict(self, victim: str, for_model: str, reason: str) -> bool:
         """Ask the victim to stop (it refuses when busy); on yes, free its resources."""
         handle = self.handles.get(victim)
         if handle is None:
             return False
-        try:
-            answer = await handle.request_stop.remote(f"evicted for '{for_model}'")
-        except ray.exceptions.RayActorError:
-            answer = {"accepted": True}
-        if not answer["accepted"]:
+        if not await self._stop_if_idle(victim, handle, f"evicted for '{for_model}'"):
             return False
-        await self._dispose(victim, handle)
         self.evictions[reason] = self.evictions.get(reason, 0) + 1
         self._event("evicted", model=victim, for_model=for_model, reason=reason)
+        return True
+
+    async def _stop_if_idle(self, name: str, handle: Any, reason: str) -> bool:
+        """The stop handshake (DESIGN §4): the actor refuses while busy; once it accepts, it
+        leaves the registry before anything else happens, so a request that races the stop
+        waits for a fresh instance instead of reaching this one."""
+        try:
+            answer = await handle.retire.remote(reason)
+        except ray.exceptions.RayActorError:
+            answer = {"accepted": True}
+        if not answer["accepted"] or self.handles.get(name) is not handle:
+            return False
+        self._unregister(name, handle)
+        with contextlib.suppress(ray.exceptions.RayActorError):
+            await handle.stop.remote(reason)
+        await self._dispose(name, handle)
         return True
 
     async def _stop(self, name: str, reason: str) -> None:
         handle = self.handles.get(name)
         if handle is None:
             return
+        self._unregister(name, handle)
         with contextlib.suppress(ray.exceptions.RayActorError):
             await handle.stop.remote(reason)
         await self._dispose(name, handle)
@@ -597,11 +874,20 @@ class Controller:
         self._forget(name, handle)
 
     def _forget(self, name: str, handle: Any) -> None:
+        self._unregister(name, handle)
+        if self.retiring.get(name) is handle:
+            del self.retiring[name]
+        ray.kill(handle)
+        self._wake.set()  # its resources are free: waiting models may fit now
+
+    def _unregister(self, name: str, handle: Any) -> None:
+        """Out of the registry: no new request reaches this instance (it may still be
+        stopping or draining, shown as "stopping" until its actor is gone)."""
         if self.handles.get(name) is handle:
             del self.handles[name]
             self.options.pop(name, None)
-        ray.kill(handle)
-        self._capacity_freed.set()
+            self.nodes_of.pop(name, None)
+            self.retiring[name] = handle
 
     async def _running(self) -> list[RunningModel]:
         """Facts for the planners about every model whose actor exists."""
@@ -638,8 +924,8 @@ class Controller:
         for name in plan.register:
             self.registered_at.setdefault(name, int(time.time()))
         for name in plan.drain + plan.recreate:
-            handle = self.handles.pop(name)
-            self.options.pop(name, None)
+            handle = self.handles[name]
+            self._unregister(name, handle)  # requests from now on wait for the new instance
             self._keep(asyncio.create_task(self._retire(name, handle)))
         reloads = [
             self.handles[name].reload.remote(new.models[name], new.settings)
@@ -657,14 +943,12 @@ class Controller:
         return {"changes": diff.summary(), "started": started}
 
     async def _start_in_order(self, names: list[str]) -> list[dict[str, Any]]:
-        results = []
+        """Place every model (the scheduler goes by priority) and start each placed one."""
         for name in names:
-            try:
-                handle = await self._ensure_actor(name, self.config.models[name].priority)
-                self._fire(handle.start.remote(force=True))
-                results.append({"model": name, "placed": True})
-            except ProxifierError as error:
-                results.append({"model": name, "placed": False, "error": error.message})
+            self.placement_failures.pop(name, None)  # an explicit start skips a cooldown
+        results = await self._await_placed(names)
+        handles = [self.handles[r["model"]] for r in results if r["model"] in self.handles]
+        self._keep(asyncio.create_task(self._start_in_turn(handles)))
         return results
 
     # ------------------------------------------------------------------ upkeep
@@ -697,6 +981,7 @@ class Controller:
             if auth != self.auth:
                 self.auth, self.auth_version = auth, self.auth_version + 1
                 self._event("auth_reloaded", keys=len(auth.api_keys), enabled=auth.enabled)
+                self._accept(self.config, auth)
 
     async def _upkeep_loop(self) -> None:
         """Every cleanup_interval: stop idle models; bring preloaded ones back."""
@@ -713,9 +998,7 @@ class Controller:
             if handle is None:
                 continue
             idle = next(r.idle_for for r in running if r.name == name)
-            answer = await handle.request_stop.remote(f"idle for {idle:.0f}s")
-            if answer["accepted"]:
-                await self._dispose(name, handle)
+            if await self._stop_if_idle(name, handle, f"idle for {idle:.0f}s"):
                 self.evictions["idle"] = self.evictions.get("idle", 0) + 1
         ttl = self.config.settings.result_ttl
         for request_id, result in list(self.results.items()):
@@ -724,10 +1007,10 @@ class Controller:
         by_name = {r.name: r for r in running}
         for name in self._preloaded():
             state = by_name[name].state if name in by_name else "stopped"
-            if state in ("stopped", "failed"):
-                with contextlib.suppress(ProxifierError, ray.exceptions.RayActorError):
-                    handle = await self._ensure_actor(name, self.config.models[name].priority)
-                    await handle.start.remote()
+            if name not in self.handles:
+                self._want(name, keep=True)  # placed (and started) by the next pass
+            elif state in ("stopped", "failed"):
+                self._fire(self.handles[name].start.remote())
 
     async def _replace_lost(self) -> None:
         """Model actors that died with their node: forget them, and place the ones that should
@@ -744,9 +1027,7 @@ class Controller:
             self._event("lost", model=name, reason=f"its actor died: {answer}")
             model = self.config.models.get(name)
             if model is not None and (model.preload or model.auto_start):
-                with contextlib.suppress(ProxifierError):
-                    handle = await self._ensure_actor(name, model.priority)
-                    self._fire(handle.start.remote())
+                self._want(name, keep=True)  # placed again where it fits, or failed with why
 
     # ------------------------------------------------------------------ helpers
     async def _status_of(self, name: str) -> dict[str, Any]:
@@ -768,6 +1049,10 @@ class Controller:
                 entry.update(state="failed", last_error=f"model actor died: {error}")
         elif name in self.placement_failures:
             entry.update(state="failed", last_error=self.placement_failures[name][1])
+        elif name in self.retiring:
+            entry.update(state="stopping")  # out of the registry; its actor still stops
+        if name in self.wants:
+            entry["waiting_for"] = self.wants[name].reason  # not placed yet: why
         return entry
 
     def _resolve(self, name: str) -> str:
@@ -830,17 +1115,6 @@ async def _call(ref: Any) -> Any:
         raise
 
 
-async def _placed(handle: Any, timeout: float) -> bool:
-    """Whether Ray placed (and started) the actor within `timeout` seconds."""
-    try:
-        await asyncio.wait_for(handle.ping.remote(), timeout=timeout)
-        return True
-    except TimeoutError:
-        return False
-    except ray.exceptions.RayActorError as error:
-        raise ModelFailed(f"the model's actor could not be created: {error}") from None
-
-
 def _nodes() -> list[NodeView]:
     try:
         from ray._private.state import state  # no public per-node view without the dashboard
@@ -900,6 +1174,26 @@ def _write_atomically(path: Path, text: str) -> None:
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     temporary.write_text(text)
     os.replace(temporary, path)
+
+
+ACCEPTED_KEY = "proxifier:accepted:"
+
+
+def accepted_texts(models_path: Path) -> dict[str, Any] | None:
+    """The config files' text the controller for `models_path` last applied, kept in Ray's
+    key-value store (it lives as long as the cluster), or None."""
+    from ray.experimental import internal_kv
+
+    if not internal_kv._internal_kv_initialized():
+        return None
+    raw = internal_kv._internal_kv_get(ACCEPTED_KEY + str(models_path))
+    return None if raw is None else json.loads(raw)
+
+
+def store_accepted(models_path: Path, texts: dict[str, Any]) -> None:
+    from ray.experimental import internal_kv
+
+    internal_kv._internal_kv_put(ACCEPTED_KEY + str(models_path), json.dumps(texts), overwrite=True)
 
 
 ControllerRemote = ray.remote(Controller)

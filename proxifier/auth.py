@@ -30,7 +30,7 @@ ROUTES: list[tuple[str, str, frozenset[str], str]] = [
     ("GET", r"/admin/models/[^/]+/(status|logs)", frozenset({"models", "read"}), "status"),
     ("GET", r"/admin/queue/(status|[^/]+/status)", frozenset({"models", "read"}), "status"),
     ("GET", r"/admin/groups/status", frozenset({"models", "read"}), "status"),
-    ("GET", r"/admin/(cluster|events)", frozenset({"read"}), "status"),
+    ("GET", r"/admin/(cluster|events|scheduler/explain)", frozenset({"read"}), "status"),
     ("GET", r"/admin/config/.*", frozenset({"config"}), "config"),
     ("POST", r"/admin/config/.*", frozenset({"config"}), "config"),
     ("GET", r"/(health|metrics)", frozenset({"read"}), "health and metrics"),

@@ -1,5 +1,5 @@
-"""Where a model's actor may run: Ray actor options from its config, the resources it holds, and
-the message for a model no node can take. Pure: cluster facts come in as plain data."""
+"""What a model's actor asks of Ray: actor options from its config and the resources it holds.
+Where it runs is the scheduler's decision (`proxifier.scheduler`). Pure: no Ray."""
 
 from __future__ import annotations
 
@@ -62,67 +62,3 @@ def demand(options: Mapping[str, Any]) -> dict[str, float]:
             held[resource] = float(options[option])
     held.update({k: float(v) for k, v in (options.get("resources") or {}).items() if v})
     return held
-
-
-def _labels_match(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
-    for key, wanted in selector.items():
-        value = labels.get(key)
-        if wanted.startswith("!in(") and wanted.endswith(")"):
-            if value in wanted[4:-1].split(","):
-                return False
-        elif wanted.startswith("in(") and wanted.endswith(")"):
-            if value not in wanted[3:-1].split(","):
-                return False
-        elif wanted.startswith("!"):
-            if value == wanted[1:]:
-                return False
-        elif value != wanted:
-            return False
-    return True
-
-
-def could_ever_fit(options: Mapping[str, Any], nodes: list[NodeView]) -> bool:
-    """Whether some alive node has the totals (not the free amounts) the model needs."""
-    needs = demand(options)
-    selector = options.get("label_selector") or {}
-    return any(
-        node.alive
-        and _labels_match(selector, node.labels)
-        and all(node.total.get(key, 0.0) >= amount for key, amount in needs.items())
-        for node in nodes
-    )
-
-
-def _amounts(resources: Mapping[str, float]) -> str:
-    shown = []
-    for key in sorted(resources):
-        if key.startswith("node:") or key.startswith("object_store"):
-            continue
-        amount = resources[key]
-        if key == "memory":
-            shown.append(f"memory {amount / 1024**3:.1f} GiB")
-        else:
-            shown.append(f"{key} {amount:g}")
-    return ", ".join(shown) or "nothing"
-
-
-def unplaceable_message(name: str, options: Mapping[str, Any], nodes: list[NodeView]) -> str:
-    """Why a model cannot be placed: what it needs and what each node has (free of total)."""
-    needs = demand(options)
-    selector = options.get("label_selector")
-    want = _amounts(needs) if needs else "no resources"
-    if selector:
-        want += " on a node labelled " + ", ".join(f"{k}={v}" for k, v in selector.items())
-    reason = (
-        "no node has that free" if could_ever_fit(options, nodes) else "no node has that at all"
-    )
-    lines = [f"model '{name}' cannot be placed: it needs {want}; {reason}. Cluster:"]
-    for node in nodes:
-        if not node.alive:
-            continue
-        labels = ", ".join(f"{k}={v}" for k, v in sorted(node.labels.items()) if "ray.io" not in k)
-        lines.append(
-            f"  node {node.address}: free {_amounts(node.available)} of "
-            f"{_amounts(node.total)}" + (f"; labels {labels}" if labels else "")
-        )
-    return "\n".join(lines)

@@ -9,9 +9,6 @@ from dataclasses import dataclass, field
 from proxifier.config import ModelConfig, ModelsConfig
 from proxifier.config_diff import PLACEMENT_FIELDS, ModelsDiff
 
-# States in which a model's actor exists but does nothing that eviction would interrupt.
-EVICTABLE_STATES = frozenset({"ready", "stopped", "failed"})
-
 
 @dataclass(frozen=True)
 class RunningModel:
@@ -46,36 +43,6 @@ def group_stop_plan(models: Mapping[str, ModelConfig], group: str) -> tuple[list
     """(members to stop, preloaded members that stay running)."""
     members = group_members(models, group)
     return [n for n in members if not models[n].preload], [n for n in members if models[n].preload]
-
-
-def eviction_candidates(
-    running: list[RunningModel],
-    requester_priority: int,
-    needs: Mapping[str, float] | None = None,
-) -> list[str]:
-    """Models that may be stopped to make room, in the order to try them.
-
-    Only idle (not busy), not preloaded, not starting models of strictly lower priority; lowest
-    priority first, then least recently used, then by name. With `needs`, only models holding a
-    resource the requester needs: stopping a CPU model never frees a GPU.
-    """
-    wanted = {key for key, amount in (needs or {}).items() if amount > 0}
-    chosen = [
-        model
-        for model in running
-        if not model.busy
-        and not model.preload
-        and model.state in EVICTABLE_STATES
-        and model.priority < requester_priority
-        and (needs is None or wanted & {k for k, v in model.demand.items() if v > 0})
-    ]
-    chosen.sort(key=lambda m: (m.priority, m.last_active, m.name))
-    return [model.name for model in chosen]
-
-
-def at_capacity(running: list[RunningModel], limit: int) -> bool:
-    """max_running_models reached (0 = no limit)."""
-    return limit > 0 and len(running) >= limit
 
 
 def idle_stops(running: list[RunningModel]) -> list[str]:

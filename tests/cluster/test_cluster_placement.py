@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import yaml
 from ray.cluster_utils import Cluster
 
 from actors.controller import create_controller
-from proxifier.errors import ModelFailed
+from proxifier.errors import ModelFailed, QueueTimeout
 from tests.helpers import wait_for
 
 A100 = {"num_gpus": 1, "resources": {"gpu_type:a100": 1}}
@@ -54,7 +55,8 @@ def controller_for(
             name: {"model_path": str(tiny_model), "llama_server": str(fake_server), **fields}
             for name, fields in models.items()
         }
-        settings = {"placement_timeout": 2, "cleanup_interval": 0.5, "cooldown": 1, **settings}
+        # Default timing, but for quick idle checks and failure cooldowns.
+        settings = {"cleanup_interval": 0.5, "cooldown": 1, **settings}
         path = tmp_path / "models.yaml"
         path.write_text(yaml.safe_dump({"settings": settings, "models": full}))
         controller = create_controller(path)
@@ -70,12 +72,9 @@ def controller_for(
             ray.kill(controller, no_restart=True)
 
 
-def places(controller: Any, name: str) -> bool:
-    try:
-        ray.get(controller.get_model.remote(name), timeout=60)
-        return True
-    except ModelFailed:
-        return False
+def explained(controller: Any, name: str) -> str:
+    decision = ray.get(controller.explain.remote(name))["last_decision"] or {}
+    return decision.get("reason", "")
 
 
 def status(controller: Any, name: str) -> dict[str, Any]:
@@ -112,7 +111,8 @@ def test_three_gpu_models_for_two_gpus_the_two_highest_run(controller_for: Any) 
             "g9": {**A100, "priority": 9, "auto_start": True},
             "g7": {**A100, "priority": 7, "auto_start": True},
             "g5": {**A100, "priority": 5, "auto_start": True},
-        }
+        },
+        placement_timeout=2,  # how long boot reports on a model that must wait
     )
     results = ray.get(controller.boot.remote(), timeout=120)
     assert [(r["model"], r["placed"]) for r in results] == [
@@ -120,10 +120,12 @@ def test_three_gpu_models_for_two_gpus_the_two_highest_run(controller_for: Any) 
         ("g7", True),
         ("g5", False),
     ]
-    assert "model 'g5' cannot be placed: it needs GPU 1, gpu_type:a100 1" in results[2]["error"]
-    assert "no node has that free" in results[2]["error"]
+    # It could run (a node has the totals), so it waits: never "failed", and it says why.
+    assert "waiting for GPU 1, gpu_type:a100 1" in results[2]["error"]
     wait_for(lambda: ready(controller, "g9", "g7"), timeout=60)
-    assert status(controller, "g5")["state"] == "failed"
+    reason = "higher priority hold it (g7, g9)"
+    wait_for(lambda: reason in status(controller, "g5").get("waiting_for", ""), timeout=30)
+    assert status(controller, "g5")["state"] == "stopped"
 
 
 def test_a_higher_priority_request_evicts_the_idle_lowest_never_busy_or_preloaded(
@@ -140,14 +142,15 @@ def test_a_higher_priority_request_evicts_the_idle_lowest_never_busy_or_preloade
     low = ray.get(controller.get_model.remote("low"), timeout=60)
     lease = ray.get(low.acquire.remote("busy"), timeout=60)
     wait_for(lambda: ready(controller, "kept", "low"), timeout=60)
-    # Both GPUs are taken by a preloaded and a busy model: nothing may be evicted.
-    with pytest.raises(ModelFailed, match="model 'top' cannot be placed"):
-        ray.get(controller.get_model.remote("top"), timeout=60)
+    # Both GPUs are taken by a preloaded and a busy model: nothing may be evicted now; the
+    # request waits, and the scheduler says for what.
+    waiting = controller.get_model.remote("top")
+    wait_for(lambda: "waiting for 'low'" in explained(controller, "top"), timeout=60)
+    assert "evicted as soon as it is idle" in explained(controller, "top")
     assert ready(controller, "kept", "low")
     ray.get(low.release.remote(lease["lease_id"]))
-    # Once the failed placement's cooldown (1 s) is over, the next request evicts "low".
-    wait_for(lambda: places(controller, "top"), timeout=60)
-    top = ray.get(controller.get_model.remote("top"), timeout=60)
+    # As soon as "low" is idle it is evicted, and the waiting request gets "top".
+    top = ray.get(waiting, timeout=60)
     lease = ray.get(top.acquire.remote("now"), timeout=60)
     assert lease["model"] == "top"
     assert status(controller, "low")["state"] == "stopped"
@@ -157,8 +160,17 @@ def test_a_higher_priority_request_evicts_the_idle_lowest_never_busy_or_preloade
     ray.get(top.release.remote(lease["lease_id"]))
 
 
-def test_a_removed_nodes_models_move_when_they_fit_and_fail_when_not(
-    cluster: dict, controller_for: Any
+def _replace_gpu_node(cluster: dict) -> None:
+    node = cluster["cluster"].add_node(
+        num_cpus=1, num_gpus=1, resources={"gpu_type:a100": 1}, labels={"gpu-type": "a100"}
+    )
+    cluster["gpu_nodes"].append(node)
+    cluster["gpu_node_ids"].add(node.node_id)
+    cluster["cluster"].wait_for_nodes()
+
+
+def test_a_removed_nodes_models_move_when_they_fit_and_wait_when_not(
+    cluster: dict, controller_for: Any, request: pytest.FixtureRequest
 ) -> None:
     controller = controller_for(
         {
@@ -184,15 +196,77 @@ def test_a_removed_nodes_models_move_when_they_fit_and_fail_when_not(
     node = next(n for n in cluster["gpu_nodes"] if n.node_id == victim_id)
     cluster["cluster"].remove_node(node)
     cluster["gpu_nodes"].remove(node)
+    request.addfinalizer(lambda: _replace_gpu_node(cluster))  # later tests get two again
     # The label-only model fits on the other a100 node; the GPU model has nowhere to go.
     wait_for(lambda: ready(controller, "mover"), timeout=90)
     assert status(controller, "mover")["node_id"] not in (victim_id, None)
-    wait_for(
-        lambda: "cannot be placed" in (status(controller, stranded).get("last_error") or ""),
-        timeout=90,
-    )
-    assert status(controller, stranded)["state"] == "failed"
+    # The GPU model could run on the other node (its totals fit), so it waits for it rather
+    # than failing; the busy model there is never stopped mid-request.
+    wait_for(lambda: "waiting_for" in status(controller, stranded), timeout=90)
+    assert status(controller, stranded)["state"] == "stopped"
     assert ready(controller, survivor)
     kinds = [(e["kind"], e.get("model")) for e in ray.get(controller.events_since.remote())]
     assert ("lost", "mover") in kinds and ("lost", stranded) in kinds
     ray.get(survivor_handle.release.remote(lease["lease_id"]))
+
+
+# One of the two a100 GPUs is held by a preloaded model of top priority, so the tests below
+# share a single GPU, like a workstation with one card.
+PIN = {**A100, "priority": 10, "preload": True}
+LOAD = 1.0  # seconds the fake llama-server takes to load
+
+
+def warm(controller: Any, name: str, deadline: float | None = None) -> Any:
+    """One request through the model's actor (placing and starting it), answered in time."""
+    handle = ray.get(controller.get_model.remote(name, deadline), timeout=120)
+    lease = ray.get(handle.acquire.remote(f"r-{time.monotonic_ns()}", deadline), timeout=120)
+    ray.get(handle.release.remote(lease["lease_id"]))
+    return handle
+
+
+def evictions(controller: Any) -> list[tuple[str, str, str]]:
+    events = ray.get(controller.events_since.remote())
+    return [(e["model"], e["for_model"], e["reason"]) for e in events if e["kind"] == "evicted"]
+
+
+def test_a_priority_request_swaps_out_an_idle_lower_model_at_once(controller_for: Any) -> None:
+    slow = {"env": {"FAKE_LLAMA_LOAD_DELAY": str(LOAD)}}
+    controller = controller_for(
+        {"pin": PIN, "low": {**A100, "priority": 2}, "high": {**A100, "priority": 9, **slow}}
+    )
+    ray.get(controller.boot.remote(), timeout=120)
+    warm(controller, "low")
+    # Answered within the load time and 5 s, or the deadline answers QueueTimeout.
+    warm(controller, "high", deadline=time.time() + LOAD + 5)
+    assert evictions(controller) == [("low", "high", "priority")]
+    assert ready(controller, "pin", "high") and status(controller, "low")["state"] == "stopped"
+
+
+def test_two_equal_priority_models_on_one_gpu_take_turns(controller_for: Any) -> None:
+    controller = controller_for({"pin": PIN, "alpha": A100, "beta": A100})
+    ray.get(controller.boot.remote(), timeout=120)
+    for name in ("alpha", "beta", "alpha"):
+        # Each within the default queue_timeout (30 s): a swap waits at most min_residency
+        # (10 s) after the other became ready, plus its load.
+        warm(controller, name, deadline=time.time() + 30)
+    assert evictions(controller) == [("alpha", "beta", "swap"), ("beta", "alpha", "swap")]
+
+
+def test_a_lower_priority_request_never_evicts_a_higher_one(controller_for: Any) -> None:
+    controller = controller_for(
+        {"pin": PIN, "high": {**A100, "priority": 9}, "low": {**A100, "priority": 2}}
+    )
+    ray.get(controller.boot.remote(), timeout=120)
+    warm(controller, "high")
+    with pytest.raises(QueueTimeout, match="higher priority hold it"):
+        ray.get(controller.get_model.remote("low", time.time() + 3), timeout=60)
+    assert ready(controller, "high") and evictions(controller) == []
+
+
+def test_a_model_no_node_could_ever_hold_fails_at_once_saying_why(controller_for: Any) -> None:
+    controller = controller_for({"huge": {"num_gpus": 2, "resources": {"gpu_type:a100": 1}}})
+    with pytest.raises(ModelFailed) as failure:
+        ray.get(controller.get_model.remote("huge"), timeout=60)
+    message = failure.value.message
+    assert "model 'huge' cannot be placed: it needs GPU 2" in message
+    assert "no node has that at all" in message and message.count("node ") >= 3

@@ -334,6 +334,35 @@ def test_controller_restart_adopts_running_models(make_controller: MakeControlle
     assert "adopted" in kinds
 
 
+def test_a_restarted_controller_runs_its_loops_and_keeps_the_accepted_config(
+    make_controller: MakeController,
+) -> None:
+    controller, path = make_controller(
+        {"chat": {"auto_start": True}, "idle": {"idle_timeout": 3}},
+        settings={"cleanup_interval": 0.5},
+        auth={"enabled": False},
+    )
+    ray.get(controller.boot.remote(), timeout=60)
+    wait_for(lambda: state(controller, "chat") == "ready", timeout=60)
+    first = pid(controller, "chat")
+    idle = ray.get(controller.get_model.remote("idle"), timeout=60)
+    ray.get(idle.start.remote(), timeout=60)
+    path.write_text("models: [an edit left on disk, never reloaded, and not even valid")
+    old_controller = ray.get(controller.pid.remote())
+    ray.kill(controller, no_restart=False)  # Ray restarts it; __init__ runs again
+    wait_for(lambda: _controller_pid(controller) not in (None, old_controller), timeout=60)
+    # It came back with the configuration it had accepted, not the file on disk.
+    assert set(ray.get(controller.get_config.remote()).models) == {"chat", "idle"}
+    assert pid(controller, "chat") == first  # adopted: no second llama-server
+    # Idle cleanup runs without any request having reached the new controller.
+    wait_for(lambda: state(controller, "idle") == "stopped", timeout=30)
+    # So does the auth.yaml watcher.
+    (path.parent / "auth.yaml").write_text(
+        yaml.safe_dump({"api_keys": {"ops": {"key": "k" * 32, "permissions": ["admin"]}}})
+    )
+    wait_for(lambda: ray.get(controller.get_auth.remote())[1].enabled, timeout=30)
+
+
 def _controller_pid(controller: Any) -> int | None:
     try:
         return ray.get(controller.pid.remote(), timeout=2)

@@ -6,8 +6,6 @@ from proxifier.config import validate_models
 from proxifier.config_diff import diff_models
 from proxifier.planning import (
     RunningModel,
-    at_capacity,
-    eviction_candidates,
     group_members,
     group_stop_plan,
     idle_stops,
@@ -72,77 +70,6 @@ def test_group_stop_keeps_preloaded_members() -> None:
         "code": {"resource_group": "production", "priority": 8},
     }
     assert group_stop_plan(models(spec), "production") == (["code"], ["chat"])
-
-
-# --- eviction -------------------------------------------------------------------------------
-
-
-def test_eviction_takes_only_strictly_lower_priority() -> None:
-    fleet = [
-        running("same", priority=5),
-        running("lower", priority=4),
-        running("higher", priority=6),
-    ]
-    assert eviction_candidates(fleet, requester_priority=5) == ["lower"]
-
-
-def test_eviction_never_takes_busy_preloaded_or_starting_models() -> None:
-    fleet = [
-        running("busy", priority=1, busy=True),
-        running("preloaded", priority=1, preload=True),
-        running("starting", priority=1, state="starting"),
-        running("restarting", priority=1, state="restarting"),
-        running("stopping", priority=1, state="stopping"),
-        running("idle", priority=2),
-    ]
-    assert eviction_candidates(fleet, requester_priority=9) == ["idle"]
-
-
-def test_eviction_order_lowest_priority_then_least_recently_used_then_name() -> None:
-    fleet = [
-        running("p3-old", priority=3, last_active=10.0),
-        running("p2-recent", priority=2, last_active=500.0),
-        running("p2-old", priority=2, last_active=50.0),
-        running("p2-old-b", priority=2, last_active=50.0),
-        running("p3-new", priority=3, last_active=900.0),
-    ]
-    assert eviction_candidates(fleet, requester_priority=10) == [
-        "p2-old",
-        "p2-old-b",
-        "p2-recent",
-        "p3-old",
-        "p3-new",
-    ]
-
-
-def test_failed_and_stopped_actors_can_be_evicted() -> None:
-    fleet = [
-        running("failed", state="failed", priority=1),
-        running("stopped", state="stopped", priority=2),
-    ]
-    assert eviction_candidates(fleet, 9) == ["failed", "stopped"]
-
-
-def test_eviction_only_frees_what_the_requester_needs() -> None:
-    fleet = [
-        running("cpu-only", priority=1, demand={}),
-        running("a100", priority=2, demand={"GPU": 1.0, "gpu_type:a100": 1.0}),
-    ]
-    assert eviction_candidates(fleet, 9, needs={"GPU": 1.0}) == ["a100"]
-    assert eviction_candidates(fleet, 9, needs={"gpu_type:a100": 1.0}) == ["a100"]
-    assert eviction_candidates(fleet, 9) == ["cpu-only", "a100"]  # capacity: any model counts
-
-
-def test_nothing_to_evict() -> None:
-    assert eviction_candidates([], 10) == []
-    assert eviction_candidates([running("x", priority=10)], 10) == []
-
-
-def test_capacity_limit() -> None:
-    fleet = [running("a"), running("b")]
-    assert not at_capacity(fleet, 0)  # 0 = unlimited
-    assert not at_capacity(fleet, 3)
-    assert at_capacity(fleet, 2)
 
 
 # --- idle -----------------------------------------------------------------------------------

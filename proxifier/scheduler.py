@@ -1,0 +1,926 @@
+"""Which model runs where: one pass over the cluster's facts that returns what to do.
+
+The controller gathers the facts (each node's totals, free amounts and labels, the models whose
+actors exist, the models that must run and have none) and applies the actions; this module only
+decides (DESIGN §3.1). It is pure, with no Ray and no clock (`now` comes in), so every rule is a
+unit test, a pass is cheap enough to rerun on every change, and the same facts always give the
+same actions.
+
+A pass handles the demand in order (priority, then the oldest waiting request) and each decision
+consumes what it takes, so two models never get the same free GPU, a victim is never stopped
+twice, and a burst of starts never overruns `max_running_models`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import itertools
+import operator
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+# Ray's resource amounts are multiples of 1e-4; sums of floats drift far below that.
+EPSILON = 1e-6
+
+# A model in these states holds nothing useful: never a reason to wait, always a cheap victim.
+_GONE = frozenset({"stopped", "failed"})
+_STARTING = frozenset({"starting", "restarting"})
+# How many names a wait reason lists per kind of holder before it says "+N more".
+_NAMES_SHOWN = 3
+
+
+@dataclass(frozen=True)
+class Node:
+    """One node of the cluster, in Ray's resource names ("CPU", "GPU", "memory", custom)."""
+
+    node_id: str
+    address: str  # for messages
+    total: Mapping[str, float]
+    free: Mapping[str, float]  # the caller already subtracted placements in progress
+    labels: Mapping[str, str] = field(default_factory=dict)
+    alive: bool = True
+
+
+@dataclass(frozen=True)
+class Resident:
+    """A model whose actor exists (placed, starting or ready): what it holds and how busy it is."""
+
+    name: str
+    node_id: str
+    holds: Mapping[str, float]
+    priority: int  # 1-10, 10 highest
+    preload: bool
+    state: str  # "starting", "ready", "restarting", "stopping", "stopped", "failed"
+    in_flight: int
+    queued: int
+    last_used: float  # end of its last request, else when it became ready (wall clock)
+    ready_since: float | None  # None while starting
+
+
+@dataclass(frozen=True)
+class Want:
+    """A model that must run and has no actor."""
+
+    name: str
+    needs: Mapping[str, float]  # same resource names as Node.total
+    selector: Mapping[str, str]  # Ray label selector: "a100", "!a100", "in(a,b)", "!in(a,b)"
+    priority: int
+    since: float  # its oldest waiting request (or when it was asked to start)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The settings a pass enforces besides what fits."""
+
+    max_running_models: int = 0  # 0 = no limit; residents + placements decided in this pass
+    min_residency: float = 10.0  # seconds an equal-priority model is safe from a swap
+
+
+@dataclass(frozen=True)
+class Place:
+    """Create the model's actor pinned to this node."""
+
+    model: str
+    node_id: str
+
+
+@dataclass(frozen=True)
+class Evict:
+    """Stop `victim` to make room for `for_model`; the Place that follows needs it gone first.
+
+    reason: "priority" (lower priority), "swap" (equal priority), "capacity" (max_running_models).
+    """
+
+    victim: str
+    for_model: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Wait:
+    """Not now; the reason says what for (shown to users)."""
+
+    model: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Fail:
+    """No alive node could ever hold the model; the reason says what it needs and what there is."""
+
+    model: str
+    reason: str
+
+
+Action = Place | Evict | Wait | Fail
+
+
+def labels_match(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
+    """Ray's label selector: "x" equals, "!x" differs, "in(a,b)" one of, "!in(a,b)" none of.
+
+    Ray's own matching, written out so the scheduler can test nodes without asking Ray.
+    """
+    for key, wanted in selector.items():
+        value = labels.get(key)
+        if wanted.startswith("!in(") and wanted.endswith(")"):
+            if value in wanted[4:-1].split(","):
+                return False
+        elif wanted.startswith("in(") and wanted.endswith(")"):
+            if value not in wanted[3:-1].split(","):
+                return False
+        elif wanted.startswith("!"):
+            if value == wanted[1:]:
+                return False
+        elif value != wanted:
+            return False
+    return True
+
+
+def fits(needs: Mapping[str, float], free: Mapping[str, float]) -> bool:
+    """Whether `free` covers every amount in `needs`; an amount of 0 is not needed."""
+    return all(
+        free.get(key, 0.0) + EPSILON >= amount for key, amount in needs.items() if amount > 0
+    )
+
+
+def demand_order(wants: Iterable[Want]) -> list[Want]:
+    """Priority first, then the oldest waiting request, then the name: who gets capacity first."""
+    return sorted(wants, key=lambda want: (-want.priority, want.since, want.name))
+
+
+def decide(
+    nodes: Sequence[Node],
+    residents: Sequence[Resident],
+    wants: Sequence[Want],
+    limits: Limits,
+    now: float,
+) -> list[Action]:
+    """One pass: an action list for the wants, in demand order.
+
+    For each want: `Fail` when no alive node could ever hold it; else `Place` where it fits now
+    (best fit); else `Evict` the cheapest set of idle victims on one node, then `Place` there;
+    else `Wait`, reserving the node when only busy lower-priority models stand in the way. At
+    max_running_models a placement also needs one model stopped (`Evict`, "capacity") first.
+    """
+    return _Pass(nodes, residents, limits, now).run(wants)
+
+
+# --- the pass ---------------------------------------------------------------------------------
+
+_NeedsKey = tuple[tuple[str, float], ...]
+_SelectorKey = tuple[tuple[str, str], ...]
+
+
+def _scarcity(resource: str) -> tuple[int, str]:
+    """Best fit compares leftovers scarcest first: GPUs, custom resources, CPUs, memory."""
+    if resource == "GPU":
+        return (0, resource)
+    if resource == "CPU":
+        return (2, resource)
+    if resource == "memory":
+        return (3, resource)
+    return (1, resource)
+
+
+def _needs_key(needs: Mapping[str, float]) -> _NeedsKey:
+    """The amounts needed (none of 0), scarcest resource first; the same for any dict order."""
+    return tuple(
+        sorted(
+            ((key, float(amount)) for key, amount in needs.items() if amount > 0),
+            key=lambda item: _scarcity(item[0]),
+        )
+    )
+
+
+def _amounts(resources: Mapping[str, float]) -> str:
+    """Amounts for people: memory in GiB, Ray's internals left out."""
+    shown = []
+    for key in sorted(resources):
+        if key.startswith("node:") or key.startswith("object_store"):
+            continue
+        amount = resources[key]
+        if key == "memory":
+            shown.append(f"memory {amount / 1024**3:.1f} GiB")
+        else:
+            shown.append(f"{key} {amount:g}")
+    return ", ".join(shown) or "nothing"
+
+
+def _want_text(needs: _NeedsKey, selector: _SelectorKey) -> str:
+    text = _amounts(dict(needs)) if needs else "no resources"
+    if selector:
+        text += " on a node labelled " + ", ".join(f"{k}={v}" for k, v in selector)
+    return text
+
+
+def _names(sorted_lists: Sequence[list[str]]) -> str:
+    """The first few names of several sorted lists, and how many more there are."""
+    count = sum(len(names) for names in sorted_lists)
+    shown = ", ".join(itertools.islice(heapq.merge(*sorted_lists), _NAMES_SHOWN))
+    return shown + (f" +{count - _NAMES_SHOWN} more" if count > _NAMES_SHOWN else "")
+
+
+def _and(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _victim_order(resident: Resident) -> tuple[int, float, str]:
+    """Lowest priority first, then least recently used, then the name."""
+    return (resident.priority, resident.last_used, resident.name)
+
+
+def _set_cost(victims: list[Resident], node_id: str) -> tuple[int, int, float, str]:
+    """Cheapest first: the highest priority stopped, how many, how recently the newest was used."""
+    return (
+        max(r.priority for r in victims),
+        len(victims),
+        max(r.last_used for r in victims),
+        node_id,
+    )
+
+
+@dataclass(frozen=True)
+class _PlacePlan:
+    """Where a want goes, and whom to stop there first."""
+
+    node_id: str
+    victims: list[Resident]  # stopped first, in victim order
+
+
+@dataclass(frozen=True)
+class _BusyPlan:
+    """The node where a want would fit once its busy lower-priority models (and idle ones) go."""
+
+    node_id: str
+    idle: list[Resident]
+    busy: list[Resident]
+
+
+@dataclass(frozen=True)
+class _Reach:
+    """The alive nodes that could ever hold a kind of want (labels match, totals cover)."""
+
+    nodes: list[str]  # by node_id
+    node_set: frozenset[str]
+    cheap_first: list[str]  # those with candidate victims, lowest-priority candidate first
+
+
+class _FitList:
+    """Alive nodes sorted by their free amounts of some resources, and where each one is."""
+
+    __slots__ = ("current", "entries", "seen")
+
+    def __init__(self, seen: int) -> None:
+        self.entries: list[tuple[tuple[float, ...], str]] = []
+        self.current: dict[str, tuple[tuple[float, ...], str]] = {}
+        self.seen = seen  # length of the pass's change log when last brought up to date
+
+
+class _Pass:
+    """The mutable state of one `decide` call: free amounts, the victim pool, and what keeps a
+    pass over a thousand wants and a hundred nodes from searching every node for every want.
+
+    - Nodes are grouped by their totals (clusters have few kinds of node): which nodes could
+      ever hold a want is worked out per kind (`_Reach`).
+    - For the free fit, nodes are kept sorted by their free amounts (`_FitList`): the first
+      one that fits is the best fit, and the search starts where the scarcest resource suffices.
+    - A want that finds nothing proves the same for later wants with the same selector, no
+      higher priority and no smaller needs (`_known_failure`).
+    - The victim search visits nodes cheapest candidate first, never looks past the priority of
+      the best set found so far, and skips a node that could not free enough of the scarcest
+      resource even by stopping everything allowed (`_may_free`).
+    """
+
+    def __init__(
+        self, nodes: Sequence[Node], residents: Sequence[Resident], limits: Limits, now: float
+    ) -> None:
+        self.limit = max(0, limits.max_running_models)
+        self.min_residency = limits.min_residency
+        self.now = now
+        self.nodes: dict[str, Node] = {}
+        for node in sorted(nodes, key=lambda n: n.node_id):
+            if node.alive:
+                self.nodes.setdefault(node.node_id, node)
+        self.free: dict[str, dict[str, float]] = {
+            nid: {key: float(amount) for key, amount in node.free.items()}
+            for nid, node in self.nodes.items()
+        }
+        self.residents: dict[str, Resident] = {}
+        for resident in sorted(residents, key=lambda r: r.name):
+            self.residents.setdefault(resident.name, resident)
+        self.holds = {
+            name: {key: float(amount) for key, amount in r.holds.items() if amount > 0}
+            for name, r in self.residents.items()
+        }
+        self.busy = {
+            name
+            for name, r in self.residents.items()
+            if r.state not in _GONE and (r.in_flight > 0 or r.queued > 0)
+        }
+        self.on_node: dict[str, list[Resident]] = {nid: [] for nid in self.nodes}
+        for resident in self.residents.values():
+            if resident.node_id in self.on_node:
+                self.on_node[resident.node_id].append(resident)
+        # Who could ever be stopped for someone: ready (or gone), not preloaded. Sorted once.
+        self.victim_order = sorted(
+            (
+                r
+                for r in self.residents.values()
+                if not r.preload and (r.state == "ready" or r.state in _GONE)
+            ),
+            key=_victim_order,
+        )
+        self.victims_on: dict[str, list[Resident]] = {nid: [] for nid in self.nodes}
+        for resident in self.victim_order:
+            if resident.node_id in self.victims_on:
+                self.victims_on[resident.node_id].append(resident)
+        self.lowest_busy: dict[str, int] = {}  # node -> lowest priority of a busy candidate
+        for resident in self.victim_order:
+            if resident.name in self.busy:
+                self.lowest_busy.setdefault(resident.node_id, resident.priority)
+        self.evicted: set[str] = set()
+        self.reserved: dict[str, str] = {}  # resident -> the waiting want it is kept for
+        self.reserved_on: dict[str, list[str]] = {}  # node -> waiting wants it is kept for
+        self.placed_on: dict[str, list[tuple[str, _NeedsKey]]] = {}
+        self.running = len(self.residents)
+        self.log: list[str] = []  # nodes in the order this pass changed them
+        self.stamps: dict[str, int] = {}  # node -> length of the log at its last change
+        self.potentials: dict[tuple[str, str, bool], tuple[int, list[int], list[float]]] = {}
+        self.matching: dict[_SelectorKey, list[Node]] = {}
+        self.kinds: list[Mapping[str, float]] = []  # the distinct totals among alive nodes
+        self.kind_of: dict[str, int] = {}
+        kind_at: dict[tuple[tuple[str, float], ...], int] = {}
+        for node_id, node in self.nodes.items():
+            totals = tuple(sorted(node.total.items()))
+            if totals not in kind_at:
+                kind_at[totals] = len(self.kinds)
+                self.kinds.append(node.total)
+            self.kind_of[node_id] = kind_at[totals]
+        self.reach_by_kinds: dict[tuple[_SelectorKey, frozenset[int]], _Reach] = {}
+        self.reach: dict[tuple[_SelectorKey, _NeedsKey], _Reach] = {}
+        self.fit_lists: dict[tuple[str, ...], _FitList] = {}
+        # Wants that found nothing at all: (needs, priority) by selector.
+        self.failures: dict[_SelectorKey, list[tuple[_NeedsKey, int]]] = {}
+        # The victim pool only shrinks: once none is left at a priority, none is for the pass.
+        self.no_capacity_victim_at_or_below = float("-inf")
+        self.cluster_text: str | None = None
+        # Wait reasons describe the pass's outcome, so they are written once it is complete.
+        self.pending: list[tuple[int, str, tuple[Any, ...]]] = []
+        self.reasons: dict[tuple[Any, ...], str] = {}
+        self.holders: dict[tuple[frozenset[str], tuple[str, ...]], _Holders] = {}
+
+    # --- the loop -------------------------------------------------------------------------
+
+    def run(self, wants: Sequence[Want]) -> list[Action]:
+        actions: list[Action] = []
+        seen: set[str] = set()
+        for want in demand_order(wants):
+            if want.name in seen or want.name in self.residents:
+                continue  # a duplicate, or a model whose actor exists: nothing to place
+            seen.add(want.name)
+            self._decide_one(want, actions)
+        for at, model, key in self.pending:
+            actions[at] = Wait(model, self._reason(key))
+        return actions
+
+    def _wait(self, actions: list[Action], model: str, key: tuple[Any, ...]) -> None:
+        self.pending.append((len(actions), model, key))
+        actions.append(Wait(model, ""))
+
+    def _decide_one(self, want: Want, actions: list[Action]) -> None:
+        needs = _needs_key(want.needs)
+        selector: _SelectorKey = tuple(sorted(want.selector.items()))
+        reach = self._reach(selector, needs)
+        if not reach.nodes:
+            actions.append(Fail(want.name, self._fail_reason(want.name, selector, needs)))
+            return
+        priority = want.priority
+        if self._over_capacity(0) and not self._capacity_victims(priority, 1, set()):
+            self._wait(actions, want.name, ("capacity", priority))
+            return
+        plan = self._plan(selector, needs, priority, reach)
+        if isinstance(plan, _BusyPlan):
+            self._reserve(want.name, needs, plan)
+            actions.append(Wait(want.name, self._busy_reason(plan)))
+            return
+        if plan is None:
+            self._wait(actions, want.name, ("wait", selector, needs, priority))
+            return
+        # Room enough; now slots enough. The plan's own victims count as freed slots.
+        while self._over_capacity(len(plan.victims)):
+            missing = self.running - len(plan.victims) + 1 - self.limit
+            extra = self._capacity_victims(priority, missing, {r.name for r in plan.victims})
+            if extra is None:
+                self._wait(actions, want.name, ("capacity", priority))
+                return
+            for resident in extra:
+                self._evict(resident)
+                actions.append(Evict(resident.name, want.name, "capacity"))
+            # What they freed may offer a better node or a free fit. The old plan still works,
+            # so this is a place plan again.
+            replanned = self._plan(selector, needs, priority, reach)
+            if not isinstance(replanned, _PlacePlan):  # unreachable; never place blind
+                self._wait(actions, want.name, ("wait", selector, needs, priority))
+                return
+            plan = replanned
+        for resident in plan.victims:
+            self._evict(resident)
+            reason = "priority" if resident.priority < priority else "swap"
+            actions.append(Evict(resident.name, want.name, reason))
+        self._place(want.name, needs, plan.node_id)
+        actions.append(Place(want.name, plan.node_id))
+
+    # --- capacity -------------------------------------------------------------------------
+
+    def _over_capacity(self, leaving: int) -> bool:
+        """Whether one more model would exceed max_running_models once `leaving` are stopped."""
+        return self.limit > 0 and self.running - leaving + 1 > self.limit
+
+    def _eligible(self, resident: Resident, priority: int) -> bool:
+        """Whether `resident` may be stopped for a want of `priority` (idleness aside)."""
+        if resident.priority < priority:
+            return True
+        return resident.priority == priority and (
+            resident.state in _GONE
+            or (
+                resident.ready_since is not None
+                and self.now - resident.ready_since >= self.min_residency
+            )
+        )
+
+    def _capacity_victims(
+        self, priority: int, count: int, exclude: set[str]
+    ) -> list[Resident] | None:
+        """The first `count` idle eligible residents anywhere, in victim order; None if fewer."""
+        if priority <= self.no_capacity_victim_at_or_below:
+            return None
+        chosen: list[Resident] = []
+        for resident in self.victim_order:
+            if resident.priority > priority:
+                break
+            name = resident.name
+            if name in self.evicted or name in self.reserved or name in exclude:
+                continue
+            if name not in self.busy and self._eligible(resident, priority):
+                chosen.append(resident)
+                if len(chosen) == count:
+                    return chosen
+        if not chosen and not exclude:
+            self.no_capacity_victim_at_or_below = priority
+        return None
+
+    # --- where it goes --------------------------------------------------------------------
+
+    def _reach(self, selector: _SelectorKey, needs: _NeedsKey) -> _Reach:
+        """The alive nodes whose labels match and whose totals cover the needs."""
+        key = (selector, needs)
+        found = self.reach.get(key)
+        if found is None:
+            matching = self.matching.get(selector)
+            if matching is None:
+                wanted = dict(selector)
+                matching = [n for n in self.nodes.values() if labels_match(wanted, n.labels)]
+                self.matching[selector] = matching
+            # Clusters have few kinds of node: compare the needs with each kind's totals once.
+            kinds = frozenset(
+                at
+                for at, total in enumerate(self.kinds)
+                if all(total.get(res, 0.0) + EPSILON >= amount for res, amount in needs)
+            )
+            found = self.reach_by_kinds.get((selector, kinds))
+            if found is None:
+                nodes = [node.node_id for node in matching if self.kind_of[node.node_id] in kinds]
+                # Lowest-priority candidate first: searched in this order, a cheap victim set
+                # is found early and bounds the search of the other nodes.
+                cheap = sorted(
+                    (nid for nid in nodes if self.victims_on[nid]),
+                    key=lambda nid: (self.victims_on[nid][0].priority, nid),
+                )
+                found = _Reach(nodes, frozenset(nodes), cheap)
+                self.reach_by_kinds[(selector, kinds)] = found
+            self.reach[key] = found
+        return found
+
+    def _plan(
+        self,
+        selector: _SelectorKey,
+        needs: _NeedsKey,
+        priority: int,
+        reach: _Reach,
+    ) -> _PlacePlan | _BusyPlan | None:
+        """A free fit; else the cheapest idle victim set; else busy lower-priority blockers."""
+        node_id = self._best_fit(needs, reach.node_set)
+        if node_id is not None:
+            return _PlacePlan(node_id, [])
+        if self._known_failure(selector, needs, priority):
+            return None
+        plan = self._search(needs, priority, reach)
+        if plan is None:
+            self.failures.setdefault(selector, []).append((needs, priority))
+        return plan
+
+    def _search(
+        self, needs: _NeedsKey, priority: int, reach: _Reach
+    ) -> _PlacePlan | _BusyPlan | None:
+        """When it fits nowhere free: the cheapest idle victim set, else busy lower-priority
+        blockers (with idle victims) on one node."""
+        best: tuple[tuple[int, int, float, str], list[Resident]] | None = None
+        for node_id in reach.cheap_first:
+            # A set's cost starts with its highest victim priority: once one is found, a node
+            # is only searched up to that priority.
+            ceiling = priority if best is None else best[0][0]
+            if self.victims_on[node_id][0].priority > ceiling or not self._may_free(
+                node_id, needs[0], ceiling, with_busy=False
+            ):
+                continue
+            taken = self._victims(node_id, needs, priority, False, ceiling)
+            if taken:
+                cost = _set_cost(taken, node_id)
+                if best is None or cost < best[0]:
+                    best = (cost, taken)
+        if best is not None:
+            return _PlacePlan(best[0][3], best[1])
+        blocked: tuple[tuple[int, int, int, float, str], list[Resident]] | None = None
+        for node_id in reach.nodes:
+            if self.lowest_busy.get(node_id, priority) >= priority:
+                continue  # no busy model of lower priority there
+            if not self._may_free(node_id, needs[0], priority, with_busy=True):
+                continue
+            taken = self._victims(node_id, needs, priority, True, priority)
+            if taken:
+                busy_cost = self._busy_cost(taken, node_id)
+                if busy_cost[0] and (blocked is None or busy_cost < blocked[0]):
+                    blocked = (busy_cost, taken)
+        if blocked is None:
+            return None
+        taken = blocked[1]
+        return _BusyPlan(
+            blocked[0][4],
+            [r for r in taken if r.name not in self.busy],
+            [r for r in taken if r.name in self.busy],
+        )
+
+    def _may_free(
+        self, node_id: str, need: tuple[str, float], ceiling: int, with_busy: bool
+    ) -> bool:
+        """Whether stopping every candidate up to `ceiling` (busy ones too, `with_busy`) would
+        free enough of the want's scarcest resource: a cheap bound before the real search."""
+        resource, amount = need
+        gap = amount - self.free[node_id].get(resource, 0.0)
+        if gap <= EPSILON:
+            return True
+        key = (node_id, resource, with_busy)
+        stamp = self.stamps.get(node_id, 0)
+        cached = self.potentials.get(key)
+        if cached is None or cached[0] != stamp:
+            priorities: list[int] = []
+            freed: list[float] = []
+            total = 0.0
+            for resident in self.victims_on[node_id]:
+                name = resident.name
+                if name in self.evicted or name in self.reserved:
+                    continue
+                if name in self.busy and not with_busy:
+                    continue
+                total += self.holds[name].get(resource, 0.0)
+                priorities.append(resident.priority)
+                freed.append(total)
+            cached = self.potentials[key] = (stamp, priorities, freed)
+        upto = bisect.bisect_right(cached[1], ceiling)
+        return upto > 0 and cached[2][upto - 1] + EPSILON >= gap
+
+    def _busy_cost(self, taken: list[Resident], node_id: str) -> tuple[int, int, int, float, str]:
+        """Fewest busy blockers first, then as for an idle set."""
+        busy = sum(1 for r in taken if r.name in self.busy)
+        return (busy, *_set_cost(taken, node_id))
+
+    def _best_fit(self, needs: _NeedsKey, nodes: frozenset[str]) -> str | None:
+        """The node where it fits now with the least left of what it needs, scarcest first.
+
+        Nodes are kept sorted by their free amounts of the needed resources (scarcest first,
+        then node_id): the first one that fits is the best fit, and the search starts at the
+        first node with enough of the scarcest resource.
+        """
+        signature = tuple(resource for resource, _ in needs)
+        entries = self._fit_list(signature)
+        wanted = [amount - EPSILON for _, amount in needs]
+        start = bisect.bisect_left(entries, ((wanted[0],),)) if wanted else 0
+        for at in range(start, len(entries)):
+            free, node_id = entries[at]
+            if node_id in nodes and all(map(operator.ge, free, wanted)):
+                return node_id
+        return None
+
+    def _fit_list(self, signature: tuple[str, ...]) -> list[tuple[tuple[float, ...], str]]:
+        """Alive nodes as (free amounts of `signature`, node_id), sorted; kept up to date."""
+        fit = self.fit_lists.get(signature)
+        if fit is None:
+            fit = self.fit_lists[signature] = _FitList(len(self.log))
+            for node_id, free in self.free.items():
+                fit.current[node_id] = (tuple(free.get(r, 0.0) for r in signature), node_id)
+            fit.entries = sorted(fit.current.values())
+        elif fit.seen != len(self.log):
+            for node_id in set(self.log[fit.seen :]):
+                old = fit.current[node_id]
+                del fit.entries[bisect.bisect_left(fit.entries, old)]
+                free = self.free[node_id]
+                new = fit.current[node_id] = (tuple(free.get(r, 0.0) for r in signature), node_id)
+                bisect.insort(fit.entries, new)
+            fit.seen = len(self.log)
+        return fit.entries
+
+    def _known_failure(self, selector: _SelectorKey, needs: _NeedsKey, priority: int) -> bool:
+        """Whether an earlier want of this pass proved that this one finds nothing either.
+
+        An earlier want with the same selector, at least this priority and at most these needs
+        found no free fit, no victims and no busy blockers. Since then the pass only placed
+        (less free), reserved (less free, fewer victims) or evicted models that the earlier
+        want could have stopped as well (wants come in demand order, so every victim since was
+        of no higher priority than it): what it could reach on any node has not grown. Nor has
+        what this one can reach, which is no more (less or equal priority, more needs).
+        """
+        have = dict(needs)
+        return any(
+            earlier >= priority
+            and all(have.get(resource, 0.0) + EPSILON >= amount for resource, amount in failed)
+            for failed, earlier in self.failures.get(selector, ())
+        )
+
+    def _victims(
+        self,
+        node_id: str,
+        needs: _NeedsKey,
+        priority: int,
+        allow_busy: bool,
+        ceiling: int | None = None,
+    ) -> list[Resident] | None:
+        """Victims on one node, in victim order, until the want fits; None if they never do.
+
+        Only models a want of `priority` may stop, none above `ceiling` (default: `priority`).
+        A victim counts only if it holds something still short: stopping a CPU model never
+        frees a GPU. With `allow_busy`, busy models of lower priority count too (to name whom a
+        want waits for; they are never evicted busy).
+        """
+        if ceiling is None:
+            ceiling = priority
+        free = self.free[node_id]
+        short: dict[str, float] = {}
+        for resource, amount in needs:
+            gap = amount - free.get(resource, 0.0)
+            if gap > EPSILON:
+                short[resource] = gap
+        if not short:
+            return []
+        taken: list[Resident] = []
+        for resident in self.victims_on[node_id]:
+            if resident.priority > ceiling:
+                break
+            name = resident.name
+            if name in self.evicted or name in self.reserved:
+                continue
+            if name in self.busy:
+                if not allow_busy or resident.priority >= priority:
+                    continue
+            elif not self._eligible(resident, priority):
+                continue
+            holds = self.holds[name]
+            if holds.keys().isdisjoint(short):
+                continue
+            taken.append(resident)
+            for resource, amount in holds.items():
+                gap = short.get(resource)
+                if gap is not None:
+                    if gap - amount > EPSILON:
+                        short[resource] = gap - amount
+                    else:
+                        del short[resource]
+            if not short:
+                return taken
+        return None
+
+    # --- applying decisions within the pass -----------------------------------------------
+
+    def _evict(self, resident: Resident) -> None:
+        self.evicted.add(resident.name)
+        self.running -= 1
+        free = self.free.get(resident.node_id)
+        if free is not None:
+            for resource, amount in self.holds[resident.name].items():
+                free[resource] = free.get(resource, 0.0) + amount
+            self.log.append(resident.node_id)
+            self.stamps[resident.node_id] = len(self.log)
+
+    def _place(self, model: str, needs: _NeedsKey, node_id: str) -> None:
+        free = self.free[node_id]
+        for resource, amount in needs:
+            free[resource] = free.get(resource, 0.0) - amount
+        self.running += 1
+        self.placed_on.setdefault(node_id, []).append((model, needs))
+        self.log.append(node_id)
+        self.stamps[node_id] = len(self.log)
+
+    def _reserve(self, model: str, needs: _NeedsKey, plan: _BusyPlan) -> None:
+        """Keep what a want waits for on its node from the wants after it in this pass.
+
+        Without this, a lower-priority want could take the node's free GPU or its idle victims
+        now, and when the busy model goes idle the waiting want would need yet another eviction
+        (of a model just started) instead of being placed at once.
+        """
+        for resident in plan.idle + plan.busy:
+            self.reserved[resident.name] = model
+        free = self.free[plan.node_id]
+        for resource, amount in needs:
+            have = free.get(resource, 0.0)
+            free[resource] = have - min(max(have, 0.0), amount)
+        self.reserved_on.setdefault(plan.node_id, []).append(model)
+        self.log.append(plan.node_id)
+        self.stamps[plan.node_id] = len(self.log)
+
+    # --- reasons --------------------------------------------------------------------------
+
+    def _fail_reason(self, model: str, selector: _SelectorKey, needs: _NeedsKey) -> str:
+        cluster = self.cluster_text
+        if cluster is None:
+            lines = []
+            for node in self.nodes.values():
+                labels = ", ".join(
+                    f"{k}={v}" for k, v in sorted(node.labels.items()) if "ray.io" not in k
+                )
+                lines.append(
+                    f"  node {node.address}: free {_amounts(node.free)} of "
+                    f"{_amounts(node.total)}" + (f"; labels {labels}" if labels else "")
+                )
+            cluster = self.cluster_text = "\n".join(lines or ["  no alive node"])
+        return (
+            f"model '{model}' cannot be placed: it needs {_want_text(needs, selector)}; "
+            f"no node has that at all. Cluster:\n{cluster}"
+        )
+
+    def _busy_reason(self, plan: _BusyPlan) -> str:
+        node = self.nodes[plan.node_id]
+        whom = _and(
+            [
+                f"'{r.name}' (priority {r.priority}, busy: {r.in_flight} in flight, "
+                f"{r.queued} queued)"
+                for r in plan.busy
+            ]
+        )
+        one = len(plan.busy) == 1
+        return (
+            f"waiting for {whom} to finish on node {node.address}; "
+            f"{'it' if one else 'they'} will be evicted as soon as "
+            f"{'it is' if one else 'they are'} idle"
+        )
+
+    def _reason(self, key: tuple[Any, ...]) -> str:
+        reason = self.reasons.get(key)
+        if reason is None:
+            if key[0] == "capacity":
+                reason = self._capacity_reason(key[1])
+            else:
+                reason = self._wait_reason(key[1], key[2], key[3])
+            self.reasons[key] = reason
+        return reason
+
+    def _recent(self) -> str:
+        return f"ready for less than min_residency ({self.min_residency:g}s)"
+
+    def _holders(self, selector: _SelectorKey, needs: _NeedsKey) -> _Holders:
+        """Who holds what the want needs on the nodes that could hold it, sorted into kinds."""
+        wanted = frozenset(resource for resource, _ in needs)
+        ever = self._reach(selector, needs).nodes
+        key = (wanted, tuple(ever))
+        found = self.holders.get(key)
+        if found is not None:
+            return found
+        holders = _Holders()
+        for node_id in ever:
+            for resident in self.on_node[node_id]:
+                name = resident.name
+                if name in self.evicted or name in self.reserved:
+                    continue
+                if wanted.isdisjoint(self.holds[name]):
+                    continue
+                if resident.preload:
+                    holders.fixed.setdefault("preloaded", []).append(name)
+                elif resident.state in _STARTING:
+                    holders.fixed.setdefault("starting", []).append(name)
+                elif resident.state == "ready" or resident.state in _GONE:
+                    if resident.state in _GONE:
+                        bucket = holders.gone
+                    elif name in self.busy:
+                        bucket = holders.busy
+                    elif not self._eligible(resident, resident.priority):
+                        bucket = holders.recent
+                    else:
+                        bucket = holders.idle
+                    bucket.setdefault(resident.priority, []).append(name)
+                else:
+                    holders.fixed.setdefault(resident.state, []).append(name)
+            holders.fixed.setdefault("starting", []).extend(
+                model
+                for model, held in self.placed_on.get(node_id, [])
+                if any(resource in wanted for resource, _ in held)
+            )
+            holders.kept_for.update(self.reserved_on.get(node_id, []))
+        for lists in (holders.fixed, holders.busy, holders.recent, holders.idle, holders.gone):
+            for names in lists.values():
+                names.sort()
+        self.holders[key] = holders
+        return holders
+
+    def _wait_reason(self, selector: _SelectorKey, needs: _NeedsKey, priority: int) -> str:
+        holders = self._holders(selector, needs)
+        said = holders.said.get(priority)
+        if said is None:
+            said = holders.said[priority] = self._holders_text(holders, priority)
+        return f"waiting for {_want_text(needs, selector)}: {said}"
+
+    def _holders_text(self, holders: _Holders, priority: int) -> str:
+        """Who holds it, as a want of `priority` sees them."""
+        higher = [
+            names
+            for bucket in (holders.busy, holders.recent, holders.idle)
+            for level, names in bucket.items()
+            if level > priority
+        ]
+        busy = [names for level, names in holders.busy.items() if level <= priority]
+        # Stopped or failed ones of lower or equal priority are victims, not reasons to wait.
+        gone = [names for level, names in holders.gone.items() if level > priority]
+        parts = []
+        if any(higher):
+            parts.append(f"models of higher priority hold it ({_names(higher)})")
+        if any(busy):
+            parts.append(f"busy: {_names(busy)}")
+        for kind in ("starting", "stopping", "preloaded"):
+            if holders.fixed.get(kind):
+                parts.append(f"{kind}: {_names([holders.fixed[kind]])}")
+        for kind in sorted(set(holders.fixed) - {"starting", "stopping", "preloaded"}):
+            if holders.fixed[kind]:
+                parts.append(f"{kind}: {_names([holders.fixed[kind]])}")
+        if any(gone):
+            parts.append(f"stopped or failed: {_names(gone)}")
+        if holders.recent.get(priority):
+            parts.append(f"{self._recent()}: {_names([holders.recent[priority]])}")
+        if holders.kept_for:
+            parts.append(f"kept for waiting {_names([sorted(holders.kept_for)])}")
+        if not parts:
+            parts.append("not free on any node that has it")
+        return "; ".join(parts)
+
+    def _kept_because(self, resident: Resident, priority: int) -> str | None:
+        """Why a resident cannot be stopped for a want of `priority` (None: it could be)."""
+        if resident.name in self.reserved:
+            return "kept for a waiting model"
+        if resident.preload:
+            return "preloaded"
+        if resident.state in _GONE:
+            return None if resident.priority <= priority else "stopped or failed"
+        if resident.state in _STARTING:
+            return "starting"
+        if resident.state != "ready":
+            return resident.state
+        if resident.priority > priority:
+            return "of higher priority"
+        if resident.name in self.busy:
+            return "busy"
+        if not self._eligible(resident, priority):
+            return self._recent()
+        return None
+
+    def _capacity_reason(self, priority: int) -> str:
+        counts: dict[str, int] = {}
+        for resident in self.residents.values():
+            if resident.name not in self.evicted:
+                why = self._kept_because(resident, priority) or "idle"
+                counts[why] = counts.get(why, 0) + 1
+        placed = sum(len(models) for models in self.placed_on.values())
+        if placed:
+            counts["starting"] = counts.get("starting", 0) + placed
+        order = ["busy", "starting", "stopping", "stopped or failed", "preloaded"]
+        order += ["of higher priority"]
+        order += [self._recent(), "kept for a waiting model"]
+        order += [*sorted(set(counts) - {*order, "idle"}), "idle"]
+        listed = ", ".join(f"{counts[why]} {why}" for why in order if counts.get(why))
+        lead = "not enough running models" if counts.get("idle") else "no running model"
+        return (
+            f"max_running_models ({self.limit}) reached; {lead} can be stopped for it now "
+            f"({listed or 'none running'})"
+        )
+
+
+@dataclass
+class _Holders:
+    """The residents a waiting want's reason names: kinds that do not depend on its priority
+    (starting, stopping, preloaded), and the others by their priority (ready and busy, ready
+    for less than min_residency, ready and idle, stopped or failed), each list sorted by name."""
+
+    fixed: dict[str, list[str]] = field(default_factory=dict)
+    busy: dict[int, list[str]] = field(default_factory=dict)
+    recent: dict[int, list[str]] = field(default_factory=dict)
+    idle: dict[int, list[str]] = field(default_factory=dict)
+    gone: dict[int, list[str]] = field(default_factory=dict)
+    kept_for: set[str] = field(default_factory=set)
+    said: dict[int, str] = field(default_factory=dict)  # the text, by the want's priority

@@ -1,0 +1,107 @@
+"""Through the deployed product: a model being stopped (idle cleanup) or moved to a new actor (a
+reload of a placement field) never costs a request. The registry drops the old instance before
+it stops; requests that race it wait for a fresh one and are answered 200."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from tests.conftest import deployed
+from tests.helpers import alive, wait_for
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+STOP_GRACE = 8  # seconds the old llama-server ignores SIGTERM before it is killed
+
+
+def models_config(fake_server: Path, tiny_model: Path, movable_cpus: float = 0) -> dict[str, Any]:
+    fake = {"model_path": str(tiny_model), "llama_server": str(fake_server), "num_gpus": 0}
+    return {
+        "settings": {"cleanup_interval": 0.5, "stop_grace": STOP_GRACE},
+        "models": {
+            "chat": {**fake, "preload": True},
+            # Stopped for idleness 2 s after its last request; its llama-server ignores SIGTERM,
+            # so the stop takes the whole grace.
+            "deaf": {**fake, "idle_timeout": 2, "env": {"FAKE_LLAMA_IGNORE_SIGTERM": "1"}},
+            "movable": {**fake, "num_cpus": movable_cpus, "parallel": 2},
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def tmp_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("lifecycle")
+
+
+@pytest.fixture(scope="module")
+def setup(
+    proxifier_home: Path, fake_server: Path, tiny_model: Path, tmp_path: Path
+) -> Iterator[tuple[str, Path]]:
+    path = tmp_path / "models.yaml"
+    path.write_text(yaml.safe_dump(models_config(fake_server, tiny_model)))
+    with deployed(proxifier_home, path, replicas=2, ready="chat") as (url, _controller):
+        yield url, path
+
+
+def status(url: str, model: str) -> dict[str, Any]:
+    return httpx.get(f"{url}/admin/models/{model}/status", timeout=30).json()
+
+
+def ask(url: str, model: str) -> int:
+    body = {"model": model, **CHAT}
+    return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).status_code
+
+
+def test_requests_that_race_an_idle_stop_get_a_fresh_instance(setup: tuple[str, Path]) -> None:
+    url, _ = setup
+    assert ask(url, "deaf") == 200
+    old_pid = status(url, "deaf")["pid"]
+    # Idle cleanup takes the model out of the registry, then stops it (for STOP_GRACE s).
+    wait_for(lambda: status(url, "deaf")["state"] == "stopping", timeout=30)
+    assert alive(old_pid), "the old llama-server should still be in its SIGTERM grace"
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: ask(url, "deaf"), range(8)))
+    assert answers == [200] * 8
+    fresh = status(url, "deaf")
+    assert fresh["state"] == "ready" and fresh["pid"] != old_pid
+
+
+def test_reloading_a_placement_field_answers_2xx_and_loses_no_request(
+    setup: tuple[str, Path], fake_server: Path, tiny_model: Path
+) -> None:
+    url, path = setup
+    assert ask(url, "movable") == 200
+    before = status(url, "movable")
+    answers: list[int] = []
+    done = threading.Event()
+
+    def keep_asking() -> None:
+        while not done.is_set():
+            answers.append(ask(url, "movable"))
+
+    senders = [threading.Thread(target=keep_asking) for _ in range(3)]
+    for sender in senders:
+        sender.start()
+    try:
+        wait_for(lambda: len(answers) >= 6, timeout=60)
+        path.write_text(yaml.safe_dump(models_config(fake_server, tiny_model, movable_cpus=0.5)))
+        reload = httpx.post(f"{url}/admin/config/reload", timeout=120)
+        assert reload.status_code == 200, reload.text
+        assert "movable" in str(reload.json()["changes"])
+        # The new instance (a new actor, holding half a CPU) serves while the senders go on.
+        wait_for(lambda: status(url, "movable").get("actor_pid") != before["actor_pid"], 60)
+        wait_for(lambda: status(url, "movable")["state"] == "ready", timeout=60)
+        served = len(answers)
+        wait_for(lambda: len(answers) >= served + 6, timeout=60)
+    finally:
+        done.set()
+        for sender in senders:
+            sender.join()
+    assert set(answers) == {200}, answers
