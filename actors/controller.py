@@ -1,54 +1,47 @@
 """The controller: one detached actor per cluster that owns the configuration and the registry of
-model actors (DESIGN §3). It places models by priority, evicts for higher priorities, stops idle
-models, keeps preloaded ones running, starts and stops groups, hot-reloads the config files,
-keeps config backups, and collects the event feed.
+model actors (DESIGN §3). It is the scheduler's reconcile loop: one pass at a time, on every
+change, it gathers the facts (nodes, the models whose actors exist, the models wanted), asks
+`proxifier.scheduler.decide` and applies the answer (evict, place pinned to a node, tell waiting
+requests why they wait, fail). Besides that it stops idle models, keeps preloaded ones running,
+starts and stops groups and applies config reloads (`proxifier.planning` decides those).
 
-Every decision comes from `proxifier.planning` / `proxifier.placement`; this actor gathers the
-facts (model stats, cluster resources) and carries the decisions out. It never holds one lock
-across model starts: each model has its own single-flight placement task.
+The files themselves (backups, restore, the accepted copy) live in `actors.config_files`, the
+event feed in `actors.events`, the Ray plumbing in `actors.ray_glue`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
-import shutil
 import time
 import uuid
-from collections import deque
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import ray
-import yaml
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from actors.config_files import ConfigFiles
+from actors.events import EventFeed
 from actors.model_actor import (
     NAMESPACE,
     cluster_singleton_options,
     create_model_actor,
     model_of,
 )
-from proxifier.backups import backups_to_prune, new_backup_id, valid_backup_id
+from actors.ray_glue import Background, call, cluster_gpus, cluster_nodes
 from proxifier.config import (
-    AUTH_DISABLED,
     AuthConfig,
     ConfigError,
     ModelsConfig,
     effective,
-    load_auth_config,
-    load_models_config,
     parse_yaml_text,
     validate_auth,
-    validate_models,
 )
 from proxifier.config_diff import ModelsDiff, diff_models
 from proxifier.errors import (
-    InvalidRequest,
     ModelFailed,
     ModelNotFound,
     NotFound,
@@ -119,9 +112,9 @@ class Controller:
         # async: Ray runs it on the actor's event loop, so the loops start here, also when
         # Ray restarts a controller that died (DESIGN §11).
         self.models_path = Path(models_path).resolve()
-        self.explicit_auth_path = Path(auth_path).resolve() if auth_path else None
-        self.events: deque[dict[str, Any]] = deque(maxlen=1000)
-        self._seq = 0
+        self.files = ConfigFiles(self.models_path, Path(auth_path).resolve() if auth_path else None)
+        self.feed = EventFeed()
+        self.background = Background()
         # A restarted controller goes on with the configuration it last accepted, not with
         # whatever is on disk now (an edit not reloaded yet, or a bad file). A first start
         # reads the files; one that does not load fails the actor's creation (`proxifier serve`
@@ -137,7 +130,6 @@ class Controller:
         self.decisions: dict[str, dict[str, Any]] = {}  # the scheduler's last word per model
         self._wake = asyncio.Event()
         self._reconciler: asyncio.Task[None] | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
         self._upkeep: asyncio.Task[None] | None = None
         self._orphans: list[tuple[str, Any]] = []
         # Finished async (respond-async) results of model actors that were stopped since.
@@ -157,19 +149,15 @@ class Controller:
         restarted = ray.is_initialized() and (
             ray.get_runtime_context().was_current_actor_reconstructed
         )
-        stored = accepted_texts(self.models_path) if restarted else None
+        stored = self.files.accepted() if restarted else None
         if stored is None:
-            config = load_models_config(self.models_path)
-            auth = self._load_auth(config)
-            self._accept(config, auth)
+            config = self.files.load_models()
+            auth = self.files.load_auth(config)
+            self._accept(config)
             return config, auth
-        config = validate_models(
-            parse_yaml_text(stored["models"], str(self.models_path)),
-            file=str(self.models_path),
-            base_dir=self.models_path.parent,
-        )
+        config = self.files.models_from_text(stored["models"], str(self.models_path))
         try:
-            auth = self._load_auth(config)  # auth.yaml applies as it changes on disk
+            auth = self.files.load_auth(config)  # auth.yaml applies as it changes on disk
         except ConfigError as error:
             if stored.get("auth") is None:
                 raise
@@ -178,15 +166,9 @@ class Controller:
         self._event("config_restored_after_restart", models_path=str(self.models_path))
         return config, auth
 
-    def _accept(self, config: ModelsConfig, auth: AuthConfig) -> None:
-        """Remember the files just applied (their text as read now) for a restarted controller."""
-        auth_path = self._auth_path(config)
-        texts = {
-            "models": self.models_path.read_text(),
-            "auth": auth_path.read_text() if auth_path and auth_path.exists() else None,
-        }
+    def _accept(self, config: ModelsConfig) -> None:
         with contextlib.suppress(Exception):  # no store (no Ray): a restart reads the files
-            store_accepted(self.models_path, texts)
+            self.files.accept(config)
 
     # ------------------------------------------------------------------ boot and adoption
     def _adopt(self) -> None:
@@ -201,9 +183,7 @@ class Controller:
                 handle = ray.get_actor(name, namespace=NAMESPACE)
                 if model in self.config.models and model not in self.handles:
                     self.handles[model] = handle
-                    self.options[model] = actor_options(
-                        self.config.models[model], self._cluster_gpus()
-                    )
+                    self.options[model] = actor_options(self.config.models[model], cluster_gpus())
                     self._event("adopted", model=model)
                 else:
                     self._orphans.append((model, handle))  # retired once the loop runs
@@ -230,7 +210,7 @@ class Controller:
         deadline = time.time() + self.config.settings.placement_timeout
         self.placement_failures.pop(model, None)  # an admin start skips a failure's cooldown
         handle = await self._ensure_actor(model, deadline)
-        return await _call(handle.start.remote(force=True))
+        return await call(handle.start.remote(force=True))
 
     async def stop_model(self, name: str, force: bool = False) -> dict[str, Any]:
         """An admin stop. A preloaded model only stops with `force`."""
@@ -253,7 +233,7 @@ class Controller:
     async def model_logs(self, name: str, lines: int = 100) -> list[str]:
         model = self._resolve(name)
         handle = self.handles.get(model)
-        return [] if handle is None else await _call(handle.logs.remote(lines))
+        return [] if handle is None else await call(handle.logs.remote(lines))
 
     async def queue_status(self, name: str | None = None) -> list[dict[str, Any]]:
         names = [self._resolve(name)] if name else sorted(self.handles)
@@ -270,7 +250,7 @@ class Controller:
     async def clear_queue(self, name: str) -> dict[str, Any]:
         model = self._resolve(name)
         handle = self.handles.get(model)
-        cleared = 0 if handle is None else await _call(handle.clear_queue.remote())
+        cleared = 0 if handle is None else await call(handle.clear_queue.remote())
         return {"model": model, "cleared": cleared}
 
     # ------------------------------------------------------------------ groups
@@ -318,8 +298,8 @@ class Controller:
     async def reload_config(self) -> dict[str, Any]:
         """Re-read models.yaml and auth.yaml; apply the difference. A bad file changes nothing."""
         try:
-            new = load_models_config(self.models_path)
-            auth = self._load_auth(new)
+            new = self.files.load_models()
+            auth = self.files.load_auth(new)
         except ConfigError as error:
             self._event("config_rejected", errors=[str(i) for i in error.issues])
             raise
@@ -328,12 +308,12 @@ class Controller:
             self.auth = auth
             self.auth_version += 1
             result["auth_reloaded"] = True
-        self._accept(new, auth)
+        self._accept(new)
         return result
 
     async def reload_model(self, name: str) -> dict[str, Any]:
         """Re-read models.yaml and apply only what changed for one model."""
-        new = load_models_config(self.models_path)
+        new = self.files.load_models()
         model = self.config.resolve_name(name) or new.resolve_name(name)
         if model is None:
             raise ModelNotFound(self._not_found_message(name))
@@ -349,11 +329,11 @@ class Controller:
         """Validate the files on disk without applying them."""
         errors: list[str] = []
         try:
-            new = load_models_config(self.models_path)
+            new = self.files.load_models()
         except ConfigError as error:
             return {"valid": False, "errors": [str(i) for i in error.issues]}
         try:
-            self._load_auth(new)
+            self.files.load_auth(new)
         except ConfigError as error:
             errors = [str(i) for i in error.issues]
         diff = diff_models(self.config, new)
@@ -364,98 +344,34 @@ class Controller:
 
     def config_files(self) -> dict[str, Any]:
         """The config files as they are on disk, key material in auth.yaml redacted."""
-        auth_path = self._auth_path(self.config)
-        auth_text = None
-        if auth_path is not None and auth_path.exists():
-            auth_text = redact_keys(auth_path.read_text())
-        return {
-            "models_path": str(self.models_path),
-            "models_yaml": self.models_path.read_text(),
-            "auth_path": str(auth_path) if auth_path else None,
-            "auth_yaml": auth_text,
-        }
+        return self.files.shown(self.config)
 
     def backup_diff(self, backup_id: str) -> dict[str, Any]:
         """What restoring a backup would change, without changing anything."""
-        folder = self._backup_folder(backup_id)
-        restored = validate_models(
-            parse_yaml_text((folder / "models.yaml").read_text(), f"backup {backup_id}"),
-            file=f"backup {backup_id}/models.yaml",
-            base_dir=self.models_path.parent,
-        )
+        restored = self.files.backup_models(backup_id)
         return {"id": backup_id, "changes": diff_models(self.config, restored).summary()}
 
     def get_config(self) -> ModelsConfig:
         return self.config
 
     def config_paths(self) -> dict[str, str | None]:
-        auth = self._auth_path(self.config)
+        auth = self.files.auth_path(self.config)
         return {"models": str(self.models_path), "auth": str(auth) if auth else None}
 
     # ------------------------------------------------------------------ backups
     def backup(self, description: str = "") -> dict[str, Any]:
         """Copy the config files into backups/<id>/ with a description; keep the last 20."""
-        root = self._backup_root()
-        root.mkdir(parents=True, exist_ok=True)
-        backup_id = new_backup_id(datetime.now(UTC), (p.name for p in root.iterdir()))
-        folder = root / backup_id
-        folder.mkdir()
-        files = {"models.yaml": self.models_path}
-        auth = self._auth_path(self.config)
-        if auth is not None and auth.exists():
-            files["auth.yaml"] = auth
-        for stored, source in files.items():
-            shutil.copy2(source, folder / stored)
-        meta = {
-            "id": backup_id,
-            "description": description,
-            "created_at": datetime.now(UTC).isoformat(),
-            "files": sorted(files),
-        }
-        (folder / "meta.json").write_text(json.dumps(meta, indent=2))
-        for old in backups_to_prune(p.name for p in root.iterdir() if valid_backup_id(p.name)):
-            shutil.rmtree(root / old, ignore_errors=True)
-        self._event("config_backup", id=backup_id, description=description)
+        meta = self.files.backup(self.config, description)
+        self._event("config_backup", id=meta["id"], description=description)
         return meta
 
     def list_backups(self) -> list[dict[str, Any]]:
-        root = self._backup_root()
-        if not root.exists():
-            return []
-        metas = []
-        for folder in root.iterdir():
-            meta = folder / "meta.json"
-            if valid_backup_id(folder.name) and meta.exists():
-                metas.append(json.loads(meta.read_text()))
-        return sorted(metas, key=lambda m: m["id"], reverse=True)
-
-    def _backup_folder(self, backup_id: str) -> Path:
-        if not valid_backup_id(backup_id):
-            raise InvalidRequest(f"{backup_id!r} is not a backup id")
-        folder = self._backup_root() / backup_id
-        if not (folder / "models.yaml").exists():
-            raise NotFound(f"no backup '{backup_id}'")
-        return folder
+        return self.files.list_backups()
 
     async def restore(self, backup_id: str) -> dict[str, Any]:
-        """Validate a backup, back up the current files, write the backup's atomically, apply."""
-        folder = self._backup_folder(backup_id)
-        models_text = (folder / "models.yaml").read_text()
-        base = self.models_path.parent
-        restored = validate_models(
-            parse_yaml_text(models_text, f"backup {backup_id}/models.yaml"),
-            file=f"backup {backup_id}/models.yaml",
-            base_dir=base,
-        )
-        auth_text = None
-        if (folder / "auth.yaml").exists():
-            auth_text = (folder / "auth.yaml").read_text()
-            validate_auth(parse_yaml_text(auth_text, "auth"), file=f"backup {backup_id}/auth.yaml")
-        before = self.backup(f"before restoring {backup_id}")
-        _write_atomically(self.models_path, models_text)
-        auth_path = self._auth_path(restored)
-        if auth_text is not None and auth_path is not None:
-            _write_atomically(auth_path, auth_text)
+        """Put a backup's files in place (both validated first, modes kept) and apply them."""
+        before = self.files.restore(backup_id, self.config)
+        self._event("config_backup", id=before["id"], description=before["description"])
         result = await self.reload_config()
         self._event("config_restored", id=backup_id, previous=before["id"])
         return {"restored": backup_id, "backup_of_previous": before["id"], **result}
@@ -514,11 +430,11 @@ class Controller:
             histogram = self.load_seconds.setdefault(event["model"], Histogram(LOAD_BUCKETS))
             histogram.observe(event["load_seconds"])
         if event.get("kind") == "failed" and event.get("model") in self.handles:
-            self._keep(asyncio.create_task(self._drop_failed(event["model"])))
+            self.background.keep(asyncio.create_task(self._drop_failed(event["model"])))
         self._event(event.get("kind", "event"), **{k: v for k, v in event.items() if k != "kind"})
 
     def events_since(self, seq: int = -1, limit: int = 500) -> list[dict[str, Any]]:
-        return [e for e in self.events if e["seq"] > seq][-limit:]
+        return self.feed.since(seq, limit)
 
     async def cluster(self) -> dict[str, Any]:
         statuses = await self.status()
@@ -536,7 +452,7 @@ class Controller:
                 "labels": dict(node.labels),
                 "models": sorted(where.get(node.node_id, [])),
             }
-            for node in _nodes()
+            for node in cluster_nodes()
         ]
         return {"nodes": nodes}
 
@@ -655,9 +571,9 @@ class Controller:
             )
         if not set(self.wants) - cooling:
             return
-        gpus = self._cluster_gpus()
+        gpus = cluster_gpus()
         residents = await self._residents()
-        nodes = _node_facts(_nodes(), residents)
+        nodes = _node_facts(cluster_nodes(), residents)
         wants = []
         for name, entry in self.wants.items():
             if name in cooling:
@@ -701,7 +617,7 @@ class Controller:
                     )
 
         if placed:
-            self._keep(asyncio.create_task(self._start_in_turn(placed)))
+            self.background.keep(asyncio.create_task(self._start_in_turn(placed)))
 
     async def _start_in_turn(self, handles: list[Any]) -> None:
         """Start llama-server on each actor placed in one pass, in the pass's order (priority):
@@ -926,7 +842,7 @@ class Controller:
         for name in plan.drain + plan.recreate:
             handle = self.handles[name]
             self._unregister(name, handle)  # requests from now on wait for the new instance
-            self._keep(asyncio.create_task(self._retire(name, handle)))
+            self.background.keep(asyncio.create_task(self._retire(name, handle)))
         reloads = [
             self.handles[name].reload.remote(new.models[name], new.settings)
             for name in plan.restart + plan.live
@@ -948,31 +864,30 @@ class Controller:
             self.placement_failures.pop(name, None)  # an explicit start skips a cooldown
         results = await self._await_placed(names)
         handles = [self.handles[r["model"]] for r in results if r["model"] in self.handles]
-        self._keep(asyncio.create_task(self._start_in_turn(handles)))
+        self.background.keep(asyncio.create_task(self._start_in_turn(handles)))
         return results
 
     # ------------------------------------------------------------------ upkeep
     def _ensure_upkeep(self) -> None:
         if self._upkeep is None or self._upkeep.done():
             self._upkeep = asyncio.create_task(self._upkeep_loop())
-            self._keep(asyncio.create_task(self._watch_auth_file()))
+            self.background.keep(asyncio.create_task(self._watch_auth_file()))
         while self._orphans:
-            self._keep(asyncio.create_task(self._retire(*self._orphans.pop())))
+            self.background.keep(asyncio.create_task(self._retire(*self._orphans.pop())))
 
     async def _watch_auth_file(self) -> None:
         """auth.yaml takes effect when it changes on disk (keys added or removed, no restart);
         a bad edit is rejected and the keys in force stay."""
-        path = self._auth_path(self.config)
-        seen = _mtime(path)
+        seen = self.files.auth_stamp(self.config)
         while True:
             await asyncio.sleep(AUTH_POLL_INTERVAL)
-            path = self._auth_path(self.config)
-            current = _mtime(path)
+            path = self.files.auth_path(self.config)
+            current = self.files.auth_stamp(self.config)
             if current == seen:
                 continue
             seen = current
             try:
-                auth = self._load_auth(self.config)
+                auth = self.files.load_auth(self.config)
             except ConfigError as error:
                 self._event(
                     "config_rejected", file=str(path), errors=[str(i) for i in error.issues]
@@ -981,7 +896,7 @@ class Controller:
             if auth != self.auth:
                 self.auth, self.auth_version = auth, self.auth_version + 1
                 self._event("auth_reloaded", keys=len(auth.api_keys), enabled=auth.enabled)
-                self._accept(self.config, auth)
+                self._accept(self.config)
 
     async def _upkeep_loop(self) -> None:
         """Every cleanup_interval: stop idle models; bring preloaded ones back."""
@@ -1010,7 +925,7 @@ class Controller:
             if name not in self.handles:
                 self._want(name, keep=True)  # placed (and started) by the next pass
             elif state in ("stopped", "failed"):
-                self._fire(self.handles[name].start.remote())
+                self.background.fire(self.handles[name].start.remote())
 
     async def _replace_lost(self) -> None:
         """Model actors that died with their node: forget them, and place the ones that should
@@ -1071,129 +986,8 @@ class Controller:
     def _preloaded(self) -> list[str]:
         return sorted(n for n, m in self.config.models.items() if m.preload)
 
-    def _auth_path(self, config: ModelsConfig) -> Path | None:
-        return self.explicit_auth_path or config.auth_path()
-
-    def _load_auth(self, config: ModelsConfig) -> AuthConfig:
-        path = self._auth_path(config)
-        return AUTH_DISABLED if path is None else load_auth_config(path)
-
-    def _backup_root(self) -> Path:
-        return self.models_path.parent / "backups"
-
-    def _cluster_gpus(self) -> float:
-        return float(ray.cluster_resources().get("GPU", 0))
-
     def _event(self, kind: str, **details: Any) -> None:
-        self._seq += 1
-        details.pop("seq", None)
-        details.setdefault("time", time.time())
-        self.events.append({"seq": self._seq, "kind": kind, **details})
-
-    def _keep(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    def _fire(self, ref: Any) -> None:
-        """Wait for a call in the background so a failure is observed, not reported as lost."""
-
-        async def observe() -> None:
-            with contextlib.suppress(Exception):
-                await ref
-
-        self._keep(asyncio.create_task(observe()))
-
-
-async def _call(ref: Any) -> Any:
-    """Await a model actor's answer, re-raising its typed error as itself: Ray cannot wrap a
-    RayTaskError a second time, and the caller should see QueueFull, not a wrapper."""
-    try:
-        return await ref
-    except ray.exceptions.RayTaskError as error:
-        if isinstance(error.cause, ProxifierError):
-            raise error.cause from None
-        raise
-
-
-def _nodes() -> list[NodeView]:
-    try:
-        from ray._private.state import state  # no public per-node view without the dashboard
-
-        free = state.available_resources_per_node()
-    except Exception:
-        free = {}
-    views = []
-    for node in ray.nodes():
-        total = {k: float(v) for k, v in node.get("Resources", {}).items()}
-        views.append(
-            NodeView(
-                node_id=node["NodeID"],
-                address=node.get("NodeManagerAddress", "?"),
-                alive=bool(node.get("Alive")),
-                total=total,
-                available={k: float(v) for k, v in free.get(node["NodeID"], total).items()},
-                labels={
-                    k: v
-                    for k, v in (node.get("Labels") or {}).items()
-                    if not k.startswith("ray.io/")
-                },
-            )
-        )
-    return views
-
-
-def _mtime(path: Path | None) -> float | None:
-    try:
-        return None if path is None else path.stat().st_mtime_ns
-    except FileNotFoundError:
-        return None
-
-
-def redact_keys(text: str) -> str:
-    """auth.yaml for display: every `key:` and `key_sha256:` value replaced, in whatever YAML
-    style it is written (block or flow, quoted or not); comments and layout stay."""
-    data = yaml.safe_load(text) or {}
-    entries = data.get("api_keys") if isinstance(data, dict) else None
-    secrets = sorted(
-        {
-            str(value)
-            for entry in (entries or {}).values()
-            if isinstance(entry, dict)
-            for field, value in entry.items()
-            if field in ("key", "key_sha256") and value
-        },
-        key=len,
-        reverse=True,
-    )
-    for secret in secrets:
-        text = text.replace(secret, "<redacted>")
-    return text
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(text)
-    os.replace(temporary, path)
-
-
-ACCEPTED_KEY = "proxifier:accepted:"
-
-
-def accepted_texts(models_path: Path) -> dict[str, Any] | None:
-    """The config files' text the controller for `models_path` last applied, kept in Ray's
-    key-value store (it lives as long as the cluster), or None."""
-    from ray.experimental import internal_kv
-
-    if not internal_kv._internal_kv_initialized():
-        return None
-    raw = internal_kv._internal_kv_get(ACCEPTED_KEY + str(models_path))
-    return None if raw is None else json.loads(raw)
-
-
-def store_accepted(models_path: Path, texts: dict[str, Any]) -> None:
-    from ray.experimental import internal_kv
-
-    internal_kv._internal_kv_put(ACCEPTED_KEY + str(models_path), json.dumps(texts), overwrite=True)
+        self.feed.add(kind, **details)
 
 
 ControllerRemote = ray.remote(Controller)

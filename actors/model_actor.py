@@ -26,6 +26,7 @@ import httpx
 import ray
 
 from actors.process import free_port, log_tail, rss_bytes, spawn, terminate
+from actors.ray_glue import Background
 from proxifier.config import (
     ModelConfig,
     Settings,
@@ -144,7 +145,7 @@ class ModelActor:
         self._background: asyncio.Task[None] | None = None
         self._reaper: asyncio.Task[None] | None = None
         self._client: httpx.AsyncClient | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = Background()  # fire-and-forget tasks, kept referenced
         self._unclaimed: set[str] = set()
 
     # ------------------------------------------------------------------ lifecycle (public)
@@ -569,7 +570,7 @@ class ModelActor:
         self._set_state(ModelState.READY)
         self._event("ready", pid=process.pid, load_seconds=now - (self.started_at or now))
         self._grant(self.slots.open(instance, now))
-        self._keep(asyncio.create_task(self._watch(process, instance)))
+        self._tasks.keep(asyncio.create_task(self._watch(process, instance)))
 
     async def _wait_ready(self, process: asyncio.subprocess.Process, url: str) -> str | None:
         """Poll /health until 200 while watching the process; a reason when it never gets there."""
@@ -631,7 +632,7 @@ class ModelActor:
                 return await operation(*args)
 
         task = asyncio.create_task(run())
-        self._keep(task)
+        self._tasks.keep(task)
         await asyncio.wait({task})
         return task.result()
 
@@ -852,11 +853,6 @@ class ModelActor:
         self._unclaimed = done - self._unclaimed
 
     # ------------------------------------------------------------------ helpers
-    def _keep(self, task: asyncio.Task[Any]) -> None:
-        """Hold a reference to a fire-and-forget task so it is not garbage-collected."""
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     def _set_state(self, new: ModelState) -> None:
         self.state = check_transition(self.state, new)
 

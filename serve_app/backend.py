@@ -17,8 +17,9 @@ import ray
 
 from actors.controller import get_controller
 from actors.rate_limiter import get_or_create_rate_limiter
+from actors.ray_glue import Background, call
 from proxifier.config import AuthConfig, ModelsConfig
-from proxifier.errors import ModelNotFound, ModelRetired, ProxifierError, Unavailable
+from proxifier.errors import ModelNotFound, ModelRetired, Unavailable
 from proxifier.lease_reuse import HeldLease, ModelLeases, releases
 
 CONFIG_TTL = 1.0  # seconds a replica trusts its copy of the config (reloads show up this fast)
@@ -82,7 +83,7 @@ class RayBackend:
         self._fetched = 0.0
         self._handles: dict[str, Any] = {}
         self._lock = asyncio.Lock()
-        self._background: set[asyncio.Task[Any]] = set()
+        self._background = Background()
         self._held: dict[str, ModelLeases] = {}  # finished leases not yet given back
         self._timers: dict[str, asyncio.TimerHandle] = {}  # sends them when nobody takes them
         # Who renews this replica's slots: model actors reclaim them when the renewals stop.
@@ -342,23 +343,11 @@ class RayBackend:
 
     async def call(self, ref: Any) -> Any:
         """Await an actor call; its typed error comes back as itself."""
-        try:
-            return await ref
-        except ray.exceptions.RayTaskError as error:
-            if isinstance(error.cause, ProxifierError | ValueError):
-                raise error.cause from None
-            raise
+        return await call(ref)
 
     def fire(self, ref: Any) -> None:
         """Send a call without waiting for it (release), but still observe its outcome."""
-
-        async def observe() -> None:
-            with contextlib.suppress(Exception):
-                await ref
-
-        task = asyncio.get_running_loop().create_task(observe())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._background.fire(ref)
 
 
 def _by_handle(entries: list[HeldLease]) -> list[tuple[Any, list[HeldLease]]]:

@@ -226,7 +226,10 @@ function renderModels() {
     el("td", {}, m.last_used ? `${ago(Date.now() / 1000 - m.last_used)} ago` : "-"),
     el("td", {}, bytes(m.rss_bytes)),
     el("td", {}, m.restarts ?? 0),
-    el("td", { class: "error" }, (m.last_error || "").split("\n")[0]),
+    // Not placed yet: the scheduler's reason (what it waits for) instead of the last error.
+    m.waiting_for
+      ? el("td", { class: "waiting", title: m.waiting_for }, `waiting: ${m.waiting_for.split("\n")[0]}`)
+      : el("td", { class: "error", title: m.last_error || "" }, (m.last_error || "").split("\n")[0]),
     modelActions(m),
   )));
 }

@@ -259,7 +259,7 @@ def test_a_lower_priority_request_never_evicts_a_higher_one(controller_for: Any)
     ray.get(controller.boot.remote(), timeout=120)
     warm(controller, "high")
     with pytest.raises(QueueTimeout, match="higher priority hold it"):
-        ray.get(controller.get_model.remote("low", time.time() + 3), timeout=60)
+        ray.get(controller.get_model.remote("low", time.time() + 10), timeout=60)
     assert ready(controller, "high") and evictions(controller) == []
 
 

@@ -31,6 +31,7 @@ def models_config(fake_server: Path, tiny_model: Path, movable_cpus: float = 0) 
             # so the stop takes the whole grace.
             "deaf": {**fake, "idle_timeout": 2, "env": {"FAKE_LLAMA_IGNORE_SIGTERM": "1"}},
             "movable": {**fake, "num_cpus": movable_cpus, "parallel": 2},
+            "nowhere": {**fake, "resources": {"tpu": 1}},  # no node has one
         },
     }
 
@@ -105,3 +106,23 @@ def test_reloading_a_placement_field_answers_2xx_and_loses_no_request(
         for sender in senders:
             sender.join()
     assert set(answers) == {200}, answers
+
+
+def test_the_scheduler_explains_where_a_model_runs_and_why_another_cannot(
+    setup: tuple[str, Path],
+) -> None:
+    url, _ = setup
+    placed = httpx.get(f"{url}/admin/scheduler/explain", params={"model": "chat"}, timeout=30)
+    assert placed.status_code == 200
+    assert placed.json()["last_decision"]["decision"] == "placed"
+    assert placed.json()["last_decision"]["reason"] == f"placed on node {placed.json()['node_id']}"
+    body = {"model": "nowhere", **CHAT}
+    refused = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+    assert refused.status_code == 503
+    message = refused.json()["error"]["message"]
+    assert "model 'nowhere' cannot be placed: it needs tpu 1; no node has that at all" in message
+    explained = httpx.get(f"{url}/admin/scheduler/explain?model=nowhere", timeout=30).json()
+    assert explained["last_decision"]["decision"] == "failed"
+    assert explained["last_decision"]["reason"] == message
+    unknown = httpx.get(f"{url}/admin/scheduler/explain?model=nope", timeout=30)
+    assert unknown.status_code == 404 and "does not exist" in unknown.json()["error"]["message"]

@@ -311,7 +311,7 @@ def test_max_running_models_evicts_the_idle_lower_priority_model(
     # A busy model is never evicted: the newcomer waits, then hears why.
     lease = ray.get(high.acquire.remote("busy"), timeout=60)
     with pytest.raises(QueueTimeout, match=r"max_running_models"):
-        ray.get(controller.get_model.remote("top", __import__("time").time() + 1), timeout=30)
+        ray.get(controller.get_model.remote("top", __import__("time").time() + 10), timeout=30)
     assert state(controller, "high") == "ready"
     ray.get(high.release.remote(lease["lease_id"]))
 

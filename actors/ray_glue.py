@@ -1,0 +1,80 @@
+"""The Ray calls the controller, the model actors and the ingress all make: awaiting an actor's
+answer with its typed error intact, fire-and-forget calls whose failures are still observed, and
+the cluster's nodes as plain data for the scheduler."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import ray
+
+from proxifier.errors import ProxifierError
+from proxifier.placement import NodeView
+
+
+async def call(ref: Any) -> Any:
+    """Await an actor's answer, re-raising its typed error as itself: Ray cannot wrap a
+    RayTaskError a second time, and the caller should see QueueFull, not a wrapper. A
+    ValueError (a bad argument) comes back as itself too."""
+    try:
+        return await ref
+    except ray.exceptions.RayTaskError as error:
+        if isinstance(error.cause, ProxifierError | ValueError):
+            raise error.cause from None
+        raise
+
+
+class Background:
+    """Tasks and calls nobody awaits, kept referenced (so they are not collected mid-flight)
+    and observed (so a failure is not reported as never retrieved)."""
+
+    def __init__(self) -> None:
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    def keep(self, task: asyncio.Task[Any]) -> asyncio.Task[Any]:
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    def fire(self, ref: Any) -> None:
+        """Send an actor call without waiting for its answer."""
+
+        async def observe() -> None:
+            with contextlib.suppress(Exception):
+                await ref
+
+        self.keep(asyncio.get_running_loop().create_task(observe()))
+
+
+def cluster_nodes() -> list[NodeView]:
+    """Every node Ray knows: totals, free amounts, labels (Ray's own `ray.io/` ones left out)."""
+    try:
+        from ray._private.state import state  # no public per-node view without the dashboard
+
+        free = state.available_resources_per_node()
+    except Exception:
+        free = {}
+    views = []
+    for node in ray.nodes():
+        total = {k: float(v) for k, v in node.get("Resources", {}).items()}
+        views.append(
+            NodeView(
+                node_id=node["NodeID"],
+                address=node.get("NodeManagerAddress", "?"),
+                alive=bool(node.get("Alive")),
+                total=total,
+                available={k: float(v) for k, v in free.get(node["NodeID"], total).items()},
+                labels={
+                    k: v
+                    for k, v in (node.get("Labels") or {}).items()
+                    if not k.startswith("ray.io/")
+                },
+            )
+        )
+    return views
+
+
+def cluster_gpus() -> float:
+    return float(ray.cluster_resources().get("GPU", 0))
