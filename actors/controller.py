@@ -195,11 +195,28 @@ class Controller:
         return await self._start_in_order(startup_order(self.config.models))
 
     # ------------------------------------------------------------------ models
-    async def get_model(self, name: str, deadline: float | None = None) -> Any:
-        """The actor handle for a model name or alias, placing (and so starting) it if needed."""
+    async def get_model(
+        self, name: str, deadline: float | None = None, dead: str | None = None
+    ) -> Any:
+        """The actor handle for a model name or alias, placing (and so starting) it if needed.
+        `dead`: the id of an actor of this model a caller saw die; if it is the registered
+        one and does not answer, it is replaced now rather than at the next upkeep."""
         self._ensure_upkeep()
         model = self._resolve(name)
+        handle = self.handles.get(model)
+        if dead is not None and handle is not None and handle._actor_id.hex() == dead:
+            await self._check_alive(model, handle)
         return await self._ensure_actor(model, deadline)
+
+    async def _check_alive(self, name: str, handle: Any) -> None:
+        try:
+            await asyncio.wait_for(handle.ping.remote(), STATS_WAIT)
+        except ray.exceptions.RayActorError as error:
+            if self.handles.get(name) is handle:
+                self._forget(name, handle)
+                self._event("lost", model=name, reason=f"its actor died: {error}")
+        except TimeoutError:
+            pass  # alive but slow: keep it
 
     def resolve(self, name: str) -> str:
         return self._resolve(name)
@@ -773,7 +790,7 @@ class Controller:
             return
         self._unregister(name, handle)
         with contextlib.suppress(ray.exceptions.RayActorError):
-            await handle.stop.remote(reason)
+            await handle.stop.remote(reason, retire=True)
         await self._dispose(name, handle)
 
     async def _retire(self, name: str, handle: Any, timeout: float = 60.0) -> None:

@@ -173,12 +173,18 @@ class ModelActor:
             retry_after=self.settings.cooldown or None,
         )
 
-    async def stop(self, reason: str = "stopped on request") -> dict[str, Any]:
+    async def stop(
+        self, reason: str = "stopped on request", retire: bool = False
+    ) -> dict[str, Any]:
         """Stop llama-server (SIGTERM, SIGKILL after stop_grace); waiting requests are answered.
+        `retire`: this actor is done for (the controller stops it for good): requests that wait
+        or race the stop get ModelRetired, a retryable answer, and never restart llama-server
+        here.
 
         The stop runs as its own task under the lifecycle lock, so a caller that gives up
         (cancellation) never leaves it half done.
         """
+        self.retired = self.retired or retire
         await self._locked(self._stop_instance, reason)
         return self._stats()
 
@@ -304,6 +310,17 @@ class ModelActor:
         free_now = self.slots.free_slots() > 0 and not self.slots.waiters
         if self.state == ModelState.READY and free_now:
             return self._enqueue(request_id, deadline, arrived, holder)
+        # What the request would hear on its first poll, it hears now: no 202 for a request
+        # that cannot wait (a full queue, a model cooling down after a failure).
+        if self.retired:
+            raise ModelRetired(f"model '{self.name}' is stopping", retry_after=1)
+        if self.state == ModelState.FAILED:
+            self._raise_if_cooling_down()
+        if len(self.slots.waiters) >= self.slots.max_queue:
+            raise QueueFull(
+                "Service temporarily unavailable - queue is full",
+                retry_after=self._queue_timeout(),
+            )
         return {"queued": await self.submit(request_id, path, body, deadline)}
 
     async def queue_position(self, request_id: str) -> dict[str, Any]:

@@ -10,20 +10,25 @@ from typing import Any
 
 import ray
 
-from proxifier.errors import ProxifierError
+from proxifier.errors import ActorGone, ProxifierError
 from proxifier.placement import NodeView
 
 
 async def call(ref: Any) -> Any:
     """Await an actor's answer, re-raising its typed error as itself: Ray cannot wrap a
     RayTaskError a second time, and the caller should see QueueFull, not a wrapper. A
-    ValueError (a bad argument) comes back as itself too."""
+    ValueError (a bad argument) comes back as itself too; an actor that died is ActorGone
+    (503, retryable), never an unexplained 500."""
     try:
         return await ref
     except ray.exceptions.RayTaskError as error:
         if isinstance(error.cause, ProxifierError | ValueError):
             raise error.cause from None
         raise
+    except ray.exceptions.RayActorError as error:
+        raise ActorGone(
+            f"the actor serving this request went away: {error}", retry_after=1
+        ) from None
 
 
 class Background:

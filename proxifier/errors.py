@@ -68,6 +68,12 @@ class ModelFailed(Unavailable):
     code = "model_failed"
 
 
+class ActorGone(Unavailable):
+    """The model's actor died (its node was lost, or it was killed) while a request used it."""
+
+    code = "model_actor_gone"
+
+
 class ModelRetired(Unavailable):
     """The actor agreed to stop; the caller should ask the controller for a fresh one."""
 

@@ -19,7 +19,7 @@ from actors.controller import get_controller
 from actors.rate_limiter import get_or_create_rate_limiter
 from actors.ray_glue import Background, call
 from proxifier.config import AuthConfig, ModelsConfig
-from proxifier.errors import ModelNotFound, ModelRetired, Unavailable
+from proxifier.errors import ActorGone, ModelNotFound, ModelRetired, Unavailable
 from proxifier.lease_reuse import HeldLease, ModelLeases, releases
 
 CONFIG_TTL = 1.0  # seconds a replica trusts its copy of the config (reloads show up this fast)
@@ -82,6 +82,7 @@ class RayBackend:
         self._auth: tuple[int, AuthConfig] | None = None
         self._fetched = 0.0
         self._handles: dict[str, Any] = {}
+        self._dead: dict[str, str] = {}  # model -> actor id a request saw die, to report
         self._lock = asyncio.Lock()
         self._background = Background()
         self._held: dict[str, ModelLeases] = {}  # finished leases not yet given back
@@ -158,14 +159,18 @@ class RayBackend:
         for _ in range(ATTEMPTS):
             handle = self._handles.get(model)
             if handle is None:
-                handle = await self.call(self.controller.get_model.remote(model, deadline))
+                # An actor that died is named, so the controller checks it and replaces it
+                # rather than handing it out again.
+                dead = self._dead.pop(model, None)
+                ref = self.controller.get_model.remote(model, deadline, dead)
+                handle = await self.call(ref)
                 self._handles[model] = handle
             try:
                 if got_lease is None:
                     return handle, await self.call(call(handle))
                 return handle, await self.leased(handle, call(handle), got_lease, got_place)
-            except (ModelRetired, ray.exceptions.RayActorError) as error:
-                self.forget(model, handle)
+            except (ModelRetired, ActorGone, ray.exceptions.RayActorError) as error:
+                self.forget(model, handle, dead=not isinstance(error, ModelRetired))
                 last_error = error
         raise Unavailable(
             f"model '{model}' kept moving while the request was placed ({last_error}); try again",
@@ -337,7 +342,10 @@ class RayBackend:
         for handle, group in _by_handle(entries):
             self.fire(handle.release_many.remote(releases(group)))
 
-    def forget(self, model: str, handle: Any = None) -> None:
+    def forget(self, model: str, handle: Any = None, dead: bool = False) -> None:
+        """Stop using this model's cached actor (it retired, or died: `dead`)."""
+        if handle is not None and dead:
+            self._dead[model] = handle._actor_id.hex()
         if handle is None or self._handles.get(model) is handle:
             self._handles.pop(model, None)
 

@@ -85,6 +85,11 @@ def install_error_handlers(app: FastAPI) -> None:
         )
         return error_response(400, f"Invalid request: {problems}")
 
+    @app.exception_handler(RecursionError)
+    async def _too_deep(_: Request, error: RecursionError) -> JSONResponse:
+        # Only a client's body nests this deep (FastAPI parses it before any route runs).
+        return error_response(400, "Invalid request: the JSON body is nested too deeply")
+
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, error: Exception) -> JSONResponse:
         log.exception("unexpected error")

@@ -23,15 +23,18 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from proxifier.auth import Caller, may_use_model
 from proxifier.errors import (
+    ActorGone,
     Forbidden,
     InvalidRequest,
+    ModelRetired,
     PayloadTooLarge,
     ProxifierError,
+    Unavailable,
     UpstreamFailed,
     UpstreamTimeout,
 )
 from proxifier.lease_reuse import HeldLease
-from serve_app.backend import Owned, RayBackend
+from serve_app.backend import ATTEMPTS, Owned, RayBackend
 from serve_app.http_errors import sse_error
 from serve_app.metrics import ReplicaMetrics
 from serve_app.security import caller_of
@@ -63,6 +66,16 @@ class LeaseGuard:
 
 class StaleLease(Exception):
     """A lease taken over from an earlier request no longer reaches its llama-server."""
+
+
+class Requeue(Exception):
+    """The model instance a request waited for was retired or went away before granting it a
+    slot: the request starts over with the instance the controller has now."""
+
+
+# A request waiting for a slot hears this when its instance stops or dies: it is not the
+# request's failure (DESIGN §4, the stop handshake), so it waits again for a fresh instance.
+MOVED = (ModelRetired, ActorGone)
 
 
 class OwnedStream(StreamingResponse):
@@ -106,7 +119,9 @@ async def read_body(request: Request, limit: int) -> bytes:
 def parse_request(raw: bytes) -> dict[str, Any]:
     try:
         payload = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except RecursionError:
+        raise InvalidRequest("Invalid JSON body: nested too deeply") from None
+    except ValueError as exc:  # bad JSON, bad UTF-8, an integer past Python's digit limit
         raise InvalidRequest(f"Invalid JSON body: {exc}") from None
     if not isinstance(payload, dict):
         raise InvalidRequest("The request body must be a JSON object")
@@ -131,6 +146,8 @@ class Call:
     granted_at: float | None = None  # monotonic, when its lease was granted
     served: int = 0  # requests the lease served before this one
     streaming: bool = False  # its response body has started (OwnedStream)
+    deadline: float = 0.0  # wall clock: when it must have been answered (queue_timeout)
+    arrived_at: float = 0.0  # wall clock, for the actor's honest wait times
     owned: Owned = field(default_factory=Owned)  # the slots the request holds (LeaseGuard)
 
     def take_over(self, held: HeldLease) -> Call:
@@ -164,6 +181,7 @@ class Proxy:
         owned = request.scope.get(LEASES)
         assert isinstance(owned, Owned), "the app must run behind LeaseGuard"
         call = Call(model, path, raw, f"req_{uuid.uuid4().hex}", arrived, owned=owned)
+        call.deadline, call.arrived_at = deadline, arrived_at
         stream = payload.get("stream") is True
         wants_async = "respond-async" in request.headers.get("prefer", "").lower()
         try:
@@ -174,6 +192,7 @@ class Proxy:
                 with contextlib.suppress(StaleLease):
                     return await self.forward(call, held.lease, stream)
                 call = Call(model, path, raw, call.request_id, arrived, owned=owned)
+                call.deadline, call.arrived_at = deadline, arrived_at
             if wants_async or settings.queue.respond_async:
                 call.handle, answer = await self.backend.on_model(
                     model,
@@ -194,30 +213,48 @@ class Proxy:
                     self.backend.left_queue(model)
                     return self.accepted(model, answer["queued"])
                 return await self.forward(call, answer["lease"], stream)
-            call.handle, answer = await self.backend.on_model(
-                model,
-                deadline,
-                lambda h: h.enqueue.remote(
-                    call.request_id,
-                    deadline,
-                    arrived_at,
-                    self.backend.take_releases(model, h),
-                    holder=self.backend.holder,
-                ),
-                lambda h, lease: self._own(call, h, lease),
-                lambda h: self._queued(call, h),
+            for _ in range(ATTEMPTS):
+                answer = await self.enqueue(call)
+                if "queued" not in answer:
+                    return await self.forward(call, answer["lease"], stream)
+                call.queued = True
+                with contextlib.suppress(Requeue):
+                    if stream:
+                        return await self.stream_when_granted(
+                            call, answer["queued"], settings.queue.keepalive_interval
+                        )
+                    return await self.forward(call, await self.wait_lease(call), stream)
+            raise Unavailable(
+                f"model '{model}' kept stopping while the request waited; try again",
+                retry_after=1,
             )
-            if "queued" not in answer:
-                return await self.forward(call, answer["lease"], stream)
-            call.queued = True
-            if stream:
-                return await self.stream_when_granted(
-                    call, answer["queued"], settings.queue.keepalive_interval
-                )
-            return await self.forward(call, await self.wait_lease(call), stream)
         except ProxifierError as error:
             self.metrics.answered(model, error.status)
             raise
+
+    async def enqueue(self, call: Call) -> dict[str, Any]:
+        """Ask the model's current instance for a slot: a lease, or a place in its queue."""
+        call.handle, answer = await self.backend.on_model(
+            call.model,
+            call.deadline,
+            lambda h: h.enqueue.remote(
+                call.request_id,
+                call.deadline,
+                call.arrived_at,
+                self.backend.take_releases(call.model, h),
+                holder=self.backend.holder,
+            ),
+            lambda h, lease: self._own(call, h, lease),
+            lambda h: self._queued(call, h),
+        )
+        return answer
+
+    def _moved(self, call: Call) -> Requeue:
+        """The instance the request waited for is gone: forget it, so the next try asks the
+        controller (which places a fresh one)."""
+        call.owned.left(call.request_id)
+        self.backend.forget(call.model, call.handle, dead=True)
+        return Requeue()
 
     async def stream_when_granted(
         self, call: Call, queued: dict[str, Any], keepalive: float
@@ -232,7 +269,11 @@ class Proxy:
             self._abandon(call, waiting)
             raise
         if done:
-            return await self.forward(call, waiting.result(), stream=True)
+            try:
+                lease = waiting.result()
+            except MOVED:
+                raise self._moved(call) from None
+            return await self.forward(call, lease, stream=True)
 
         async def unstarted() -> None:
             self._abandon(call, waiting)
@@ -259,6 +300,8 @@ class Proxy:
         except asyncio.CancelledError:
             self._abandon(call, waiting)
             raise
+        except MOVED:
+            raise self._moved(call) from None
 
     def _abandon(self, call: Call, waiting: asyncio.Future[Any]) -> None:
         """The client went away while its request waited: give back its place in the queue,
@@ -305,10 +348,17 @@ class Proxy:
         """SSE comments while the request waits, then the tokens; an error after the stream
         began is an SSE `error` event with the same body as the HTTP error would have had."""
         call.streaming = True
+        moves = 0
         try:
             yield _comment(queued["position"], queued["model_state"])
             while True:
                 done, _ = await asyncio.wait({waiting}, timeout=keepalive)
+                if done and _moved_away(waiting) and moves < ATTEMPTS:
+                    # The stream has begun: wait again, for the instance there is now.
+                    moves += 1
+                    self._moved(call)
+                    waiting = await self._wait_again(call)
+                    continue
                 if done:
                     break
                 with contextlib.suppress(Exception):
@@ -317,6 +367,10 @@ class Proxy:
         except (asyncio.CancelledError, GeneratorExit):
             self._abandon(call, waiting)
             raise
+        except ProxifierError as error:  # asking again for a slot failed: say why
+            self.metrics.answered(call.model, error.status)
+            yield sse_error(error)
+            return
         try:
             lease = waiting.result()
             self.metrics.waited(call.model, time.monotonic() - call.arrived)
@@ -337,6 +391,15 @@ class Proxy:
         async with contextlib.aclosing(self.relay(call, lease, upstream)) as chunks:
             async for chunk in chunks:
                 yield chunk
+
+    async def _wait_again(self, call: Call) -> asyncio.Future[Any]:
+        """After a move: a slot at once (as a finished future) or a new wait in the queue."""
+        answer = await self.enqueue(call)
+        if "queued" in answer:
+            return self.waiting(call, call.handle.wait_lease.remote(call.request_id))
+        granted: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        granted.set_result(answer["lease"])
+        return granted
 
     async def forward(self, call: Call, lease: dict[str, Any], stream: bool) -> Response:
         model = call.model
@@ -469,6 +532,10 @@ class Proxy:
             from_queue=call.queued,
             clean=clean,
         )
+
+
+def _moved_away(waiting: asyncio.Future[Any]) -> bool:
+    return not waiting.cancelled() and isinstance(waiting.exception(), MOVED)
 
 
 def check_model_access(caller: Caller | None, model: str) -> None:

@@ -96,6 +96,8 @@ def test_crash_mid_request_restarts_and_the_next_request_succeeds(make_actor: Ma
         for _ in response.iter_lines():
             pass
     ray.get(actor.release.remote(lease["lease_id"]))  # a voided lease: harmless
+    # The actor notices the crash on its own (the process exits), not on the next request.
+    wait_for(lambda: ray.get(actor.stats.remote())["restarts"] == 1, timeout=30)
     lease = ray.get(actor.acquire.remote("three"), timeout=30)  # waits out the restart
     assert lease["instance"] == 2
     assert chat(lease).status_code == 200

@@ -1,0 +1,109 @@
+"""Hostile or unlucky requests: bodies that break a JSON parser, async requests that cannot wait,
+and requests whose model is stopped or whose actor dies while they wait (issue 12)."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import httpx
+import pytest
+import ray
+
+from tests.helpers import wait_for
+from tests.serve.conftest import Deployment
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+NESTED = b'{"model": "chat", "messages": ' + b"[" * 10_000 + b"]" * 10_000 + b"}"
+HUGE_INT = b'{"model": "chat", "max_tokens": ' + b"9" * 5000 + b"}"
+
+
+@pytest.mark.parametrize("body", [NESTED, HUGE_INT], ids=["nested", "huge-int"])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/admin/config/backup"])
+def test_bodies_that_break_a_json_parser_get_400_not_500(
+    deployment: Deployment, body: bytes, path: str
+) -> None:
+    headers = {"Content-Type": "application/json"}
+    answer = httpx.post(f"{deployment.url}{path}", content=body, headers=headers, timeout=60)
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["type"] == "invalid_request_error"
+
+
+def queued(deployment: Deployment, model: str) -> int:
+    return httpx.get(f"{deployment.url}/admin/queue/{model}/status", timeout=30).json()["depth"]
+
+
+def test_respond_async_on_a_full_queue_is_refused_at_once(deployment: Deployment) -> None:
+    # "tight" loads for 60 s and queues one request at most.
+    httpx.post(f"{deployment.url}/admin/models/tight/stop", timeout=60)
+    body, prefer = {"model": "tight", **CHAT}, {"Prefer": "respond-async"}
+    with deployment.client() as client:
+        first = client.post("/v1/chat/completions", json=body, headers=prefer)
+        assert first.status_code == 202
+        second = client.post("/v1/chat/completions", json=body, headers=prefer)
+    assert second.status_code == 503, second.text
+    assert second.json()["error"]["code"] == "queue_full"
+    assert int(second.headers["retry-after"]) > 0
+
+
+def test_respond_async_on_a_model_cooling_down_is_refused_at_once(deployment: Deployment) -> None:
+    with deployment.client() as client:
+        failed = client.post("/v1/chat/completions", json={"model": "broken", **CHAT})
+        assert failed.status_code == 503 and failed.json()["error"]["code"] == "model_failed"
+        again = client.post(
+            "/v1/chat/completions",
+            json={"model": "broken", **CHAT},
+            headers={"Prefer": "respond-async"},
+        )
+    assert again.status_code == 503, again.text
+    assert again.json()["error"]["code"] == "model_failed"
+    assert int(again.headers["retry-after"]) > 0
+
+
+def ask_in_background(deployment: Deployment, model: str, count: int, stream: bool) -> Any:
+    answers: list[tuple[int, str]] = []
+
+    def ask() -> None:
+        body = {"model": model, **CHAT, "stream": stream}
+        with httpx.stream(
+            "POST", f"{deployment.url}/v1/chat/completions", json=body, timeout=120
+        ) as reply:
+            answers.append((reply.status_code, reply.read().decode()))
+
+    threads = [threading.Thread(target=ask) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    return threads, answers
+
+
+def test_requests_waiting_for_a_model_an_admin_stops_get_a_fresh_instance(
+    deployment: Deployment,
+) -> None:
+    # "loading" takes 3 s to load and serves one request at a time.
+    httpx.post(f"{deployment.url}/admin/models/loading/stop", timeout=60)
+    threads, answers = ask_in_background(deployment, "loading", 3, stream=False)
+    wait_for(lambda: queued(deployment, "loading") == 3, timeout=30)
+    stopped = httpx.post(f"{deployment.url}/admin/models/loading/stop", timeout=60)
+    assert stopped.status_code == 200
+    for thread in threads:
+        thread.join()
+    assert [status for status, _ in answers] == [200] * 3, answers
+
+
+def test_requests_waiting_on_a_model_actor_that_dies_are_answered(
+    deployment: Deployment,
+) -> None:
+    httpx.post(f"{deployment.url}/admin/models/loading/stop", timeout=60)
+    threads, answers = ask_in_background(deployment, "loading", 2, stream=True)
+    wait_for(lambda: queued(deployment, "loading") == 2, timeout=30)
+    actors = [
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith("proxifier:model:loading@")
+    ]
+    assert len(actors) == 1
+    ray.kill(ray.get_actor(actors[0], namespace="proxifier"))  # its node is lost, say
+    for thread in threads:
+        thread.join()
+    # The streams had begun (keep-alive comments) and go on with a fresh instance's tokens.
+    assert all(status == 200 and "data: [DONE]" in text for status, text in answers), answers
