@@ -27,6 +27,7 @@ from proxifier.config import (
 from proxifier.errors import InvalidRequest, NotFound
 
 ACCEPTED_KEY = "proxifier:accepted:"
+RESTORE_JOURNAL = ".restore-in-progress"  # in backups/: the backup whose files are going in
 
 
 class ConfigFiles:
@@ -136,14 +137,34 @@ class ConfigFiles:
             auth_text = (folder / "auth.yaml").read_text()
             validate_auth(parse_yaml_text(auth_text, "auth"), file=f"backup {backup_id}/auth.yaml")
         before = self.backup(current, f"before restoring {backup_id}")
-        writes = [(self.models_path, models_text, folder / "models.yaml")]
+        self._put_in_place(backup_id, restored)
+        return before
+
+    def _put_in_place(self, backup_id: str, restored: ModelsConfig) -> None:
+        """Replace the files with the backup's as a pair: a journal names the backup while the
+        files are replaced, so a crash in between is completed by the next controller start
+        (`finish_restore`): the files are then the old pair or the new one, never a mix."""
+        folder = self.backup_folder(backup_id)
+        writes = [(self.models_path, folder / "models.yaml")]
         auth_path = self.auth_path(restored)
-        if auth_text is not None and auth_path is not None:
-            writes.append((auth_path, auth_text, folder / "auth.yaml"))
-        staged = [(_staged(path, text, source), path) for path, text, source in writes]
+        if (folder / "auth.yaml").exists() and auth_path is not None:
+            writes.append((auth_path, folder / "auth.yaml"))
+        staged = [(_staged(path, source.read_text(), source), path) for path, source in writes]
+        journal = self.backup_root / RESTORE_JOURNAL
+        _staged(journal, backup_id, self.models_path).replace(journal)
         for temporary, path in staged:
             os.replace(temporary, path)
-        return before
+        journal.unlink()
+
+    def finish_restore(self) -> str | None:
+        """A restore a crash interrupted is completed; returns its backup id, if any."""
+        journal = self.backup_root / RESTORE_JOURNAL
+        if not journal.exists():
+            return None
+        backup_id = journal.read_text().strip()
+        restored = self.backup_models(backup_id)
+        self._put_in_place(backup_id, restored)
+        return backup_id
 
     # ------------------------------------------------------------------ what was accepted
     def accept(self, config: ModelsConfig) -> None:

@@ -79,6 +79,11 @@ class Wanted:
     reason: str = "waiting for the scheduler's next pass"
 
 
+def _among(names: list[str], only: list[str] | None) -> list[str]:
+    """`names` (in their order) that are in `only`; all of them when `only` is None."""
+    return names if only is None else [n for n in names if n in only]
+
+
 def _observed(future: asyncio.Future[Any]) -> None:
     """A want that failed while nobody waited: its exception is not an unhandled error."""
     if not future.cancelled():
@@ -119,7 +124,10 @@ class Controller:
         # whatever is on disk now (an edit not reloaded yet, or a bad file). A first start
         # reads the files; one that does not load fails the actor's creation (`proxifier serve`
         # validates first).
-        self.config, self.auth = self._accepted_or_files()
+        finished = self.files.finish_restore()  # one a crash interrupted, before reading
+        if finished is not None:
+            self._event("config_restored", id=finished, completed_after_restart=True)
+        self.config, self.auth = self._accepted_or_files(read_files=finished is not None)
         self.auth_version = 0
         self.handles: dict[str, Any] = {}
         self.options: dict[str, dict[str, Any]] = {}
@@ -145,11 +153,11 @@ class Controller:
         self._ensure_reconciler()
 
     # ------------------------------------------------------------------ the accepted config
-    def _accepted_or_files(self) -> tuple[ModelsConfig, AuthConfig]:
+    def _accepted_or_files(self, read_files: bool = False) -> tuple[ModelsConfig, AuthConfig]:
         restarted = ray.is_initialized() and (
             ray.get_runtime_context().was_current_actor_reconstructed
         )
-        stored = self.files.accepted() if restarted else None
+        stored = self.files.accepted() if restarted and not read_files else None
         if stored is None:
             config = self.files.load_models()
             auth = self.files.load_auth(config)
@@ -196,27 +204,31 @@ class Controller:
 
     # ------------------------------------------------------------------ models
     async def get_model(
-        self, name: str, deadline: float | None = None, dead: str | None = None
+        self, name: str, deadline: float | None = None, moved: str | None = None
     ) -> Any:
         """The actor handle for a model name or alias, placing (and so starting) it if needed.
-        `dead`: the id of an actor of this model a caller saw die; if it is the registered
-        one and does not answer, it is replaced now rather than at the next upkeep."""
+        `moved`: the id of an actor of this model a caller saw retired or dead; if it is still
+        the registered one, it leaves the registry now (a fresh one is placed) rather than
+        when its stop completes or the next upkeep finds it dead."""
         self._ensure_upkeep()
         model = self._resolve(name)
         handle = self.handles.get(model)
-        if dead is not None and handle is not None and handle._actor_id.hex() == dead:
-            await self._check_alive(model, handle)
+        if moved is not None and handle is not None and handle._actor_id.hex() == moved:
+            await self._check_moved(model, handle)
         return await self._ensure_actor(model, deadline)
 
-    async def _check_alive(self, name: str, handle: Any) -> None:
+    async def _check_moved(self, name: str, handle: Any) -> None:
         try:
-            await asyncio.wait_for(handle.ping.remote(), STATS_WAIT)
+            stats = await asyncio.wait_for(handle.stats.remote(), STATS_WAIT)
         except ray.exceptions.RayActorError as error:
             if self.handles.get(name) is handle:
                 self._forget(name, handle)
                 self._event("lost", model=name, reason=f"its actor died: {error}")
+            return
         except TimeoutError:
-            pass  # alive but slow: keep it
+            return  # alive but slow: keep it
+        if stats["retired"]:
+            self._unregister(name, handle)  # its stop is under way; requests need a new one
 
     def resolve(self, name: str) -> str:
         return self._resolve(name)
@@ -271,33 +283,36 @@ class Controller:
         return {"model": model, "cleared": cleared}
 
     # ------------------------------------------------------------------ groups
-    async def start_group(self, group: str) -> dict[str, Any]:
-        members = group_members(self.config.models, group)
+    # `only`: the models the caller's API key may use (None: every model). Bulk operations
+    # touch, and report, only those; a group none of whose members it may see does not exist.
+    async def start_group(self, group: str, only: list[str] | None = None) -> dict[str, Any]:
+        members = _among(group_members(self.config.models, group), only)
         if not members:
-            raise NotFound(f"no model is in resource group '{group}'; groups: {self._groups()}")
+            raise NotFound(f"no model is in resource group '{group}'; groups: {self._groups(only)}")
         return {"group": group, "results": await self._start_in_order(members)}
 
-    async def stop_group(self, group: str) -> dict[str, Any]:
+    async def stop_group(self, group: str, only: list[str] | None = None) -> dict[str, Any]:
         to_stop, kept = group_stop_plan(self.config.models, group)
+        to_stop, kept = _among(to_stop, only), _among(kept, only)
         if not to_stop and not kept:
-            raise NotFound(f"no model is in resource group '{group}'; groups: {self._groups()}")
+            raise NotFound(f"no model is in resource group '{group}'; groups: {self._groups(only)}")
         await asyncio.gather(*(self._stop(n, f"group '{group}' stopped") for n in to_stop))
         return {"group": group, "stopped": to_stop, "kept_preloaded": kept}
 
-    async def start_all(self) -> dict[str, Any]:
+    async def start_all(self, only: list[str] | None = None) -> dict[str, Any]:
         names = sorted(self.config.models, key=lambda n: (-self.config.models[n].priority, n))
-        return {"results": await self._start_in_order(names)}
+        return {"results": await self._start_in_order(_among(names, only))}
 
-    async def stop_all(self) -> dict[str, Any]:
-        names = [n for n, m in self.config.models.items() if not m.preload]
+    async def stop_all(self, only: list[str] | None = None) -> dict[str, Any]:
+        names = _among([n for n, m in self.config.models.items() if not m.preload], only)
         await asyncio.gather(*(self._stop(n, "stop-all") for n in names))
-        return {"stopped": sorted(names), "kept_preloaded": self._preloaded()}
+        return {"stopped": sorted(names), "kept_preloaded": _among(self._preloaded(), only)}
 
-    async def groups_status(self) -> dict[str, Any]:
+    async def groups_status(self, only: list[str] | None = None) -> dict[str, Any]:
         statuses = {s["name"]: s for s in await self.status()}
         groups: dict[str, Any] = {}
-        for group in self._groups():
-            members = group_members(self.config.models, group)
+        for group in self._groups(only):
+            members = _among(group_members(self.config.models, group), only)
             entries = [
                 {
                     "name": n,
@@ -776,9 +791,10 @@ class Controller:
             answer = await handle.retire.remote(reason)
         except ray.exceptions.RayActorError:
             answer = {"accepted": True}
-        if not answer["accepted"] or self.handles.get(name) is not handle:
+        ours = self.handles.get(name) is handle or self.retiring.get(name) is handle
+        if not answer["accepted"] or not ours:
             return False
-        self._unregister(name, handle)
+        self._unregister(name, handle)  # (a request that saw it retired may have done so)
         with contextlib.suppress(ray.exceptions.RayActorError):
             await handle.stop.remote(reason)
         await self._dispose(name, handle)
@@ -997,8 +1013,9 @@ class Controller:
         available = ", ".join(sorted(self.config.models)) or "none"
         return f"The model '{name}' does not exist. Available models: {available}"
 
-    def _groups(self) -> list[str]:
-        return sorted({m.resource_group for m in self.config.models.values()})
+    def _groups(self, only: list[str] | None = None) -> list[str]:
+        names = _among(list(self.config.models), only)
+        return sorted({self.config.models[n].resource_group for n in names})
 
     def _preloaded(self) -> list[str]:
         return sorted(n for n, m in self.config.models.items() if m.preload)

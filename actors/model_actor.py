@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import secrets
+import tempfile
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -96,6 +97,7 @@ class Job:
     http_status: int | None = None
     response: Any = None
     done_at: float | None = None
+    owner: str | None = None  # the API key that queued it: only it may read the result
     task: asyncio.Task[None] | None = field(default=None, repr=False)
 
 
@@ -140,6 +142,8 @@ class ModelActor:
         self.log_path = proxifier_home() / "logs" / f"{_safe(name)}.log"
         self._start_task: asyncio.Task[None] | None = None
         self._spawned = asyncio.Event()  # the current start's process runs
+        self._key_dir: Path | None = None
+        self._key_file: Path | None = None
         # Stops and reloads take this lock; starts triggered by requests do not need it.
         self._lock = asyncio.Lock()
         self._background: asyncio.Task[None] | None = None
@@ -303,8 +307,10 @@ class ModelActor:
         arrived: float | None = None,
         released: Sequence[tuple[str, int]] = (),
         holder: str | None = None,
+        owner: str | None = None,
     ) -> dict[str, Any]:
-        """For `Prefer: respond-async`: a lease when a slot is free now, else an async job.
+        """For `Prefer: respond-async`: a lease when a slot is free now, else an async job
+        whose result only `owner` (an API key's name) may read.
         `released` as for `enqueue`: given back first, so they count as free."""
         self._give_back(released)
         free_now = self.slots.free_slots() > 0 and not self.slots.waiters
@@ -321,7 +327,7 @@ class ModelActor:
                 "Service temporarily unavailable - queue is full",
                 retry_after=self._queue_timeout(),
             )
-        return {"queued": await self.submit(request_id, path, body, deadline)}
+        return {"queued": await self.submit(request_id, path, body, deadline, owner)}
 
     async def queue_position(self, request_id: str) -> dict[str, Any]:
         return {"position": self.slots.position(request_id), "model_state": str(self.state)}
@@ -451,7 +457,12 @@ class ModelActor:
 
     # ------------------------------------------------------------------ async jobs (public)
     async def submit(
-        self, request_id: str, path: str, body: dict[str, Any], deadline: float | None = None
+        self,
+        request_id: str,
+        path: str,
+        body: dict[str, Any],
+        deadline: float | None = None,
+        owner: str | None = None,
     ) -> dict[str, Any]:
         """Queue a request the actor itself sends to llama-server when ready (respond-async)."""
         self._ensure_background()
@@ -459,7 +470,7 @@ class ModelActor:
             raise ModelRetired(f"model '{self.name}' is stopping", retry_after=1)
         if request_id in self.jobs:
             raise InvalidRequest(f"request {request_id!r} was already submitted")
-        job = Job(request_id, path, {**body, "stream": False})
+        job = Job(request_id, path, {**body, "stream": False}, owner=owner)
         self.jobs[request_id] = job
         job.task = asyncio.create_task(self._run_job(job, deadline))
         await asyncio.sleep(0)  # let the job take its place in the queue
@@ -479,6 +490,7 @@ class ModelActor:
         return {
             "status": job.state,
             "request_id": request_id,
+            "owner": job.owner,
             "position": self.slots.position(request_id) or 0,
             "model_state": str(self.state),
         }
@@ -547,14 +559,14 @@ class ModelActor:
             instance = self.instance
             host = await asyncio.to_thread(_bind_host)
             port = self.model.port or free_port(host)
-            api_key = secrets.token_hex(24)  # never starts with "-", which flag parsers misread
+            api_key = secrets.token_hex(24)
             argv = build_argv(
                 self.model,
                 binary=binary,
                 model_file=str(model_file_for(self.model, self.base_dir)),
                 host=host,
                 port=port,
-                api_key=api_key,
+                api_key_file=str(self._write_key(api_key)),
                 alias=self.name,
             )
             env = {**os.environ, **self.model.env}
@@ -582,6 +594,7 @@ class ModelActor:
             self.process = None
             self._fail(failure)
             return
+        self._forget_key()  # llama-server read it when it started
         now = time.time()
         self.ready_at = now
         self._set_state(ModelState.READY)
@@ -674,6 +687,24 @@ class ModelActor:
         self._event("stopped", reason="reloaded with a new configuration")
         return self._ensure_starting()  # waiters stay queued for the new instance
 
+    def _write_key(self, key: str) -> Path:
+        """The instance key in a file only this user can read (0600, in a 0700 folder of its
+        own), for `--api-key-file`; removed once llama-server has loaded, or when it stops."""
+        self._forget_key()
+        if self._key_dir is None or not self._key_dir.exists():
+            self._key_dir = Path(tempfile.mkdtemp(prefix="proxifier-key-"))
+        path = self._key_dir / f"{_safe(self.name)}.key"
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as file:
+            file.write(key + "\n")
+        self._key_file = path
+        return path
+
+    def _forget_key(self) -> None:
+        if self._key_file is not None:
+            self._key_file.unlink(missing_ok=True)
+            self._key_file = None
+
     async def _halt(self) -> int | None:
         """Cancel a start in progress, void the leases, end the process. State: STOPPING."""
         # First the state, so a caller woken by the cancelled start already sees "stopping".
@@ -687,6 +718,7 @@ class ModelActor:
         if self.process is not None:
             code = await terminate(self.process, self.settings.stop_grace)
             self.process = None
+        self._forget_key()
         return code
 
     async def _stop_instance(self, reason: str) -> None:
@@ -707,6 +739,7 @@ class ModelActor:
         self._event("stopped", reason=reason, code=code)
 
     def _fail(self, message: str) -> None:
+        self._forget_key()
         self.last_error = message
         self.failed_until = time.time() + self.settings.cooldown
         self._set_state(ModelState.FAILED)
@@ -805,6 +838,7 @@ class ModelActor:
         return {
             "status": "done",
             "request_id": job.request_id,
+            "owner": job.owner,
             "http_status": job.http_status,
             "body": job.response,
             "done_at": job.done_at,
@@ -963,12 +997,10 @@ PROCESS_FIELDS = RESTART_FIELDS - PLACEMENT_FIELDS
 
 
 def _bind_host() -> str:
-    """Loopback on a one-node cluster; the node's IP when the ingress may be elsewhere."""
-    if ray.is_initialized():
-        alive = [node for node in ray.nodes() if node.get("Alive")]
-        if len(alive) > 1:
-            return ray.util.get_node_ip_address()
-    return "127.0.0.1"
+    """The node's address as Ray knows it, which every other node (and so every ingress
+    replica, wherever it runs, now or after nodes join) reaches it by; only the instance key
+    lets anyone in. Loopback only outside Ray."""
+    return ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
 
 
 def _safe(name: str) -> str:

@@ -197,8 +197,12 @@ def _print_issues(issues: list[ConfigIssue], stream: object) -> None:
         print(f"{issue.severity}: {issue}", file=stream)  # type: ignore[arg-type]
 
 
-def config_validate(models_file: str, auth_file: str | None) -> int:
-    """Validate both files; print a line per model, or every error. Returns the exit code."""
+def config_validate(models_file: str | None, auth_file: str | None) -> int:
+    """Validate both files (or only auth.yaml, when no models.yaml is named); print a line per
+    model, or every error. Returns the exit code."""
+    if models_file is None and auth_file is not None:
+        return auth_validate(auth_file)
+    models_file = models_file or DEFAULT_MODELS
     errors: list[ConfigIssue] = []
     config: ModelsConfig | None = None
     auth: AuthConfig | None = None
@@ -230,6 +234,18 @@ def config_validate(models_file: str, auth_file: str | None) -> int:
     print(
         f"OK: {len(config.models)} model(s), {len(warnings)} warning(s); {auth_line}",
     )
+    return 0
+
+
+def auth_validate(auth_file: str) -> int:
+    try:
+        auth = load_auth_config(Path(auth_file))
+    except ConfigError as exc:
+        _print_issues(exc.issues, sys.stderr)
+        print(f"{len(exc.issues)} error(s); {auth_file} was not accepted", file=sys.stderr)
+        return 1
+    state = f"on, {len(auth.api_keys)} key(s)" if auth.enabled else "off (enabled: false)"
+    print(f"OK: auth: {state} ({auth_file})")
     return 0
 
 
@@ -287,7 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     validate = config_commands.add_parser(
         "validate", help="validate models.yaml (and auth.yaml); list every error"
     )
-    validate.add_argument("--models", default=DEFAULT_MODELS, help=f"default: {DEFAULT_MODELS}")
+    validate.add_argument(
+        "--models", default=None, help=f"default: {DEFAULT_MODELS}, unless only --auth is given"
+    )
     validate.add_argument(
         "--auth", default=None, help="default: settings.auth_file of models.yaml, if set"
     )

@@ -131,6 +131,7 @@ ALLOWED: dict[str, str] = {
     "cooldown": "a number of seconds, 0 or more",
     "max_lease_time": "a number of seconds greater than 0",
     "lease_ttl": "a number of seconds, 1 or more",
+    "body_timeout": "a number of seconds greater than 0",
     "min_residency": "a number of seconds, 0 or more",
     "result_ttl": "a number of seconds greater than 0",
     "respond_async": "true or false",
@@ -194,6 +195,7 @@ class Settings(BaseModel):
     min_residency: float = Field(10.0, ge=0)
     result_ttl: float = Field(600.0, gt=0)
     max_body_size: int = 10 * 1000**2
+    body_timeout: float = Field(30.0, gt=0)
     upstream_timeout: float = Field(600.0, gt=0)
     queue: QueueSettings = QueueSettings()
     auth_file: str | None = None

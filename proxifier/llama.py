@@ -72,13 +72,15 @@ def build_argv(
     model_file: str,
     host: str,
     port: int,
-    api_key: str,
+    api_key_file: str,
     alias: str | None = None,
 ) -> list[str]:
     """The full llama-server command line for one instance of a model.
 
     `alias` (the model's configured name) is what llama-server reports as `model` in its
-    answers, so clients see the name they asked for, not a file path of the server."""
+    answers, so clients see the name they asked for, not a file path of the server. The
+    per-instance key travels in a file (`--api-key-file`), never on the command line, where
+    `ps` shows it to every user of the host."""
     argv = [binary, "-m", model_file, "--host", host, "--port", str(port)]
     if alias is not None:
         argv += ["--alias", alias]
@@ -91,19 +93,10 @@ def build_argv(
     argv += ["-np", str(model.parallel)]
     if model.chat_template is not None:
         argv += ["--chat-template", model.chat_template]
-    argv += ["--api-key", api_key]
+    argv += ["--api-key-file", api_key_file]
     if model.embeddings:
         argv.append("--embeddings")
     return argv + list(model.additional_args)
-
-
-def redact_argv(argv: list[str]) -> list[str]:
-    """The command line with the instance key hidden, for logs and status."""
-    shown = list(argv)
-    for index, arg in enumerate(shown[:-1]):
-        if arg == "--api-key":
-            shown[index + 1] = "***"
-    return shown
 
 
 class LlamaServerNotFound(FileNotFoundError):

@@ -15,20 +15,43 @@ from typing import Annotated, Any
 from fastapi import Body, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 
-from proxifier.auth import may_use_model
+from proxifier.auth import ADMIN, Caller, may_use_model
 from proxifier.errors import NotFound
 from serve_app.backend import RayBackend
 from serve_app.dashboard import install_dashboard
 from serve_app.http_errors import error_response, install_error_handlers
 from serve_app.metrics import ReplicaMetrics, render
 from serve_app.proxy import LeaseGuard, Proxy, check_model_access
-from serve_app.security import Security, caller_of
+from serve_app.security import BodyDeadline, Security, caller_of
 
 INFERENCE_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+# The body the OpenAI routes take (passed to llama-server as it is); in the OpenAPI document
+# for /docs, and what the fuzz tests generate requests from.
+INFERENCE_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["model"],
+                    "properties": {
+                        "model": {"type": "string"},
+                        "messages": {"type": "array", "items": {"type": "object"}},
+                        "prompt": {},
+                        "input": {},
+                        "stream": {"type": "boolean"},
+                        "max_tokens": {"type": "integer"},
+                    },
+                }
+            }
+        },
+    }
+}
 HEALTH_WAIT = 5.0  # seconds /health waits for the controller before it answers 503
 
 
-def build_api(backend: RayBackend) -> FastAPI:
+def build_api(backend: RayBackend, bound_host: str | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         yield
@@ -41,7 +64,8 @@ def build_api(backend: RayBackend) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    app.add_middleware(Security, backend=backend)
+    app.add_middleware(Security, backend=backend, bound_host=bound_host)
+    app.add_middleware(BodyDeadline, backend=backend)
     app.add_middleware(LeaseGuard, backend=backend)  # outermost: it outlives every other layer
     metrics = ReplicaMetrics()
     proxy = Proxy(backend, metrics)
@@ -59,7 +83,9 @@ def build_api(backend: RayBackend) -> FastAPI:
         async def inference(request: Request, _path: str = path) -> Response:
             return await proxy.handle(request, _path)
 
-        app.add_api_route(path, inference, methods=["POST"], include_in_schema=True)
+        app.add_api_route(
+            path, inference, methods=["POST"], include_in_schema=True, openapi_extra=INFERENCE_BODY
+        )
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> dict[str, Any]:
@@ -70,14 +96,18 @@ def build_api(backend: RayBackend) -> FastAPI:
 
     @app.get("/v1/models/{model}")
     async def get_model(model: str, request: Request) -> dict[str, Any]:
-        name = await backend.resolve(model)
-        check_model_access(caller_of(request.scope), name)
+        name = await visible(request, model)
         listed = await ask(ctl().models_list.remote())
         return next(entry for entry in listed if entry["id"] == name)
 
     @app.get("/v1/queue/{request_id}")
-    async def queued_result(request_id: str) -> Response:
+    async def queued_result(request_id: str, request: Request) -> Response:
         result = await ask(ctl().find_result.remote(request_id))
+        caller = caller_of(request.scope)
+        owner = result.get("owner")
+        theirs = owner is not None and caller is not None and caller.name != owner
+        if theirs and caller is not None and not _is_admin(caller):
+            result = {"status": "unknown"}  # another key's request: as if it did not exist
         if result["status"] == "unknown":
             raise NotFound(f"No queued request '{request_id}' (unknown, or its result expired)")
         if result["status"] == "done":
@@ -95,68 +125,89 @@ def build_api(backend: RayBackend) -> FastAPI:
         )
 
     # ------------------------------------------------------------------ admin: models
+    # A key with a `models:` allow-list sees and acts on those models only: one named outside
+    # it is 403, the 404 for an unknown name lists only its models, and bulk operations and
+    # listings leave the others out.
+    async def visible(request: Request, model: str) -> str:
+        caller = caller_of(request.scope)
+        name = await backend.resolve(model, caller)
+        check_model_access(caller, name)
+        return name
+
+    async def only(request: Request) -> list[str] | None:
+        return await backend.visible_models(caller_of(request.scope))
+
     @app.get("/admin/models/status")
-    async def models_status() -> dict[str, Any]:
-        return {"models": await ask(ctl().status.remote())}
+    async def models_status(request: Request) -> dict[str, Any]:
+        allowed = await only(request)
+        statuses = await ask(ctl().status.remote())
+        return {"models": [s for s in statuses if allowed is None or s["name"] in allowed]}
 
     @app.post("/admin/models/{model}/start")
-    async def start_model(model: str) -> dict[str, Any]:
-        stats = await ask(ctl().start_model.remote(model))
+    async def start_model(model: str, request: Request) -> dict[str, Any]:
+        stats = await ask(ctl().start_model.remote(await visible(request, model)))
         return {"model": stats["name"], "state": stats["state"], "status": stats}
 
     @app.post("/admin/models/{model}/stop")
-    async def stop_model(model: str, force: Annotated[bool, Query()] = False) -> dict[str, Any]:
-        return await ask(ctl().stop_model.remote(model, force))
+    async def stop_model(
+        model: str, request: Request, force: Annotated[bool, Query()] = False
+    ) -> dict[str, Any]:
+        return await ask(ctl().stop_model.remote(await visible(request, model), force))
 
     @app.post("/admin/models/{model}/reload")
-    async def reload_model(model: str) -> dict[str, Any]:
+    async def reload_model(model: str, request: Request) -> dict[str, Any]:
+        config = await backend.config()  # a model new in the file is checked by its name
+        check_model_access(caller_of(request.scope), config.resolve_name(model) or model)
         return await ask(ctl().reload_model.remote(model))
 
     @app.get("/admin/models/{model}/status")
-    async def model_status(model: str) -> dict[str, Any]:
-        return await ask(ctl().model_status.remote(model))
+    async def model_status(model: str, request: Request) -> dict[str, Any]:
+        return await ask(ctl().model_status.remote(await visible(request, model)))
 
     @app.get("/admin/models/{model}/logs")
     async def model_logs(
-        model: str, lines: Annotated[int, Query(ge=1, le=5000)] = 100
+        model: str, request: Request, lines: Annotated[int, Query(ge=1, le=5000)] = 100
     ) -> dict[str, Any]:
-        name = await backend.resolve(model)
+        name = await visible(request, model)
         return {"model": name, "lines": await ask(ctl().model_logs.remote(name, lines))}
 
     @app.post("/admin/start-all")
-    async def start_all() -> dict[str, Any]:
-        return await ask(ctl().start_all.remote())
+    async def start_all(request: Request) -> dict[str, Any]:
+        return await ask(ctl().start_all.remote(await only(request)))
 
     @app.post("/admin/stop-all")
-    async def stop_all() -> dict[str, Any]:
-        return await ask(ctl().stop_all.remote())
+    async def stop_all(request: Request) -> dict[str, Any]:
+        return await ask(ctl().stop_all.remote(await only(request)))
 
     # ------------------------------------------------------------------ admin: groups
     @app.post("/admin/groups/{group}/start")
-    async def start_group(group: str) -> dict[str, Any]:
-        return await ask(ctl().start_group.remote(group))
+    async def start_group(group: str, request: Request) -> dict[str, Any]:
+        return await ask(ctl().start_group.remote(group, await only(request)))
 
     @app.post("/admin/groups/{group}/stop")
-    async def stop_group(group: str) -> dict[str, Any]:
-        return await ask(ctl().stop_group.remote(group))
+    async def stop_group(group: str, request: Request) -> dict[str, Any]:
+        return await ask(ctl().stop_group.remote(group, await only(request)))
 
     @app.get("/admin/groups/status")
-    async def groups_status() -> dict[str, Any]:
-        return {"groups": await ask(ctl().groups_status.remote())}
+    async def groups_status(request: Request) -> dict[str, Any]:
+        return {"groups": await ask(ctl().groups_status.remote(await only(request)))}
 
     # ------------------------------------------------------------------ admin: queues
     @app.get("/admin/queue/status")
-    async def queue_status() -> dict[str, Any]:
-        return {"queues": await ask(ctl().queue_status.remote())}
+    async def queue_status(request: Request) -> dict[str, Any]:
+        allowed = await only(request)
+        queues = await ask(ctl().queue_status.remote())
+        shown = [q for q in queues if allowed is None or q["model"] in allowed]
+        return {"queues": [_queue_view(q, caller_of(request.scope)) for q in shown]}
 
     @app.get("/admin/queue/{model}/status")
-    async def model_queue_status(model: str) -> dict[str, Any]:
-        (status,) = await ask(ctl().queue_status.remote(model))
-        return status
+    async def model_queue_status(model: str, request: Request) -> dict[str, Any]:
+        (status,) = await ask(ctl().queue_status.remote(await visible(request, model)))
+        return _queue_view(status, caller_of(request.scope))
 
     @app.post("/admin/queue/{model}/clear")
-    async def clear_queue(model: str) -> dict[str, Any]:
-        return await ask(ctl().clear_queue.remote(model))
+    async def clear_queue(model: str, request: Request) -> dict[str, Any]:
+        return await ask(ctl().clear_queue.remote(await visible(request, model)))
 
     # ------------------------------------------------------------------ admin: config
     @app.post("/admin/config/reload")
@@ -198,9 +249,7 @@ def build_api(backend: RayBackend) -> FastAPI:
     @app.get("/admin/scheduler/explain")
     async def explain(model: str, request: Request) -> dict[str, Any]:
         """Why a model runs where it runs, waits, or failed: the scheduler's last decision."""
-        name = await backend.resolve(model)
-        check_model_access(caller_of(request.scope), name)
-        return await ask(ctl().explain.remote(name))
+        return await ask(ctl().explain.remote(await visible(request, model)))
 
     @app.get("/admin/events")
     async def events(
@@ -238,3 +287,18 @@ def build_api(backend: RayBackend) -> FastAPI:
         return Response(render(data), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return app
+
+
+def _is_admin(caller: Caller) -> bool:
+    return ADMIN in caller.permissions
+
+
+def _queue_view(status: dict[str, Any], caller: Caller | None) -> dict[str, Any]:
+    """A queue as a caller may see it: request ids (other keys' requests) only for admin."""
+    if caller is None or _is_admin(caller):
+        return status
+    waiting = [{k: v for k, v in w.items() if k != "request_id"} for w in status.get("waiting", [])]
+    leases = [
+        {k: v for k, v in entry.items() if k == "held_for"} for entry in status.get("leases", [])
+    ]
+    return {**status, "waiting": waiting, "leases": leases}

@@ -32,8 +32,11 @@ APP_NAME = "proxifier"
 class Ingress:
     """One replica of the HTTP surface; it keeps no state of its own (all of it is in actors)."""
 
+    def __init__(self, bound_host: str | None = None) -> None:
+        self.bound_host = bound_host  # the address `proxifier serve` bound (else settings.host)
+
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return build_api(RayBackend())
+        return build_api(RayBackend(), bound_host=self.bound_host)
 
 
 def ensure_controller(config: str | Path) -> Any:
@@ -58,4 +61,4 @@ def build_app(args: dict[str, Any]) -> Application:
     controller = ensure_controller(args.get("config", "configs/models.yaml"))
     controller.boot.remote()  # auto-start and preload models; the app does not wait for loads
     replicas = int(args.get("replicas", 1))
-    return Ingress.options(num_replicas=replicas).bind()
+    return Ingress.options(num_replicas=replicas).bind(args.get("host"))

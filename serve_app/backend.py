@@ -18,6 +18,7 @@ import ray
 from actors.controller import get_controller
 from actors.rate_limiter import get_or_create_rate_limiter
 from actors.ray_glue import Background, call
+from proxifier.auth import ADMIN, Caller, may_use_model
 from proxifier.config import AuthConfig, ModelsConfig
 from proxifier.errors import ActorGone, ModelNotFound, ModelRetired, Unavailable
 from proxifier.lease_reuse import HeldLease, ModelLeases, releases
@@ -82,7 +83,7 @@ class RayBackend:
         self._auth: tuple[int, AuthConfig] | None = None
         self._fetched = 0.0
         self._handles: dict[str, Any] = {}
-        self._dead: dict[str, str] = {}  # model -> actor id a request saw die, to report
+        self._moved: dict[str, str] = {}  # model -> actor id seen retired or dead, to report
         self._lock = asyncio.Lock()
         self._background = Background()
         self._held: dict[str, ModelLeases] = {}  # finished leases not yet given back
@@ -133,14 +134,23 @@ class RayBackend:
         assert self._auth is not None
         return self._auth[1]
 
-    async def resolve(self, name: str) -> str:
-        """The configured model a name or alias means; 404 listing the models otherwise."""
+    async def resolve(self, name: str, caller: Caller | None = None) -> str:
+        """The configured model a name or alias means; 404 otherwise, listing the models the
+        caller's key may use (not the others)."""
         config = await self.config()
         model = config.resolve_name(name)
         if model is None:
-            available = ", ".join(sorted(config.models)) or "none"
+            visible = [m for m in config.models if caller is None or may_use_model(caller, m)]
+            available = ", ".join(sorted(visible)) or "none"
             raise ModelNotFound(f"The model '{name}' does not exist. Available models: {available}")
         return model
+
+    async def visible_models(self, caller: Caller | None) -> list[str] | None:
+        """The models the caller's key may use; None when it may use every model."""
+        if caller is None or caller.models is None or ADMIN in caller.permissions:
+            return None
+        config = await self.config()
+        return sorted(m for m in config.models if may_use_model(caller, m))
 
     async def on_model(
         self,
@@ -159,10 +169,10 @@ class RayBackend:
         for _ in range(ATTEMPTS):
             handle = self._handles.get(model)
             if handle is None:
-                # An actor that died is named, so the controller checks it and replaces it
-                # rather than handing it out again.
-                dead = self._dead.pop(model, None)
-                ref = self.controller.get_model.remote(model, deadline, dead)
+                # An actor that retired or died is named, so the controller checks it and
+                # places a fresh one rather than handing the same one out again.
+                moved = self._moved.pop(model, None)
+                ref = self.controller.get_model.remote(model, deadline, moved)
                 handle = await self.call(ref)
                 self._handles[model] = handle
             try:
@@ -170,7 +180,7 @@ class RayBackend:
                     return handle, await self.call(call(handle))
                 return handle, await self.leased(handle, call(handle), got_lease, got_place)
             except (ModelRetired, ActorGone, ray.exceptions.RayActorError) as error:
-                self.forget(model, handle, dead=not isinstance(error, ModelRetired))
+                self.forget(model, handle, moved=True)
                 last_error = error
         raise Unavailable(
             f"model '{model}' kept moving while the request was placed ({last_error}); try again",
@@ -342,10 +352,11 @@ class RayBackend:
         for handle, group in _by_handle(entries):
             self.fire(handle.release_many.remote(releases(group)))
 
-    def forget(self, model: str, handle: Any = None, dead: bool = False) -> None:
-        """Stop using this model's cached actor (it retired, or died: `dead`)."""
-        if handle is not None and dead:
-            self._dead[model] = handle._actor_id.hex()
+    def forget(self, model: str, handle: Any = None, moved: bool = False) -> None:
+        """Stop using this model's cached actor (`moved`: it retired or died, which the next
+        ask for the model tells the controller)."""
+        if handle is not None and moved:
+            self._moved[model] = handle._actor_id.hex()
         if handle is None or self._handles.get(model) is handle:
             self._handles.pop(model, None)
 

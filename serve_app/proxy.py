@@ -173,8 +173,9 @@ class Proxy:
         config = await self.backend.config()
         raw = await read_body(request, config.settings.max_body_size)
         payload = parse_request(raw)
-        model = await self.backend.resolve(payload["model"])
-        check_model_access(caller_of(request.scope), model)
+        caller = caller_of(request.scope)
+        model = await self.backend.resolve(payload["model"], caller)
+        check_model_access(caller, model)
         settings, model_config = config.settings, config.models[model]
         timeout = model_config.queue_timeout or settings.queue.queue_timeout
         deadline = arrived_at + timeout
@@ -205,6 +206,7 @@ class Proxy:
                         arrived_at,
                         self.backend.take_releases(model, h),
                         holder=self.backend.holder,
+                        owner=caller.name if caller is not None else None,
                     ),
                     lambda h, lease: self._own(call, h, lease),
                 )
@@ -253,7 +255,7 @@ class Proxy:
         """The instance the request waited for is gone: forget it, so the next try asks the
         controller (which places a fresh one)."""
         call.owned.left(call.request_id)
-        self.backend.forget(call.model, call.handle, dead=True)
+        self.backend.forget(call.model, call.handle, moved=True)
         return Requeue()
 
     async def stream_when_granted(

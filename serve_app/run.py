@@ -19,6 +19,7 @@ from proxifier.config import (
     load_models_config,
     model_path_warnings,
 )
+from proxifier.startup import HAPROXY_SIDE_PORTS, answers, marked_cluster, ray_marker, taken_ports
 
 HARDENING = "serve_app.hardening.ignore_client_timeout_headers"
 
@@ -84,18 +85,42 @@ def serve_forever(
         "env_vars": {"RAY_SERVE_ENABLE_HA_PROXY": haproxy},
     }
     job = {"namespace": "proxifier", "runtime_env": runtime_env}
+    ports = [port, *(HAPROXY_SIDE_PORTS if haproxy == "1" else ())]
+    taken = taken_ports(host, ports)
+    if taken:
+        for problem in taken:
+            print(f"error: {problem}", file=sys.stderr)
+        print(
+            "an earlier instance may still be running: stop it (or that process), or choose "
+            "another --port",
+            file=sys.stderr,
+        )
+        return 3
     started_local = False
-    if address and address != "local":
+    if address and address not in ("local", "auto"):
+        if not answers(address):
+            print(
+                f"error: no Ray cluster answers at {address} (--address or RAY_ADDRESS); start "
+                "one there (`ray start --head`), or leave both out to start a local one",
+                file=sys.stderr,
+            )
+            return 2
         say(f"joining the Ray cluster at {address}")
         ray.init(address=address, **job)
     else:
-        try:
-            if address == "local":
-                raise ConnectionError("a new local cluster was asked for")
+        marked = None if address == "local" else marked_cluster()
+        if marked is not None and not answers(marked):
+            say(
+                f"a Ray cluster is marked at {marked} (in {ray_marker()}) but nothing answers "
+                "there (stopped without `ray stop`?)"
+            )
+            marked = None
+        if marked is not None:
             ray.init(address="auto", **job)
             say("joined the running Ray cluster on this machine")
-        except ConnectionError:
+        else:
             say("starting a local Ray cluster")
+            os.environ.pop("RAY_ADDRESS", None)
             ray.init(address="local", **job)
             started_local = True
 
@@ -110,7 +135,7 @@ def serve_forever(
     try:
         serve.start(http_options={"host": host, "port": port, "request_timeout_s": None})
         serve.run(
-            build_app({"config": str(Path(config).resolve()), "replicas": replicas}),
+            build_app({"config": str(Path(config).resolve()), "replicas": replicas, "host": host}),
             name=APP_NAME,
             route_prefix="/",
             blocking=False,

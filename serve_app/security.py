@@ -4,13 +4,16 @@ plain ASGI middleware (no per-request thread hops, streams untouched). Decisions
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from proxifier.auth import Caller, Denied, authorize, identify, is_public, presented_key
+from proxifier.browser_guard import browser_refusal
 from proxifier.config import AuthConfig
 from serve_app.backend import RayBackend
 from serve_app.http_errors import error_body
@@ -23,9 +26,10 @@ def caller_of(scope: Scope) -> Caller | None:
 
 
 class Security:
-    def __init__(self, app: ASGIApp, backend: RayBackend) -> None:
+    def __init__(self, app: ASGIApp, backend: RayBackend, bound_host: str | None = None) -> None:
         self.app = app
         self.backend = backend
+        self.bound_host = bound_host
         self._cors: tuple[tuple[str, ...], ASGIApp] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -73,10 +77,16 @@ class Security:
         # the dashboard's data (its stream) needs one unless dashboard_auth_required is off.
         shell = dashboard and (path == "/dashboard" or path.startswith("/dashboard/static/"))
         open_dashboard = dashboard and (shell or not auth.dashboard_auth_required)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if not auth.enabled:
+            host = self.bound_host or (await self.backend.config()).settings.host
+            refusal = browser_refusal(method, headers, host, auth.cors_origins)
+            if refusal is not None:
+                await _refuse(send, Denied(*refusal))
+                return
         if not auth.enabled or is_public(path, auth) or open_dashboard:
             await self.app(scope, receive, send)
             return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         key = presented_key(headers.get("authorization"), headers.get("x-api-key"))
         if key is None:
             key = Denied(
@@ -141,3 +151,36 @@ async def _refuse(send: Send, denied: Denied, headers: dict[str, str] | None = N
     raw_headers += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": denied.status, "headers": raw_headers})
     await send({"type": "http.response.body", "body": body})
+
+
+class BodyDeadline:
+    """A request body must arrive within `settings.body_timeout` seconds of the request: a
+    client that trickles it (slowloris) gets 408 and its place is freed."""
+
+    def __init__(self, app: ASGIApp, backend: RayBackend) -> None:
+        self.app = app
+        self.backend = backend
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        timeout = (await self.backend.config()).settings.body_timeout
+        deadline = asyncio.get_running_loop().time() + timeout
+        complete = False
+
+        async def within_deadline() -> Message:
+            nonlocal complete
+            if complete:
+                return await receive()
+            remaining = deadline - asyncio.get_running_loop().time()
+            try:
+                message = await asyncio.wait_for(receive(), max(remaining, 0.0))
+            except TimeoutError:
+                raise StarletteHTTPException(
+                    408, f"The request body did not arrive within {timeout:g} s (body_timeout)"
+                ) from None
+            complete = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
+        await self.app(scope, within_deadline, send)

@@ -255,3 +255,17 @@ def test_an_unexpected_error_while_starting_fails_the_model(
     with pytest.raises(ModelFailed, match="could not start llama-server"):
         ray.get(actor.start.remote(), timeout=30)
     assert ray.get(actor.stats.remote())["state"] == "failed"
+
+
+def test_the_instance_key_is_not_on_the_command_line_and_its_file_is_gone(
+    make_actor: MakeActor,
+) -> None:
+    actor = make_actor()
+    lease = ray.get(actor.acquire.remote("r"), timeout=30)
+    pid = ray.get(actor.stats.remote())["pid"]
+    command_line = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    assert lease["api_key"].encode() not in b" ".join(command_line)  # `ps` shows this to all
+    key_file = Path(command_line[command_line.index(b"--api-key-file") + 1].decode())
+    # Read by llama-server when it started, then removed; its folder is private to the user.
+    assert not key_file.exists() and (key_file.parent.stat().st_mode & 0o777) == 0o700
+    ray.get(actor.release.remote(lease["lease_id"]))

@@ -29,7 +29,9 @@ def chat(lease: dict, **extra: object) -> httpx.Response:
 def test_acquire_starts_the_model_and_the_lease_reaches_llama_server(make_actor: MakeActor) -> None:
     actor = make_actor(parallel=2)
     lease = ray.get(actor.acquire.remote("first"), timeout=30)
-    assert lease["url"].startswith("http://127.0.0.1:") and lease["api_key"]
+    # The node's address, which replicas on any node reach (never loopback on a cluster).
+    assert lease["url"].startswith(f"http://{ray.util.get_node_ip_address()}:")
+    assert lease["api_key"]
     assert chat(lease).status_code == 200
     # The instance key is what protects llama-server: without it, nothing.
     assert httpx.post(f"{lease['url']}/v1/chat/completions", json=CHAT).status_code == 401

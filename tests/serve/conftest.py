@@ -36,6 +36,7 @@ def models_config(fake: Path, real: str, tiny: Path) -> dict[str, Any]:
     return {
         "settings": {
             "max_body_size": "64KiB",
+            "body_timeout": 3,
             "queue": {"keepalive_interval": 0.5},
         },
         "models": {

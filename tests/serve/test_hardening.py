@@ -3,8 +3,10 @@ and requests whose model is stopped or whose actor dies while they wait (issue 1
 
 from __future__ import annotations
 
+import socket
 import threading
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -107,3 +109,37 @@ def test_requests_waiting_on_a_model_actor_that_dies_are_answered(
         thread.join()
     # The streams had begun (keep-alive comments) and go on with a fresh instance's tokens.
     assert all(status == 200 and "data: [DONE]" in text for status, text in answers), answers
+
+
+def test_with_auth_off_a_web_page_cannot_drive_the_server(deployment: Deployment) -> None:
+    url = deployment.url
+    httpx.post(f"{url}/admin/models/model-name/start", timeout=60).raise_for_status()
+    # A cross-site <form> posts text/plain; fetch() from another page sends its Origin; a
+    # rebound DNS name reaches 127.0.0.1 with the attacker's Host.
+    form = httpx.post(
+        f"{url}/admin/stop-all", content=b"x=1", headers={"Content-Type": "text/plain"}
+    )
+    assert form.status_code == 415 and form.json()["error"]["code"] == "unsupported_media_type"
+    page = httpx.post(f"{url}/admin/stop-all", headers={"Origin": "https://attacker.example"})
+    assert page.status_code == 403 and page.json()["error"]["code"] == "origin_not_allowed"
+    rebound = httpx.get(f"{url}/admin/models/status", headers={"Host": "attacker.example"})
+    assert rebound.status_code == 403 and rebound.json()["error"]["code"] == "host_not_allowed"
+    assert deployment.status("model-name")["state"] == "ready"  # nothing was stopped
+    # The dashboard's own requests (same origin, JSON) still work.
+    own = httpx.post(
+        f"{url}/admin/models/model-name/stop", headers={"Origin": url}, json={}, timeout=60
+    )
+    assert own.status_code == 200
+
+
+def test_a_body_that_trickles_in_gets_408(deployment: Deployment) -> None:
+    where = urlsplit(deployment.url)
+    with socket.create_connection((where.hostname, where.port), timeout=60) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+            b'{"model": '
+        )
+        reply = sock.recv(65536)  # the rest of the body never comes (body_timeout is 3 s)
+    assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+    assert b"body_timeout" in reply

@@ -4,9 +4,12 @@ with SIGINT. Nothing it started may remain: no Ray process, no llama-server."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,21 +45,30 @@ def test_serve_then_ctrl_c_leaves_nothing_behind(
         str(config),
         "--port",
         str(port),
-        "--address",
-        "local",
         # Serve's HAProxy listens on fixed side ports (stats 8404, metrics 9101), taken here by
         # the test session's own cluster; the Python proxy has none, so two clusters can run.
         "--ingress",
         "python",
     ]
     log = tmp_path / "serve.log"
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths
+    (ray_tmp / "ray").mkdir()
+    (ray_tmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}\n")
+    env_without_address = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     with log.open("w") as out:
         server = subprocess.Popen(
             command,
             stdout=out,
             stderr=subprocess.STDOUT,
             cwd=repo,
-            env={**os.environ, "RAY_AUTH_MODE": "disabled", "PROXIFIER_HOME": str(tmp_path)},
+            env={
+                **env_without_address,
+                "RAY_AUTH_MODE": "disabled",
+                "PROXIFIER_HOME": str(tmp_path),
+                # Ray's temp folder of its own, where a cluster is marked that died without
+                # `ray stop`: nothing listens at its address.
+                "RAY_TMPDIR": str(ray_tmp),
+            },
         )
     try:
         url = f"http://127.0.0.1:{port}"
@@ -66,6 +78,7 @@ def test_serve_then_ctrl_c_leaves_nothing_behind(
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.2)
         text = log.read_text()
+        assert "but nothing answers there" in text and "starting a local Ray cluster" in text
         assert f"LLM Proxifier is serving {url}/v1" in text
         assert "chat" in text and f"curl {url}/v1/chat/completions" in text
         reply = httpx.post(
@@ -86,3 +99,24 @@ def test_serve_then_ctrl_c_leaves_nothing_behind(
     assert wait_gone(llama_pid)
     for pid in ray_pids:
         assert wait_gone(pid, timeout=30), psutil.Process(pid).cmdline()
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_serve_names_a_taken_port_and_what_holds_it(tiny_model: Path, tmp_path: Path) -> None:
+    config = tmp_path / "models.yaml"
+    config.write_text(yaml.safe_dump({"models": {"chat": {"model_path": str(tiny_model)}}}))
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        command = [str(Path(sys.executable).parent / "proxifier"), "serve", "--config"]
+        done = subprocess.run(
+            [*command, str(config), "--port", str(port), "--ingress", "python"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+        )
+    assert done.returncode == 3, done.stderr
+    assert f"error: port {port} is taken by python" in done.stderr
+    assert f"(pid {os.getpid()})" in done.stderr

@@ -72,6 +72,18 @@ def test_validate_uses_settings_auth_file(
     assert "field 'model_path': not set" in captured.err
 
 
+def test_validate_auth_alone_needs_no_models_yaml(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # no configs/models.yaml here
+    auth = write(tmp_path / "auth.yaml", "api_keys: {ops: {key: k-ops, permissions: [admin]}}\n")
+    assert main(["config", "validate", "--auth", str(auth)]) == 0
+    assert capsys.readouterr().out == f"OK: auth: on, 1 key(s) ({auth})\n"
+    bad = write(tmp_path / "bad.yaml", "api_keys: {ops: {key: k, permissions: [root]}}\n")
+    assert main(["config", "validate", "--auth", str(bad)]) == 1
+    assert "permissions" in capsys.readouterr().err
+
+
 def test_diff(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     old = write(tmp_path / "old.yaml", "models:\n  a: {priority: 3}\n  b: {context_length: 100}\n")
     new = write(

@@ -13,7 +13,6 @@ from proxifier.llama import (
     build_argv,
     find_llama_server,
     installed_llama_server,
-    redact_argv,
 )
 
 BASE = ["llama-server", "-m", "/m/a.gguf", "--host", "10.0.0.5", "--port", "12345"]
@@ -27,12 +26,12 @@ def argv(**fields: object) -> list[str]:
         model_file="/m/a.gguf",
         host="10.0.0.5",
         port=12345,
-        api_key="instance-key",
+        api_key_file="/run/key",
     )
 
 
 def test_minimal_model() -> None:
-    assert argv() == [*BASE, "-np", "4", "--api-key", "instance-key"]
+    assert argv() == [*BASE, "-np", "4", "--api-key-file", "/run/key"]
 
 
 def test_the_model_name_becomes_llama_servers_alias() -> None:
@@ -43,7 +42,7 @@ def test_the_model_name_becomes_llama_servers_alias() -> None:
         model_file="/m/a.gguf",
         host="h",
         port=1,
-        api_key="k",
+        api_key_file="/k",
         alias="chat",
     )
     assert result[result.index("--alias") + 1] == "chat"
@@ -89,9 +88,9 @@ def test_additional_args_string_is_split_like_a_shell() -> None:
     assert result[-4:] == ["--alias", "my model", "--temp", "0.7"]
 
 
-def test_the_api_key_is_redacted_for_display() -> None:
-    shown = redact_argv(argv())
-    assert "instance-key" not in shown and shown[shown.index("--api-key") + 1] == "***"
+def test_the_instance_key_never_appears_on_the_command_line() -> None:
+    # `ps` shows every process's command line to every user of the host.
+    assert "--api-key" not in argv() and argv()[argv().index("--api-key-file") + 1] == "/run/key"
 
 
 OWNED = "is set by the proxifier and cannot be overridden"

@@ -1,0 +1,40 @@
+"""`proxifier serve`'s checks before it starts: a marked Ray cluster that no longer answers,
+and ports an earlier instance left taken."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from proxifier import startup
+
+
+def test_a_marked_cluster_that_answers_and_one_that_does_not() -> None:
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        address = f"127.0.0.1:{listening.getsockname()[1]}"
+        assert startup.answers(address)
+    assert not startup.answers(address)  # closed now: refused at once, no waiting
+
+
+def test_the_marker_is_where_ray_keeps_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    assert startup.ray_marker() == tmp_path / "ray" / "ray_current_cluster"
+    assert startup.marked_cluster() is None
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text("10.0.0.5:6379\n")
+    assert startup.marked_cluster() == "10.0.0.5:6379"
+
+
+def test_a_taken_port_is_named_with_what_holds_it() -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        (problem,) = startup.taken_ports("127.0.0.1", [port])
+    assert problem.startswith(f"port {port} is taken by ") and f"(pid {os.getpid()})" in problem
+    assert startup.taken_ports("127.0.0.1", [port]) == []  # free again
