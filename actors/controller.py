@@ -134,6 +134,8 @@ class Controller:
         self.placement_failures: dict[str, tuple[float, str]] = {}
         self.wants: dict[str, Wanted] = {}  # models that must run and have no actor yet
         self.retiring: dict[str, Any] = {}  # instances out of the registry, still stopping
+        # model -> (actor, options, node id): new instances that take over once ready (reload)
+        self.pending: dict[str, tuple[Any, dict[str, Any], str]] = {}
         self.nodes_of: dict[str, str] = {}  # model -> node id it was placed on
         self.decisions: dict[str, dict[str, Any]] = {}  # the scheduler's last word per model
         self._wake = asyncio.Event()
@@ -497,9 +499,11 @@ class Controller:
             if not entry.future.done():
                 entry.future.set_exception(Unavailable("the server is shutting down"))
         self.wants.clear()
+        pending = [(f"{n}@next", entry[0]) for n, entry in self.pending.items()]
+        self.pending.clear()
         await asyncio.gather(
             *(self._stop(n, "shutdown") for n in list(self.handles)),
-            *(self._stop_retiring(n, h) for n, h in list(self.retiring.items())),
+            *(self._stop_retiring(n, h) for n, h in [*self.retiring.items(), *pending]),
         )
 
     async def _stop_retiring(self, name: str, handle: Any) -> None:
@@ -659,8 +663,19 @@ class Controller:
                 await handle.launch.remote()
 
     def _create(self, name: str, node_id: str, gpus: float) -> Any:
-        """Create the model's actor pinned to the node the scheduler chose (Ray never second-
-        guesses it), register it, start llama-server, and hand it to everyone waiting."""
+        """Create the model's actor on the node the scheduler chose, register it, and hand it
+        to everyone waiting (`_start_in_turn` starts llama-server)."""
+        handle, options = self._new_instance(name, node_id, gpus)
+        self._register(name, handle, options, node_id)
+        self._explain(name, "placed", f"placed on node {node_id}")
+        entry = self.wants.pop(name, None)
+        if entry is not None:
+            entry.future.set_result(handle)
+        return handle
+
+    def _new_instance(self, name: str, node_id: str, gpus: float) -> tuple[Any, dict[str, Any]]:
+        """A new actor for the model's current config, pinned to `node_id` (Ray never second-
+        guesses the scheduler), under a name of its own generation."""
         model = self.config.models[name]
         warning = cpu_fallback_warning(name, model, gpus)
         if warning:
@@ -678,16 +693,76 @@ class Controller:
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
             **pinned,
         )
+        self._event("placed", model=name, node_id=node_id, options=options)
+        return handle, options
+
+    def _discard_pending(self, name: str, handle: Any) -> None:
+        entry = self.pending.get(name)
+        if entry is not None and entry[0] is handle:
+            del self.pending[name]
+
+    def _register(self, name: str, handle: Any, options: dict[str, Any], node_id: str) -> None:
         self.handles[name] = handle
         self.options[name] = options
         self.nodes_of[name] = node_id
         self.placement_failures.pop(name, None)
-        self._event("placed", model=name, node_id=node_id, options=options)
-        self._explain(name, "placed", f"placed on node {node_id}")
-        entry = self.wants.pop(name, None)
-        if entry is not None:
-            entry.future.set_result(handle)
-        return handle
+
+    async def _replace(self, name: str) -> str:
+        """A placement field of a running model changed: it needs a new actor. Where the new
+        instance fits beside the old one, it starts first and takes over once it is ready,
+        the old one then finishing what it has (blue/green); else the old one leaves the
+        registry and drains while the scheduler places the new one (its queue is served).
+        Returns which of the two it does."""
+        old = self.handles[name]
+        gpus = cluster_gpus()
+        model = self.config.models[name]
+        options = actor_options(model, gpus)
+        residents = await self._residents()
+        nodes = _node_facts(cluster_nodes(), residents)
+        settings = self.config.settings
+        limit = settings.max_running_models + 1 if settings.max_running_models else 0
+        beside = Want(f"{name}@next", demand(options), dict(model.labels), model.priority, 0.0)
+        actions = decide(nodes, residents, [beside], Limits(limit, settings.min_residency), 0.0)
+        if len(actions) == 1 and isinstance(actions[0], Place):
+            node_id = actions[0].node_id
+            new, options = self._new_instance(name, node_id, gpus)
+            self.pending[name] = (new, options, node_id)
+            self.background.keep(asyncio.create_task(self._take_over(name, old, new)))
+            return "blue/green"
+        self._unregister(name, old)  # requests from now on wait for the new instance
+        self.background.keep(asyncio.create_task(self._retire(name, old)))
+        self._want(name, keep=True)
+        return "stop, then start"
+
+    async def _take_over(self, name: str, old: Any, new: Any) -> None:
+        try:
+            await call(new.start.remote(force=True))  # until its llama-server is ready
+        except (ProxifierError, ray.exceptions.RayError) as error:
+            # The new config does not start; it is the one in force, so the model fails.
+            self._discard_pending(name, new)
+            with contextlib.suppress(ray.exceptions.RayError):
+                await new.stop.remote("failed to start after a reload", retire=True)
+            ray.kill(new)
+            message = error.message if isinstance(error, ProxifierError) else str(error)
+            self.placement_failures[name] = (time.time(), message)
+            if self.handles.get(name) is old:
+                self._unregister(name, old)
+                await self._retire(name, old)
+            return
+        entry = self.pending.get(name)
+        if entry is None or entry[0] is not new or self.handles.get(name) is not old:
+            # Overtaken by a stop or another reload meanwhile: this instance is not needed.
+            self._discard_pending(name, new)
+            with contextlib.suppress(ray.exceptions.RayError):
+                await new.stop.remote("replaced before it took over", retire=True)
+            ray.kill(new)
+            return
+        _, options, node_id = self.pending.pop(name)
+        self._unregister(name, old)
+        self._register(name, new, options, node_id)
+        self._event("replaced", model=name, node_id=node_id)
+        self._explain(name, "placed", f"placed on node {node_id} (replaced after a reload)")
+        await self._retire(name, old)
 
     async def _drop_failed(self, name: str) -> None:
         """A failed model holds nothing (DESIGN §3): its reason and cooldown stay here, its
@@ -717,7 +792,12 @@ class Controller:
             return_exceptions=True,
         )
         now = time.time()
-        residents = []
+        residents = [
+            # A new instance taking over after a reload holds its resources and is never a
+            # victim (it is counted as a preloaded, starting model).
+            Resident(f"{name}@next", node, demand(options), 10, True, "starting", 0, 0, now, None)
+            for name, (_, options, node) in self.pending.items()
+        ]
         for name, stat in zip(names, stats, strict=True):
             model = self.config.models.get(name)
             holds = demand(self.options.get(name, {}))
@@ -872,10 +952,11 @@ class Controller:
         self.config = new
         for name in plan.register:
             self.registered_at.setdefault(name, int(time.time()))
-        for name in plan.drain + plan.recreate:
+        for name in plan.drain:
             handle = self.handles[name]
-            self._unregister(name, handle)  # requests from now on wait for the new instance
+            self._unregister(name, handle)  # no new request reaches it
             self.background.keep(asyncio.create_task(self._retire(name, handle)))
+        replacing = {name: await self._replace(name) for name in plan.recreate}
         reloads = [
             self.handles[name].reload.remote(new.models[name], new.settings)
             for name in plan.restart + plan.live
@@ -887,9 +968,9 @@ class Controller:
                 if n not in plan.restart + plan.live
             ]
         await asyncio.gather(*reloads, return_exceptions=True)
-        started = await self._start_in_order(plan.start + plan.recreate)
-        self._event("config_reloaded", changes=diff.summary())
-        return {"changes": diff.summary(), "started": started}
+        started = await self._start_in_order(plan.start)
+        self._event("config_reloaded", changes=diff.summary(), replacing=replacing)
+        return {"changes": diff.summary(), "started": started, "replacing": replacing}
 
     async def _start_in_order(self, names: list[str]) -> list[dict[str, Any]]:
         """Place every model (the scheduler goes by priority) and start each placed one."""
@@ -999,6 +1080,8 @@ class Controller:
             entry.update(state="failed", last_error=self.placement_failures[name][1])
         elif name in self.retiring:
             entry.update(state="stopping")  # out of the registry; its actor still stops
+        if name in self.pending:
+            entry["replacing"] = True  # a new instance loads and takes over when ready
         if name in self.wants:
             entry["waiting_for"] = self.wants[name].reason  # not placed yet: why
         return entry

@@ -54,6 +54,12 @@ def fake_server() -> Path:
 
 
 @pytest.fixture(scope="session")
+def fake_fields(fake_server: Path, tiny_model: Path) -> dict[str, Any]:
+    """The fields of a model that runs on the fake llama-server with the tiny model, no GPU."""
+    return {"model_path": str(tiny_model), "llama_server": str(fake_server), "num_gpus": 0}
+
+
+@pytest.fixture(scope="session")
 def real_server() -> str:
     """The real llama-server binary. scripts/test installs it and makes its absence a failure."""
     try:

@@ -270,3 +270,21 @@ def test_a_model_no_node_could_ever_hold_fails_at_once_saying_why(controller_for
     message = failure.value.message
     assert "model 'huge' cannot be placed: it needs GPU 2" in message
     assert "no node has that at all" in message and message.count("node ") >= 3
+
+
+def test_a_reload_with_no_room_beside_stops_the_old_instance_then_starts_the_new(
+    controller_for: Any, tmp_path: Path
+) -> None:
+    controller = controller_for({"pin": PIN, "alpha": A100})
+    ray.get(controller.boot.remote(), timeout=120)
+    warm(controller, "alpha")
+    old_actor = status(controller, "alpha")["actor_pid"]
+    path = tmp_path / "models.yaml"
+    config = yaml.safe_load(path.read_text())
+    config["models"]["alpha"]["memory"] = "1GiB"  # a placement field: a new actor
+    path.write_text(yaml.safe_dump(config))
+    result = ray.get(controller.reload_config.remote(), timeout=120)
+    # The only free GPU is alpha's own: the new instance cannot start beside the old one.
+    assert result["replacing"] == {"alpha": "stop, then start"}
+    warm(controller, "alpha", deadline=time.time() + 30)
+    assert status(controller, "alpha")["actor_pid"] != old_actor

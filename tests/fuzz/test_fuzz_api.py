@@ -20,18 +20,14 @@ EXAMPLES = 25  # per operation; about thirty operations
 
 @pytest.fixture(scope="module")
 def fuzz_url(
-    proxifier_home: Path,
-    fake_server: Path,
-    tiny_model: Path,
-    tmp_path_factory: pytest.TempPathFactory,
+    proxifier_home: Path, fake_fields: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
     folder = tmp_path_factory.mktemp("fuzz")
-    fake = {"model_path": str(tiny_model), "llama_server": str(fake_server), "num_gpus": 0}
     config = {
         "settings": {"body_timeout": 5, "queue": {"queue_timeout": 5}},
         "models": {
-            "chat": {**fake, "preload": True, "aliases": ["gpt-4o-mini"]},
-            "spare": {**fake, "resource_group": "extra"},
+            "chat": {**fake_fields, "preload": True, "aliases": ["gpt-4o-mini"]},
+            "spare": {**fake_fields, "resource_group": "extra"},
         },
     }
     (folder / "models.yaml").write_text(yaml.safe_dump(config))

@@ -24,31 +24,27 @@ LEASE_TTL = 2.0
 
 
 @pytest.fixture(scope="module")
-def url(proxifier_home: Path, fake_server: Path, tiny_model: Path, tmp_path: Path) -> Iterator[str]:
-    fake = {"model_path": str(tiny_model), "llama_server": str(fake_server), "num_gpus": 0}
+def url(
+    proxifier_home: Path, fake_fields: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
     config = {
         "settings": {"lease_ttl": LEASE_TTL, "queue": {"keepalive_interval": 0.5}},
         "models": {
-            "chat": {**fake, "parallel": 2, "preload": True},
-            "burst": {**fake, "parallel": 4, "env": {"FAKE_LLAMA_TOKEN_DELAY": "0.02"}},
+            "chat": {**fake_fields, "parallel": 2, "preload": True},
+            "burst": {**fake_fields, "parallel": 4, "env": {"FAKE_LLAMA_TOKEN_DELAY": "0.02"}},
             # One slot; a request that cannot get it within 20 s is answered 503.
             "solo": {
-                **fake,
+                **fake_fields,
                 "parallel": 1,
                 "queue_timeout": 20,
                 "env": {"FAKE_LLAMA_TOKEN_DELAY": "0.2"},
             },
         },
     }
-    path = tmp_path / "models.yaml"
+    path = tmp_path_factory.mktemp("leases") / "models.yaml"
     path.write_text(yaml.safe_dump(config))
     with deployed(proxifier_home, path, replicas=2, ready="chat") as (base, _controller):
         yield base
-
-
-@pytest.fixture(scope="module")
-def tmp_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("leases")
 
 
 def queue(url: str, model: str) -> dict[str, Any]:

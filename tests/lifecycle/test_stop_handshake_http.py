@@ -21,8 +21,7 @@ CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
 STOP_GRACE = 8  # seconds the old llama-server ignores SIGTERM before it is killed
 
 
-def models_config(fake_server: Path, tiny_model: Path, movable_cpus: float = 0) -> dict[str, Any]:
-    fake = {"model_path": str(tiny_model), "llama_server": str(fake_server), "num_gpus": 0}
+def models_config(fake: dict[str, Any], movable_cpus: float = 0) -> dict[str, Any]:
     return {
         "settings": {"cleanup_interval": 0.5, "stop_grace": STOP_GRACE},
         "models": {
@@ -30,23 +29,24 @@ def models_config(fake_server: Path, tiny_model: Path, movable_cpus: float = 0) 
             # Stopped for idleness 2 s after its last request; its llama-server ignores SIGTERM,
             # so the stop takes the whole grace.
             "deaf": {**fake, "idle_timeout": 2, "env": {"FAKE_LLAMA_IGNORE_SIGTERM": "1"}},
-            "movable": {**fake, "num_cpus": movable_cpus, "parallel": 2},
+            # Loads for 4 s: long enough to see which instance serves while the new one loads.
+            "movable": {
+                **fake,
+                "num_cpus": movable_cpus,
+                "parallel": 2,
+                "env": {"FAKE_LLAMA_LOAD_DELAY": "4"},
+            },
             "nowhere": {**fake, "resources": {"tpu": 1}},  # no node has one
         },
     }
 
 
 @pytest.fixture(scope="module")
-def tmp_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("lifecycle")
-
-
-@pytest.fixture(scope="module")
 def setup(
-    proxifier_home: Path, fake_server: Path, tiny_model: Path, tmp_path: Path
+    proxifier_home: Path, fake_fields: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[str, Path]]:
-    path = tmp_path / "models.yaml"
-    path.write_text(yaml.safe_dump(models_config(fake_server, tiny_model)))
+    path = tmp_path_factory.mktemp("lifecycle") / "models.yaml"
+    path.write_text(yaml.safe_dump(models_config(fake_fields)))
     with deployed(proxifier_home, path, replicas=2, ready="chat") as (url, _controller):
         yield url, path
 
@@ -75,7 +75,7 @@ def test_requests_that_race_an_idle_stop_get_a_fresh_instance(setup: tuple[str, 
 
 
 def test_reloading_a_placement_field_answers_2xx_and_loses_no_request(
-    setup: tuple[str, Path], fake_server: Path, tiny_model: Path
+    setup: tuple[str, Path], fake_fields: dict[str, Any]
 ) -> None:
     url, path = setup
     assert ask(url, "movable") == 200
@@ -92,11 +92,15 @@ def test_reloading_a_placement_field_answers_2xx_and_loses_no_request(
         sender.start()
     try:
         wait_for(lambda: len(answers) >= 6, timeout=60)
-        path.write_text(yaml.safe_dump(models_config(fake_server, tiny_model, movable_cpus=0.5)))
+        path.write_text(yaml.safe_dump(models_config(fake_fields, movable_cpus=0.5)))
         reload = httpx.post(f"{url}/admin/config/reload", timeout=120)
         assert reload.status_code == 200, reload.text
-        assert "movable" in str(reload.json()["changes"])
-        # The new instance (a new actor, holding half a CPU) serves while the senders go on.
+        assert reload.json()["replacing"] == {"movable": "blue/green"}  # it fits beside
+        # Blue/green: while the new instance loads, the old one is still the one serving.
+        during = status(url, "movable")
+        assert during["replacing"] and during["actor_pid"] == before["actor_pid"]
+        assert during["state"] == "ready"
+        # Then the new instance (a new actor, holding half a CPU) takes over.
         wait_for(lambda: status(url, "movable").get("actor_pid") != before["actor_pid"], 60)
         wait_for(lambda: status(url, "movable")["state"] == "ready", timeout=60)
         served = len(answers)

@@ -59,7 +59,12 @@ def models_config(fake: Path, real: str, tiny: Path) -> dict[str, Any]:
             "sleepy": fake_model(env={"FAKE_LLAMA_TOKEN_DELAY": "5"}, upstream_timeout=2),
             "loading": fake_model(env={"FAKE_LLAMA_LOAD_DELAY": "3"}, parallel=1),
             "tight": fake_model(
-                env={"FAKE_LLAMA_LOAD_DELAY": "60"}, parallel=1, max_queue_size=1, queue_timeout=4
+                # queue_timeout: long enough that a second request surely finds the queue
+                # full on a loaded machine, short enough to wait out in a test.
+                env={"FAKE_LLAMA_LOAD_DELAY": "60"},
+                parallel=1,
+                max_queue_size=1,
+                queue_timeout=10,
             ),
             "crashy": fake_model(env={"FAKE_LLAMA_CRASH_AFTER": "0"}),
             "broken": fake_model(env={"FAKE_LLAMA_FAIL_LOAD": "error: corrupt model (fake)"}),

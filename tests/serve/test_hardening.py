@@ -46,6 +46,8 @@ def test_respond_async_on_a_full_queue_is_refused_at_once(deployment: Deployment
     assert second.status_code == 503, second.text
     assert second.json()["error"]["code"] == "queue_full"
     assert int(second.headers["retry-after"]) > 0
+    # Leave it as other tests expect it: stopped (it would be ready 60 s from now).
+    httpx.post(f"{deployment.url}/admin/models/tight/stop", timeout=60)
 
 
 def test_respond_async_on_a_model_cooling_down_is_refused_at_once(deployment: Deployment) -> None:
@@ -62,7 +64,10 @@ def test_respond_async_on_a_model_cooling_down_is_refused_at_once(deployment: De
     assert int(again.headers["retry-after"]) > 0
 
 
-def ask_in_background(deployment: Deployment, model: str, count: int, stream: bool) -> Any:
+def waiting_in_queue(deployment: Deployment, model: str, count: int, stream: bool) -> Any:
+    """`count` requests that wait in the queue of `model` (stopped first; it loads for 3 s and
+    serves one at a time). Returns a function that waits for their answers."""
+    httpx.post(f"{deployment.url}/admin/models/{model}/stop", timeout=60)
     answers: list[tuple[int, str]] = []
 
     def ask() -> None:
@@ -75,29 +80,29 @@ def ask_in_background(deployment: Deployment, model: str, count: int, stream: bo
     threads = [threading.Thread(target=ask) for _ in range(count)]
     for thread in threads:
         thread.start()
-    return threads, answers
+    wait_for(lambda: queued(deployment, model) == count, timeout=30)
+
+    def answered() -> list[tuple[int, str]]:
+        for thread in threads:
+            thread.join()
+        return answers
+
+    return answered
 
 
 def test_requests_waiting_for_a_model_an_admin_stops_get_a_fresh_instance(
     deployment: Deployment,
 ) -> None:
-    # "loading" takes 3 s to load and serves one request at a time.
-    httpx.post(f"{deployment.url}/admin/models/loading/stop", timeout=60)
-    threads, answers = ask_in_background(deployment, "loading", 3, stream=False)
-    wait_for(lambda: queued(deployment, "loading") == 3, timeout=30)
+    answered = waiting_in_queue(deployment, "loading", 3, stream=False)
     stopped = httpx.post(f"{deployment.url}/admin/models/loading/stop", timeout=60)
     assert stopped.status_code == 200
-    for thread in threads:
-        thread.join()
-    assert [status for status, _ in answers] == [200] * 3, answers
+    assert [status for status, _ in answered()] == [200] * 3
 
 
 def test_requests_waiting_on_a_model_actor_that_dies_are_answered(
     deployment: Deployment,
 ) -> None:
-    httpx.post(f"{deployment.url}/admin/models/loading/stop", timeout=60)
-    threads, answers = ask_in_background(deployment, "loading", 2, stream=True)
-    wait_for(lambda: queued(deployment, "loading") == 2, timeout=30)
+    answered = waiting_in_queue(deployment, "loading", 2, stream=True)
     actors = [
         a["name"]
         for a in ray.util.list_named_actors(all_namespaces=True)
@@ -105,9 +110,8 @@ def test_requests_waiting_on_a_model_actor_that_dies_are_answered(
     ]
     assert len(actors) == 1
     ray.kill(ray.get_actor(actors[0], namespace="proxifier"))  # its node is lost, say
-    for thread in threads:
-        thread.join()
     # The streams had begun (keep-alive comments) and go on with a fresh instance's tokens.
+    answers = answered()
     assert all(status == 200 and "data: [DONE]" in text for status, text in answers), answers
 
 
@@ -140,6 +144,31 @@ def test_a_body_that_trickles_in_gets_408(deployment: Deployment) -> None:
             b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
             b'{"model": '
         )
-        reply = sock.recv(65536)  # the rest of the body never comes (body_timeout is 3 s)
+        reply = _http_answer(sock)  # the rest of the body never comes (body_timeout is 3 s)
     assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
     assert b"body_timeout" in reply
+
+
+def _http_answer(sock: socket.socket) -> bytes:
+    """One whole HTTP answer: its head, then as many body bytes as its Content-Length says."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        (
+            int(line.split(b":")[1])
+            for line in head.lower().split(b"\r\n")
+            if line.startswith(b"content-length:")
+        ),
+        0,
+    )
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return head + b"\r\n\r\n" + body
