@@ -129,10 +129,8 @@ class ConfigFiles:
         """Put a backup's files in place: both are validated before either is written, the
         current ones are backed up first, each file keeps its mode (auth.yaml 0600 stays so),
         and each is replaced atomically. Returns the backup of the files it replaced."""
+        restored = self.backup_models(backup_id)
         folder = self.backup_folder(backup_id)
-        models_text = (folder / "models.yaml").read_text()
-        restored = self.models_from_text(models_text, f"backup {backup_id}/models.yaml")
-        auth_text = None
         if (folder / "auth.yaml").exists():
             auth_text = (folder / "auth.yaml").read_text()
             validate_auth(parse_yaml_text(auth_text, "auth"), file=f"backup {backup_id}/auth.yaml")

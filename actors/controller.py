@@ -503,12 +503,14 @@ class Controller:
         self.pending.clear()
         await asyncio.gather(
             *(self._stop(n, "shutdown") for n in list(self.handles)),
-            *(self._stop_retiring(n, h) for n, h in [*self.retiring.items(), *pending]),
+            *(self._end(n, h, "shutdown") for n, h in [*self.retiring.items(), *pending]),
         )
 
-    async def _stop_retiring(self, name: str, handle: Any) -> None:
-        with contextlib.suppress(ray.exceptions.RayActorError):
-            await handle.stop.remote("shutdown")
+    async def _end(self, name: str, handle: Any, reason: str) -> None:
+        """Stop an instance no request reaches any more (retiring, or a replacement not
+        needed) and kill its actor."""
+        with contextlib.suppress(ray.exceptions.RayError):
+            await handle.stop.remote(reason, retire=True)
         self._forget(name, handle)
 
     def ping(self) -> str:
@@ -607,18 +609,12 @@ class Controller:
             )
         if not set(self.wants) - cooling:
             return
-        gpus = cluster_gpus()
-        residents = await self._residents()
-        nodes = _node_facts(cluster_nodes(), residents)
-        wants = []
-        for name, entry in self.wants.items():
-            if name in cooling:
-                continue
-            model = self.config.models[name]
-            options = actor_options(model, gpus)
-            wants.append(
-                Want(name, demand(options), dict(model.labels), model.priority, entry.since)
-            )
+        gpus, residents, nodes = await self._facts()
+        wants = [
+            self._want_for(name, gpus, entry.since)
+            for name, entry in self.wants.items()
+            if name not in cooling
+        ]
         settings = self.config.settings
         limits = Limits(settings.max_running_models, settings.min_residency)
         actions = decide(nodes, residents, wants, limits, time.time())
@@ -714,14 +710,10 @@ class Controller:
         registry and drains while the scheduler places the new one (its queue is served).
         Returns which of the two it does."""
         old = self.handles[name]
-        gpus = cluster_gpus()
-        model = self.config.models[name]
-        options = actor_options(model, gpus)
-        residents = await self._residents()
-        nodes = _node_facts(cluster_nodes(), residents)
+        gpus, residents, nodes = await self._facts()
         settings = self.config.settings
         limit = settings.max_running_models + 1 if settings.max_running_models else 0
-        beside = Want(f"{name}@next", demand(options), dict(model.labels), model.priority, 0.0)
+        beside = self._want_for(name, gpus, 0.0, as_name=f"{name}@next")
         actions = decide(nodes, residents, [beside], Limits(limit, settings.min_residency), 0.0)
         if len(actions) == 1 and isinstance(actions[0], Place):
             node_id = actions[0].node_id
@@ -740,9 +732,7 @@ class Controller:
         except (ProxifierError, ray.exceptions.RayError) as error:
             # The new config does not start; it is the one in force, so the model fails.
             self._discard_pending(name, new)
-            with contextlib.suppress(ray.exceptions.RayError):
-                await new.stop.remote("failed to start after a reload", retire=True)
-            ray.kill(new)
+            await self._end(f"{name}@next", new, "failed to start after a reload")
             message = error.message if isinstance(error, ProxifierError) else str(error)
             self.placement_failures[name] = (time.time(), message)
             if self.handles.get(name) is old:
@@ -753,9 +743,7 @@ class Controller:
         if entry is None or entry[0] is not new or self.handles.get(name) is not old:
             # Overtaken by a stop or another reload meanwhile: this instance is not needed.
             self._discard_pending(name, new)
-            with contextlib.suppress(ray.exceptions.RayError):
-                await new.stop.remote("replaced before it took over", retire=True)
-            ray.kill(new)
+            await self._end(f"{name}@next", new, "replaced before it took over")
             return
         _, options, node_id = self.pending.pop(name)
         self._unregister(name, old)
@@ -782,6 +770,18 @@ class Controller:
         self._explain(name, "failed", reason)
         self._unregister(name, handle)
         await self._dispose(name, handle)
+
+    async def _facts(self) -> tuple[float, list[Resident], list[Node]]:
+        """What a decision starts from: the cluster's GPUs, the models whose actors exist, and
+        the nodes with what is free on them."""
+        residents = await self._residents()
+        return cluster_gpus(), residents, _node_facts(cluster_nodes(), residents)
+
+    def _want_for(self, name: str, gpus: float, since: float, as_name: str | None = None) -> Want:
+        """Model `name` as demand for the scheduler (under `as_name`, for a second instance)."""
+        model = self.config.models[name]
+        needs = demand(actor_options(model, gpus))
+        return Want(as_name or name, needs, dict(model.labels), model.priority, since)
 
     async def _residents(self) -> list[Resident]:
         """Facts about every model whose actor exists. One that does not answer in time (its

@@ -318,15 +318,9 @@ class ModelActor:
             return self._enqueue(request_id, deadline, arrived, holder)
         # What the request would hear on its first poll, it hears now: no 202 for a request
         # that cannot wait (a full queue, a model cooling down after a failure).
-        if self.retired:
-            raise ModelRetired(f"model '{self.name}' is stopping", retry_after=1)
-        if self.state == ModelState.FAILED:
-            self._raise_if_cooling_down()
+        self._refuse_if_closed()
         if len(self.slots.waiters) >= self.slots.max_queue:
-            raise QueueFull(
-                "Service temporarily unavailable - queue is full",
-                retry_after=self._queue_timeout(),
-            )
+            raise self._queue_full()
         return {"queued": await self.submit(request_id, path, body, deadline, owner)}
 
     async def queue_position(self, request_id: str) -> dict[str, Any]:
@@ -363,20 +357,14 @@ class ModelActor:
     ) -> dict[str, Any]:
         self._ensure_background()
         now = min(time.time(), arrived or math.inf)
-        if self.retired:
-            raise ModelRetired(f"model '{self.name}' is stopping", retry_after=1)
-        if self.state == ModelState.FAILED:
-            self._raise_if_cooling_down()
+        self._refuse_if_closed()
         deadline = min(deadline or math.inf, now + self._queue_timeout())
         outcome, lease = self.slots.request(request_id, now, deadline, holder)
         if outcome is Outcome.GRANTED:
             assert lease is not None
             return {"lease": self._lease(lease)}
         if outcome is Outcome.FULL:
-            raise QueueFull(
-                "Service temporarily unavailable - queue is full",
-                retry_after=self._queue_timeout(),
-            )
+            raise self._queue_full()
         self.waiters[request_id] = asyncio.get_running_loop().create_future()
         if self.state in (ModelState.STOPPED, ModelState.FAILED):
             self._ensure_starting()
@@ -750,6 +738,18 @@ class ModelActor:
         for waiter in self.slots.clear():
             self._fail_waiter(waiter.request_id, error)
         self._event("failed", reason=message)
+
+    def _refuse_if_closed(self) -> None:
+        """A request this actor takes no more: it is retiring, or failed and cooling down."""
+        if self.retired:
+            raise ModelRetired(f"model '{self.name}' is stopping", retry_after=1)
+        if self.state == ModelState.FAILED:
+            self._raise_if_cooling_down()
+
+    def _queue_full(self) -> QueueFull:
+        return QueueFull(
+            "Service temporarily unavailable - queue is full", retry_after=self._queue_timeout()
+        )
 
     def _raise_if_cooling_down(self) -> None:
         remaining = self.failed_until - time.time()

@@ -31,13 +31,17 @@ def marked_cluster() -> str | None:
 
 
 def answers(address: str, wait: float = PROBE_WAIT) -> bool:
-    """Whether something accepts connections at `host:port` (a GCS that is alive)."""
+    """False only when `host:port` says no (the connection is refused, or the host is known
+    unreachable): nothing listens where the cluster was. A probe that merely takes long
+    proves nothing, so then Ray is left to try."""
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
         return True  # not host:port (e.g. ray://): let Ray say what it makes of it
     try:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=wait):
             return True
+    except TimeoutError:
+        return True
     except OSError:
         return False
 
