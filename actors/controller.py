@@ -41,6 +41,7 @@ from proxifier.config import (
     validate_auth,
 )
 from proxifier.config_diff import ModelsDiff, diff_models
+from proxifier.endpoints import capabilities
 from proxifier.errors import (
     ModelFailed,
     ModelNotFound,
@@ -50,6 +51,7 @@ from proxifier.errors import (
     Refused,
     Unavailable,
 )
+from proxifier.gguf_facts import GgufError, read_facts
 from proxifier.metrics import LOAD_BUCKETS, Histogram
 from proxifier.placement import NodeView, actor_options, cpu_fallback_warning, demand
 from proxifier.planning import (
@@ -431,7 +433,11 @@ class Controller:
         return {"status": "unknown", "request_id": request_id}
 
     async def models_list(self) -> list[dict[str, Any]]:
-        """/v1/models: every configured model with its state, priority and group."""
+        """/v1/models: every configured model with its state, priority, group and what it can
+        be asked to do."""
+        statuses = await self.status()
+        fim = await asyncio.gather(*(self._fill_in_middle(s["name"]) for s in statuses))
+        models = self.config.models  # read once: a reload may land between the awaits above
         return [
             {
                 "id": status["name"],
@@ -442,9 +448,23 @@ class Controller:
                 "priority": status["priority"],
                 "resource_group": status["resource_group"],
                 "aliases": status["aliases"],
+                "capabilities": [str(c) for c in capabilities(models[status["name"]], infill)]
+                if status["name"] in models
+                else [],
             }
-            for status in await self.status()
+            for status, infill in zip(statuses, fim, strict=True)
         ]
+
+    async def _fill_in_middle(self, name: str) -> bool | None:
+        """Whether the model's GGUF has FIM tokens; None when its file is not readable here
+        (on another node, or not there yet). Each file's header is read once."""
+        path = self.config.model_file(name) if name in self.config.models else None
+        if path is None or not path.is_file():
+            return None
+        try:
+            return (await asyncio.to_thread(read_facts, path)).fill_in_middle
+        except GgufError:
+            return None
 
     def report_metrics(self, replica_id: str, snapshot: dict[str, Any]) -> None:
         """Ingress replicas push their cumulative request counters here every few seconds."""

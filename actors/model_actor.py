@@ -177,6 +177,14 @@ class ModelActor:
             retry_after=self.settings.cooldown or None,
         )
 
+    async def endpoint(self) -> dict[str, Any]:
+        """Where llama-server answers and its key, once ready (started when stopped), for a
+        raw passthrough that takes no slot (`/upstream/{model}/...`: its /slots, /props, web
+        UI). It counts as use: the idle clock starts again."""
+        await self.start()
+        self.slots.touch(time.time())
+        return {"url": f"http://{self.host}:{self.port}", "api_key": self.api_key}
+
     async def stop(
         self, reason: str = "stopped on request", retire: bool = False
     ) -> dict[str, Any]:

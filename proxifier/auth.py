@@ -13,14 +13,20 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from proxifier.config import ApiKeyConfig, AuthConfig
+from proxifier.endpoints import PATTERN as INFERENCE
 
 ADMIN = "admin"
 
 # (method, path pattern) -> the permissions any one of which opens it; admin opens everything.
 # Order matters: the first matching row decides. The README's table is checked against this.
 ROUTES: list[tuple[str, str, frozenset[str], str]] = [
-    ("POST", r"/v1/(chat/completions|completions|embeddings)", frozenset({"models"}), "inference"),
+    ("POST", f"({INFERENCE})", frozenset({"models"}), "inference"),
     ("GET", r"/v1/queue/[^/]+", frozenset({"models"}), "inference"),
+    ("GET", r"/v1/responses/[^/]+(/input_items)?", frozenset({"models"}), "inference"),
+    ("DELETE", r"/v1/responses/[^/]+", frozenset({"models"}), "inference"),
+    ("POST", r"/v1/responses/[^/]+/cancel", frozenset({"models"}), "inference"),
+    ("GET", r"/upstream/[^/]+(/.*)?", frozenset({"models"}), "raw upstream"),
+    ("POST", r"/upstream/[^/]+(/.*)?", frozenset({"models"}), "raw upstream"),
     ("GET", r"/v1/models(/[^/]+)?", frozenset({"models", "read"}), "list models"),
     ("POST", r"/admin/models/[^/]+/(start|stop|reload)", frozenset({"models"}), "model actions"),
     ("POST", r"/admin/(start-all|stop-all)", frozenset({"models"}), "model actions"),

@@ -178,7 +178,11 @@ def run_admin(args: argparse.Namespace) -> int:
 
 def _model_line(config: ModelsConfig, name: str) -> str:
     model = config.models[name]
-    flags = [flag for flag in ("preload", "auto_start", "embeddings") if getattr(model, flag)]
+    flags = [
+        flag
+        for flag in ("preload", "auto_start", "embeddings", "reranking")
+        if getattr(model, flag)
+    ]
     port = str(model.port) if model.port is not None else "auto"
     path = model.model_path or "-"
     parts = [

@@ -103,6 +103,7 @@ ALLOWED: dict[str, str] = {
     "auto_start": "true or false",
     "preload": "true or false",
     "embeddings": "true or false",
+    "reranking": "true or false",
     "gpu_layers": "an integer: -1 for all layers, 0 for CPU only, or a layer count",
     "context_length": "a positive integer (tokens)",
     "threads": "a positive integer",
@@ -223,6 +224,7 @@ class ModelConfig(BaseModel):
     parallel: int = Field(4, ge=1)
     chat_template: str | None = None
     embeddings: bool = False
+    reranking: bool = False  # llama-server --reranking: /v1/rerank with the rank pooling it needs
     additional_args: list[str] = []
     env: dict[str, str] = {}
     llama_server: str | None = None
@@ -630,6 +632,17 @@ def _cross_model_issues(
             set_fields = {field for field, value in raw.items() if value is not None}
             for problem in additional_args_conflicts([str(a) for a in args], set_fields):
                 issues.append(ConfigIssue(file, where, "additional_args", problem))
+        if raw.get("embeddings") is True and raw.get("reranking") is True:
+            issues.append(
+                ConfigIssue(
+                    file,
+                    where,
+                    "reranking",
+                    "cannot be set with 'embeddings: true': reranking pools each input into one "
+                    "score, so the model's embeddings would be meaningless; configure the file "
+                    "twice, under two names, one for each",
+                )
+            )
         aliases = raw.get("aliases")
         for alias in aliases if isinstance(aliases, list) else []:
             owner = names.get(alias) if isinstance(alias, str) else None

@@ -20,6 +20,7 @@ RESTART_FIELDS: frozenset[str] = frozenset(
         "port",
         "chat_template",
         "embeddings",
+        "reranking",
         "env",
         "num_gpus",
         "num_cpus",

@@ -32,8 +32,35 @@ class ProxifierError(Exception):
             return None
         return str(max(1, math.ceil(self.retry_after)))
 
-    def body(self) -> dict[str, dict[str, str]]:
+    def body(self, anthropic: bool = False) -> dict[str, Any]:
+        """The OpenAI-shaped body, or the Anthropic one for `/v1/messages` clients."""
+        if anthropic:
+            return anthropic_body(self.status, self.message, self.code)
         return {"error": {"message": self.message, "type": self.error_type, "code": self.code}}
+
+
+# Anthropic's error types by HTTP status (https://docs.anthropic.com/en/api/errors); its SDK
+# retries 429, 5xx and overloaded_error, honouring Retry-After.
+ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    408: "timeout_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    504: "timeout_error",
+}
+
+
+def anthropic_body(status: int, message: str, code: str | None = None) -> dict[str, Any]:
+    """`{"type": "error", "error": {"type", "message"}}`; `code` (the proxifier's stable
+    code, such as queue_full) rides along, which Anthropic clients ignore."""
+    error: dict[str, str] = {"type": ANTHROPIC_TYPES.get(status, "api_error"), "message": message}
+    if code:
+        error["code"] = code
+    return {"type": "error", "error": error}
 
 
 def _rebuild(cls: type[ProxifierError], message: str, retry_after: float | None) -> ProxifierError:

@@ -40,6 +40,8 @@ FIELD_FLAGS: dict[str, str] = {
     "--chat-template": "chat_template",
     "--embedding": "embeddings",
     "--embeddings": "embeddings",
+    "--rerank": "reranking",
+    "--reranking": "reranking",
 }
 
 
@@ -96,6 +98,8 @@ def build_argv(
     argv += ["--api-key-file", api_key_file]
     if model.embeddings:
         argv.append("--embeddings")
+    if model.reranking:
+        argv.append("--reranking")  # sets the rank pooling a reranker needs
     return argv + list(model.additional_args)
 
 

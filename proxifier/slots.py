@@ -103,6 +103,10 @@ class SlotQueue:
         return max(0.0, now - max(marks))
 
     # --- changes ------------------------------------------------------------------------------
+    def touch(self, now: float) -> None:
+        """The model was used without a slot (a raw passthrough): not idle since `now`."""
+        self.last_release = max(self.last_release or now, now)
+
     def request(
         self, request_id: str, now: float, deadline: float, holder: str | None = None
     ) -> tuple[Outcome, Lease | None]:

@@ -13,9 +13,10 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import Body, FastAPI, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 
 from proxifier.auth import ADMIN, Caller, may_use_model
+from proxifier.endpoints import ENDPOINTS, STORED_RESPONSES, Endpoint
 from proxifier.errors import NotFound
 from serve_app.backend import RayBackend
 from serve_app.dashboard import install_dashboard
@@ -24,30 +25,34 @@ from serve_app.metrics import ReplicaMetrics, render
 from serve_app.proxy import LeaseGuard, Proxy, check_model_access
 from serve_app.security import BodyDeadline, Security, caller_of
 
-INFERENCE_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
-# The body the OpenAI routes take (passed to llama-server as it is); in the OpenAPI document
-# for /docs, and what the fuzz tests generate requests from.
-INFERENCE_BODY: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {
-                "schema": {
-                    "type": "object",
-                    "required": ["model"],
-                    "properties": {
-                        "model": {"type": "string"},
-                        "messages": {"type": "array", "items": {"type": "object"}},
-                        "prompt": {},
-                        "input": {},
-                        "stream": {"type": "boolean"},
-                        "max_tokens": {"type": "integer"},
-                    },
-                }
-            }
+
+def inference_schema(endpoint: Endpoint) -> dict[str, Any]:
+    """The body an inference route takes (passed to llama-server as it is) and, for
+    llama-server's own paths, `?model=`: in the OpenAPI document for /docs, and what the
+    fuzz tests generate requests from."""
+    schema: dict[str, Any] = {
+        "type": "object",
+        "properties": {
+            "model": {"type": "string"},
+            "messages": {"type": "array", "items": {"type": "object"}},
+            "prompt": {},
+            "input": {},
+            "stream": {"type": "boolean"},
+            "max_tokens": {"type": "integer"},
         },
     }
-}
+    extra: dict[str, Any] = {
+        "requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}
+    }
+    if endpoint.model_in_query:
+        extra["parameters"] = [
+            {"name": "model", "in": "query", "required": False, "schema": {"type": "string"}}
+        ]
+    else:
+        schema["required"] = ["model"]
+    return extra
+
+
 HEALTH_WAIT = 5.0  # seconds /health waits for the controller before it answers 503
 
 
@@ -78,14 +83,37 @@ def build_api(backend: RayBackend, bound_host: str | None = None) -> FastAPI:
         return backend.controller
 
     # ------------------------------------------------------------------ OpenAI
-    for path in INFERENCE_PATHS:
+    for endpoint in ENDPOINTS:
 
-        async def inference(request: Request, _path: str = path) -> Response:
-            return await proxy.handle(request, _path)
+        async def inference(request: Request, _endpoint: Endpoint = endpoint) -> Response:
+            return await proxy.handle(request, _endpoint)
 
         app.add_api_route(
-            path, inference, methods=["POST"], include_in_schema=True, openapi_extra=INFERENCE_BODY
+            endpoint.path,
+            inference,
+            methods=["POST"],
+            include_in_schema=True,
+            openapi_extra=inference_schema(endpoint),
         )
+
+    # llama-server's Responses API keeps no responses: what needs a stored one is a clear 404.
+    async def stored_response(response_id: str) -> Response:
+        raise NotFound(f"No stored response '{response_id}': {STORED_RESPONSES}")
+
+    app.add_api_route("/v1/responses/{response_id}", stored_response, methods=["GET", "DELETE"])
+    app.add_api_route("/v1/responses/{response_id}/input_items", stored_response, methods=["GET"])
+    app.add_api_route("/v1/responses/{response_id}/cancel", stored_response, methods=["POST"])
+
+    @app.get("/upstream/{model}", include_in_schema=False)
+    async def upstream_root(model: str, request: Request) -> Response:
+        """The web UI's address without its slash: its relative links need one."""
+        await visible(request, model)
+        return RedirectResponse(f"/upstream/{model}/", 307)
+
+    @app.api_route("/upstream/{model}/{rest:path}", methods=["GET", "POST"])
+    async def upstream(model: str, rest: str, request: Request) -> Response:
+        """The model's own llama-server, raw (its /slots, /props, /metrics, web UI)."""
+        return await proxy.passthrough(request, model, rest)
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> dict[str, Any]:

@@ -22,6 +22,15 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from proxifier.auth import Caller, may_use_model
+from proxifier.endpoints import (
+    BY_PATH,
+    Endpoint,
+    Shape,
+    model_named,
+    refusal,
+    stateless_refusal,
+    unsupported,
+)
 from proxifier.errors import (
     ActorGone,
     Forbidden,
@@ -35,13 +44,34 @@ from proxifier.errors import (
 )
 from proxifier.lease_reuse import HeldLease
 from serve_app.backend import ATTEMPTS, Owned, RayBackend
-from serve_app.http_errors import sse_error
+from serve_app.http_errors import reshaped, sse_error
 from serve_app.metrics import ReplicaMetrics
 from serve_app.security import caller_of
 
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 QUICK_ANSWER = 1.0  # seconds a queued stream waits before it commits to a 200 and keep-alives
 LEASES = "proxifier.leases"  # where LeaseGuard leaves a request's Owned in the ASGI scope
+# Headers a passthrough does not relay: per connection (RFC 9110 §7.6.1), and the client's
+# credentials for the proxifier, which llama-server must never see.
+_HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+_NOT_FORWARDED = _HOP_BY_HOP | {
+    "host",
+    "authorization",
+    "x-api-key",
+    "cookie",
+    "content-length",
+    "x-request-timeout-seconds",
+}
 
 
 class LeaseGuard:
@@ -125,9 +155,6 @@ def parse_request(raw: bytes) -> dict[str, Any]:
         raise InvalidRequest(f"Invalid JSON body: {exc}") from None
     if not isinstance(payload, dict):
         raise InvalidRequest("The request body must be a JSON object")
-    model = payload.get("model")
-    if not isinstance(model, str) or not model:
-        raise InvalidRequest("you must provide a model parameter")
     return payload
 
 
@@ -136,7 +163,7 @@ class Call:
     """One inference request on its way through: where it goes and what it carries."""
 
     model: str
-    path: str
+    endpoint: Endpoint
     raw: bytes
     request_id: str
     arrived: float  # monotonic, for the queue-wait metric
@@ -149,6 +176,14 @@ class Call:
     deadline: float = 0.0  # wall clock: when it must have been answered (queue_timeout)
     arrived_at: float = 0.0  # wall clock, for the actor's honest wait times
     owned: Owned = field(default_factory=Owned)  # the slots the request holds (LeaseGuard)
+
+    @property
+    def path(self) -> str:
+        return self.endpoint.path
+
+    @property
+    def shape(self) -> Shape:
+        return self.endpoint.errors
 
     def take_over(self, held: HeldLease) -> Call:
         self.handle, self.granted_at, self.served = held.handle, held.granted_at, held.served
@@ -167,23 +202,34 @@ class Proxy:
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
         )
 
-    async def handle(self, request: Request, path: str) -> Response:
+    async def handle(
+        self, request: Request, endpoint: Endpoint, model: str | None = None
+    ) -> Response:
+        """One inference request on `endpoint`; `model`: already resolved (a passthrough)."""
         arrived, arrived_at = time.monotonic(), time.time()
         self.metrics.start_flushing(self.backend.controller)
         config = await self.backend.config()
         raw = await read_body(request, config.settings.max_body_size)
         payload = parse_request(raw)
         caller = caller_of(request.scope)
-        model = await self.backend.resolve(payload["model"], caller)
-        check_model_access(caller, model)
+        if model is None:
+            named = model_named(endpoint, payload, request.query_params.get("model"))
+            model = await self.backend.resolve(named, caller)
+            check_model_access(caller, model)
+        problem = stateless_refusal(endpoint, payload) or refusal(
+            endpoint, model, config.models[model]
+        )
+        if problem is not None:  # before anything starts the model for it
+            raise problem
         settings, model_config = config.settings, config.models[model]
+        path = endpoint.path
         timeout = model_config.queue_timeout or settings.queue.queue_timeout
         deadline = arrived_at + timeout
         owned = request.scope.get(LEASES)
         assert isinstance(owned, Owned), "the app must run behind LeaseGuard"
-        call = Call(model, path, raw, f"req_{uuid.uuid4().hex}", arrived, owned=owned)
+        call = Call(model, endpoint, raw, f"req_{uuid.uuid4().hex}", arrived, owned=owned)
         call.deadline, call.arrived_at = deadline, arrived_at
-        stream = payload.get("stream") is True
+        stream = endpoint.streams and payload.get("stream") is True
         wants_async = "respond-async" in request.headers.get("prefer", "").lower()
         try:
             # A slot this replica holds from its last request: no actor call at all.
@@ -192,7 +238,7 @@ class Proxy:
                 self._own(call.take_over(held), held.handle, held.lease)
                 with contextlib.suppress(StaleLease):
                     return await self.forward(call, held.lease, stream)
-                call = Call(model, path, raw, call.request_id, arrived, owned=owned)
+                call = Call(model, endpoint, raw, call.request_id, arrived, owned=owned)
                 call.deadline, call.arrived_at = deadline, arrived_at
             if wants_async or settings.queue.respond_async:
                 call.handle, answer = await self.backend.on_model(
@@ -233,6 +279,53 @@ class Proxy:
         except ProxifierError as error:
             self.metrics.answered(model, error.status)
             raise
+
+    async def passthrough(self, request: Request, name: str, rest: str) -> Response:
+        """`/upstream/{model}/{rest}`: the model's llama-server itself, started on demand.
+        An inference path there is that path with the model fixed (queue, slot and all);
+        anything else (its /slots, /props, /metrics, web UI) is relayed raw and takes no
+        slot. The model's own key is sent; the client's never is."""
+        caller = caller_of(request.scope)
+        model = await self.backend.resolve(name, caller)
+        check_model_access(caller, model)
+        path = "/" + rest
+        endpoint = BY_PATH.get(path)
+        if endpoint is not None and request.method == "POST":
+            return await self.handle(request, endpoint, model=model)
+        config = await self.backend.config()
+        settings = config.settings
+        timeout = config.models[model].queue_timeout or settings.queue.queue_timeout
+        body = await read_body(request, settings.max_body_size)
+        _, where = await self.backend.on_model(
+            model, time.time() + timeout, lambda h: h.endpoint.remote()
+        )
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _NOT_FORWARDED} | {
+            "Authorization": f"Bearer {where['api_key']}"
+        }
+        outgoing = self.client.build_request(
+            request.method,
+            f"{where['url']}{path}",
+            params=request.query_params,
+            content=body,
+            headers=headers,
+        )
+        try:
+            upstream = await self.client.send(outgoing, stream=True)
+        except httpx.TimeoutException:
+            raise UpstreamTimeout(f"model '{model}' did not answer in time") from None
+        except httpx.HTTPError as exc:
+            raise UpstreamFailed(f"model '{model}' refused the request: {exc}") from None
+        self.metrics.answered(model, upstream.status_code)
+        kept = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_BY_HOP}
+
+        async def relayed() -> AsyncGenerator[bytes, None]:
+            try:
+                async for chunk in upstream.aiter_raw():
+                    yield chunk
+            finally:
+                await upstream.aclose()
+
+        return StreamingResponse(relayed(), upstream.status_code, headers=kept)
 
     async def enqueue(self, call: Call) -> dict[str, Any]:
         """Ask the model's current instance for a slot: a lease, or a place in its queue."""
@@ -371,7 +464,7 @@ class Proxy:
             raise
         except ProxifierError as error:  # asking again for a slot failed: say why
             self.metrics.answered(call.model, error.status)
-            yield sse_error(error)
+            yield sse_error(error, call.shape)
             return
         try:
             lease = waiting.result()
@@ -379,7 +472,7 @@ class Proxy:
             upstream = await self._open(call, lease)  # it gives the slot back if it fails
         except ProxifierError as error:
             self.metrics.answered(call.model, error.status)
-            yield sse_error(error)
+            yield sse_error(error, call.shape)
             return
         if upstream.status_code != 200:
             try:
@@ -387,8 +480,10 @@ class Proxy:
             finally:
                 await upstream.aclose()
                 self._release(call, lease)
-            self.metrics.answered(call.model, upstream.status_code)
-            yield sse_error(_upstream_body(body, upstream.status_code))
+            failure = _upstream_failure(call, upstream.status_code, body)
+            status = failure.status if isinstance(failure, ProxifierError) else upstream.status_code
+            self.metrics.answered(call.model, status)
+            yield sse_error(failure, call.shape)
             return
         async with contextlib.aclosing(self.relay(call, lease, upstream)) as chunks:
             async for chunk in chunks:
@@ -427,11 +522,16 @@ class Proxy:
         finally:
             await upstream.aclose()
             self._release(call, lease, clean=clean)
-        self.metrics.answered(model, upstream.status_code)
+        status = upstream.status_code
+        if status == 501 or (status >= 400 and call.shape is not Shape.OPENAI):
+            failure = _upstream_failure(call, status, content)
+            if isinstance(failure, ProxifierError):
+                raise failure
+            self.metrics.answered(model, status)
+            return JSONResponse(failure, status)
+        self.metrics.answered(model, status)
         return Response(
-            content,
-            upstream.status_code,
-            media_type=upstream.headers.get("content-type", "application/json"),
+            content, status, media_type=upstream.headers.get("content-type", "application/json")
         )
 
     async def relay(
@@ -447,7 +547,8 @@ class Proxy:
         except httpx.HTTPError as exc:
             status = 502
             yield sse_error(
-                UpstreamFailed(f"model '{call.model}' failed in the middle of the stream: {exc}")
+                UpstreamFailed(f"model '{call.model}' failed in the middle of the stream: {exc}"),
+                call.shape,
             )
         except (asyncio.CancelledError, GeneratorExit):
             status = 499  # the client went away
@@ -550,15 +651,16 @@ def _comment(position: int | None, state: str) -> bytes:
     return f": queued position={position or 0} state={state}\n\n".encode()
 
 
-def _upstream_body(body: bytes, status: int) -> dict[str, Any]:
+def _upstream_failure(call: Call, status: int, body: bytes) -> ProxifierError | dict[str, Any]:
+    """What llama-server's error answer becomes for the client: its 501 (the model was not
+    started for this path, or lacks what it needs) a 400 that says what to do; any other
+    error its own body, in the shape the path's clients parse."""
+    parsed: Any = body.decode(errors="replace")
     with contextlib.suppress(ValueError):
         parsed = json.loads(body)
-        if isinstance(parsed, dict) and "error" in parsed:
-            return parsed
-    return {
-        "error": {
-            "message": body.decode(errors="replace")[:500] or f"upstream status {status}",
-            "type": "upstream_error",
-            "code": "upstream_failed",
-        }
-    }
+    if status == 501:
+        message = parsed
+        if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
+            message = parsed["error"].get("message", "")
+        return unsupported(call.endpoint, call.model, str(message)[:300])
+    return reshaped(parsed, status, call.shape)

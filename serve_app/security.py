@@ -15,6 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from proxifier.auth import Caller, Denied, authorize, identify, is_public, presented_key
 from proxifier.browser_guard import browser_refusal
 from proxifier.config import AuthConfig
+from proxifier.endpoints import error_shape
 from serve_app.backend import RayBackend
 from serve_app.http_errors import error_body
 
@@ -57,7 +58,14 @@ class Security:
                 gated,
                 allow_origins=list(origins),
                 allow_methods=["GET", "POST", "OPTIONS"],
-                allow_headers=["authorization", "x-api-key", "content-type", "prefer"],
+                allow_headers=[
+                    "authorization",
+                    "x-api-key",
+                    "content-type",
+                    "prefer",
+                    "anthropic-version",
+                    "anthropic-beta",
+                ],
                 expose_headers=[
                     "x-ratelimit-limit",
                     "x-ratelimit-remaining",
@@ -82,7 +90,7 @@ class Security:
             host = self.bound_host or (await self.backend.config()).settings.host
             refusal = browser_refusal(method, headers, host, auth.cors_origins)
             if refusal is not None:
-                await _refuse(send, Denied(*refusal))
+                await _refuse(scope, send, Denied(*refusal))
                 return
         if not auth.enabled or is_public(path, auth) or open_dashboard:
             await self.app(scope, receive, send)
@@ -96,11 +104,11 @@ class Security:
             )
         caller = identify(key, auth) if isinstance(key, str) else key
         if isinstance(caller, Denied):
-            await _refuse(send, caller, {"WWW-Authenticate": "Bearer"})
+            await _refuse(scope, send, caller, {"WWW-Authenticate": "Bearer"})
             return
         denied = authorize(caller, method, path)
         if denied is not None:
-            await _refuse(send, denied)
+            await _refuse(scope, send, denied)
             return
         limit_headers: dict[str, str] = {}
         if caller.limit is not None:
@@ -142,8 +150,11 @@ def _adding_headers(send: Send, extra: dict[str, str]) -> Send:
     return wrapped
 
 
-async def _refuse(send: Send, denied: Denied, headers: dict[str, str] | None = None) -> None:
-    body = json.dumps(error_body(denied.status, denied.message, denied.code)).encode()
+async def _refuse(
+    scope: Scope, send: Send, denied: Denied, headers: dict[str, str] | None = None
+) -> None:
+    shape = error_shape(scope["path"])
+    body = json.dumps(error_body(denied.status, denied.message, denied.code, shape)).encode()
     raw_headers: list[tuple[bytes, bytes]] = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),

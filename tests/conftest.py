@@ -34,8 +34,9 @@ def repo() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
-    """The tiny GGUF model, written by scripts/make-tiny-model when absent."""
-    if not TINY_MODEL.is_file():
+    """The tiny GGUF model, written by scripts/make-tiny-model when absent or older than it."""
+    script = REPO / "scripts" / "make-tiny-model"
+    if not TINY_MODEL.is_file() or script.stat().st_mtime > TINY_MODEL.stat().st_mtime:
         subprocess.run(
             [
                 sys.executable,

@@ -319,3 +319,17 @@ def test_auth_yaml_shown_with_keys_redacted_in_any_style() -> None:
     shown = redact_keys(text)
     assert "flow-secret" not in shown and "block-secret" not in shown and "ab" * 32 not in shown
     assert shown.count("<redacted>") == 3 and shown.startswith("# keys below")
+
+
+def test_reranking_and_embeddings_on_one_model() -> None:
+    errors = model_errors({"m": {"embeddings": True, "reranking": True}})
+    assert len(errors) == 1
+    assert "model 'm': field 'reranking': cannot be set with 'embeddings: true'" in errors[0]
+
+
+def test_reranking_flag_with_the_reranking_field() -> None:
+    errors = model_errors({"m": {"reranking": True, "additional_args": ["--rerank"]}})
+    assert errors == [
+        "models.yaml: model 'm': field 'additional_args': '--rerank' repeats the 'reranking' "
+        "field; set one of them, not both"
+    ]

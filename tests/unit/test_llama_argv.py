@@ -75,6 +75,11 @@ def test_embeddings_flag_only_when_asked() -> None:
     assert "--embeddings" not in argv()
 
 
+def test_reranking_flag_only_when_asked() -> None:
+    assert "--reranking" in argv(reranking=True)
+    assert "--reranking" not in argv()
+
+
 def test_additional_args_list_come_last() -> None:
     assert argv(additional_args=["--jinja", "--flash-attn", "on"])[-3:] == [
         "--jinja",

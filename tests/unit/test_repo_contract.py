@@ -78,3 +78,15 @@ def test_readme_permission_table_matches_the_code(repo: Path) -> None:
     for permission in ("admin", "models", "config", "read"):
         assert f"| `{permission}` |" in text
     assert "`ROUTES`" in text and len(ROUTES) >= 15
+
+
+def test_readme_api_table_lists_every_inference_path_with_its_example(repo: Path) -> None:
+    from proxifier.endpoints import ENDPOINTS, curl_example
+
+    text = (repo / "README.md").read_text()
+    shown: set[str] = set()
+    for endpoint in ENDPOINTS:
+        assert f"`{endpoint.path}`" in text or f"`POST {endpoint.path}`" in text, endpoint.path
+        if endpoint.example not in shown:  # the rerank paths share one row and one example
+            assert curl_example(endpoint) in text, endpoint.path
+            shown.add(endpoint.example)
