@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any
 
 from fastapi import Body, FastAPI, Query, Request
@@ -83,14 +83,16 @@ def build_api(backend: RayBackend, bound_host: str | None = None) -> FastAPI:
         return backend.controller
 
     # ------------------------------------------------------------------ OpenAI
+    def inference_route(endpoint: Endpoint) -> Callable[[Request], Awaitable[Response]]:
+        async def inference(request: Request) -> Response:
+            return await proxy.handle(request, endpoint)
+
+        return inference
+
     for endpoint in ENDPOINTS:
-
-        async def inference(request: Request, _endpoint: Endpoint = endpoint) -> Response:
-            return await proxy.handle(request, _endpoint)
-
         app.add_api_route(
             endpoint.path,
-            inference,
+            inference_route(endpoint),
             methods=["POST"],
             include_in_schema=True,
             openapi_extra=inference_schema(endpoint),

@@ -115,7 +115,9 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(request: Request, error: StarletteHTTPException) -> JSONResponse:
         messages = {404: "Unknown path", 405: "Method not allowed for this path"}
         message = messages.get(error.status_code, str(error.detail))
-        return error_response(error.status_code, message, None, error.headers, shape(request))
+        return error_response(
+            error.status_code, message, None, dict(error.headers or {}), shape(request)
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, error: RequestValidationError) -> JSONResponse:

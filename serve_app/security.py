@@ -123,6 +123,7 @@ class Security:
             if not allowed:
                 retry = str(max(1, math.ceil(reset)))
                 await _refuse(
+                    scope,
                     send,
                     Denied(
                         429,

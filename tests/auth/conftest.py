@@ -29,8 +29,10 @@ def auth_config(extra_keys: dict[str, Any] | None = None) -> dict[str, Any]:
         keys[f"{permission}-only"] = {"key": key, "permissions": [permission]}
     keys["chat-only-key"] = {"key": "k-chat-only", "permissions": ["models"], "models": ["chat"]}
     keys["burst-key"] = {"key": "k-burst", "permissions": ["read"]}
+    keys["claude-key"] = {"key": "k-claude", "permissions": ["models"]}
     keys.update(extra_keys or {})
     seed["rate_limits"]["burst"] = 5
+    seed["rate_limits"]["claude"] = 2
     seed["cors_origins"] = ["https://app.example.com"]
     return seed
 

@@ -209,3 +209,100 @@ def test_embeddings_off_agrees(
 def test_unknown_path_is_404_in_both(servers) -> None:
     real, fake = both(servers, "GET", "/v1/nope")
     assert real.status_code == fake.status_code == 404
+
+
+# ---------------------------------------------------------------- the other APIs
+MESSAGES = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 4, "temperature": 0}
+RESPONSES = {"input": "hello", "max_output_tokens": 4, "temperature": 0}
+OTHER_REQUIRED = {
+    "/v1/responses": {".id:string", ".object:string", ".status:string", ".output[].type:string"},
+    "/v1/messages": {".id:string", ".type:string", ".content[].text:string", ".usage:object"},
+    "/v1/messages/count_tokens": {".input_tokens:number"},
+    "/v1/responses/input_tokens": {".input_tokens:number"},
+    "/completion": {".content:string", ".stop:bool", ".tokens_predicted:number"},
+    "/infill": {".content:string", ".stop:bool"},
+    "/tokenize": {".tokens:array", ".tokens[]:number"},
+    "/detokenize": {".content:string"},
+    "/apply-template": {".prompt:string"},
+}
+OTHER_BODIES = {
+    "/v1/responses": RESPONSES,
+    "/v1/messages": MESSAGES,
+    "/v1/messages/count_tokens": {"messages": MESSAGES["messages"]},
+    "/v1/responses/input_tokens": {"input": "hello"},
+    "/completion": {"prompt": "hello", "n_predict": 4, "temperature": 0},
+    "/infill": {"input_prefix": "def f(", "input_suffix": "):", "n_predict": 4},
+    "/tokenize": {"content": "hello"},
+    "/detokenize": {"tokens": [107, 104, 111]},
+    "/apply-template": {"messages": MESSAGES["messages"]},
+}
+
+
+@pytest.mark.parametrize("path", list(OTHER_BODIES))
+def test_other_api_shapes_agree(servers, path: str) -> None:
+    real, fake = both(servers, "POST", path, json=OTHER_BODIES[path])
+    assert (real.status_code, fake.status_code) == (200, 200), (real.text, fake.text)
+    real_shape, fake_shape = shape(real.json()), shape(fake.json())
+    assert fake_shape - real_shape == set(), "the fake says something the real server does not"
+    assert OTHER_REQUIRED[path] <= fake_shape
+
+
+def typed_events(server: ServerProcess, path: str, body: dict) -> list[tuple[str, dict]]:
+    with httpx.stream(
+        "POST", f"{server.url}{path}", json=body, headers=server.headers, timeout=30
+    ) as response:
+        assert response.status_code == 200
+        lines = [line for line in response.iter_lines() if line]
+    names = [line[7:] for line in lines if line.startswith("event: ")]
+    data = [json.loads(line[6:]) for line in lines if line.startswith("data: ")]
+    pairs = list(zip(names, data, strict=True))
+    assert all(d["type"] == n for n, d in pairs), "each event's name is its data's type"
+    return pairs
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "delta"),
+    [
+        ("/v1/responses", RESPONSES, "response.output_text.delta"),
+        ("/v1/messages", MESSAGES, "content_block_delta"),
+    ],
+)
+def test_typed_event_streams_agree(servers, path: str, body: dict, delta: str) -> None:
+    real, fake = servers
+    request = {**body, "stream": True}
+    real_events, fake_events = typed_events(real, path, request), typed_events(fake, path, request)
+    # The same events in the same order, however many tokens each produced.
+    assert [n for n, _ in real_events if n != delta] == [n for n, _ in fake_events if n != delta]
+    assert any(n == delta for n, _ in fake_events)
+    for name in {n for n, _ in fake_events}:
+        real_of = [shape(d) for n, d in real_events if n == name]
+        fake_of = [shape(d) for n, d in fake_events if n == name]
+        if real_of:
+            assert set().union(*fake_of) - set().union(*real_of) == set(), name
+
+
+def test_rerank_agrees(
+    real_server: str, fake_server: Path, tiny_model: Path, tmp_path: Path
+) -> None:
+    body = {"query": "hello", "documents": ["hello world", "ray", "token"]}
+    with (
+        running_server(real_server, tiny_model, tmp_path, "--reranking") as real,
+        running_server(fake_server, tiny_model, tmp_path, "--reranking") as fake,
+        running_server(fake_server, tiny_model, tmp_path) as fake_off,
+        running_server(real_server, tiny_model, tmp_path) as real_off,
+    ):
+        answers = [
+            httpx.post(f"{s.url}/v1/rerank", json=body, headers=s.headers, timeout=30)
+            for s in (real, fake)
+        ]
+        off = [
+            httpx.post(f"{s.url}/v1/rerank", json=body, headers=s.headers, timeout=30)
+            for s in (real_off, fake_off)
+        ]
+    assert [a.status_code for a in answers] == [200, 200]
+    assert shape(answers[1].json()) - shape(answers[0].json()) == set()
+    for answer in answers:
+        scores = [r["relevance_score"] for r in answer.json()["results"]]
+        assert len(scores) == 3 and scores == sorted(scores, reverse=True)
+    assert [a.status_code for a in off] == [501, 501]
+    assert off[0].json() == off[1].json()

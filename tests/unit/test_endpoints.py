@@ -26,6 +26,7 @@ from proxifier.endpoints import (
 from proxifier.errors import InvalidRequest, QueueFull
 from proxifier.gguf_facts import GgufError, read_facts
 
+
 def caller(name: str, permissions: list[str]) -> Caller:
     return Caller(name, frozenset(permissions), None, None, None)
 
@@ -71,8 +72,7 @@ def test_a_llama_server_path_takes_its_model_from_the_body_or_the_query(path: st
     with pytest.raises(InvalidRequest) as missing:
         model_named(endpoint, {"content": "hi"}, None)
     assert str(missing.value) == (
-        f'{path} needs a model: add "model": "<name>" to the JSON body, or ?model=<name> to '
-        "the URL"
+        f'{path} needs a model: add "model": "<name>" to the JSON body, or ?model=<name> to the URL'
     )
     with pytest.raises(InvalidRequest, match="two models: 'a' in the body and 'b' in"):
         model_named(endpoint, {"model": "a"}, "b")
