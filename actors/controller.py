@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import time
 import uuid
@@ -25,6 +26,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.config_files import ConfigFiles
 from actors.events import EventFeed
+from actors.gpu_probe import node_gpus
 from actors.model_actor import (
     NAMESPACE,
     cluster_singleton_options,
@@ -52,6 +54,8 @@ from proxifier.errors import (
     Unavailable,
 )
 from proxifier.gguf_facts import GgufError, read_facts
+from proxifier.gpu_inventory import declared_gpu_memory
+from proxifier.gpu_memory import PROCESS_OVERHEAD, EstimateError, calibration_key, estimate
 from proxifier.metrics import LOAD_BUCKETS, Histogram
 from proxifier.placement import NodeView, actor_options, cpu_fallback_warning, demand
 from proxifier.planning import (
@@ -92,10 +96,13 @@ def _observed(future: asyncio.Future[Any]) -> None:
         future.exception()
 
 
-def _node_facts(views: list[NodeView], residents: list[Resident]) -> list[Node]:
+def _node_facts(
+    views: list[NodeView], residents: list[Resident], gpu_sizes: dict[str, float] | None = None
+) -> list[Node]:
     """Nodes for the scheduler. A node's free amounts are the smaller of what Ray reports and
     its totals less what our models there hold: an actor just created may not show in Ray's
-    numbers yet, and counting it placed is what keeps concurrent starts from overrunning."""
+    numbers yet, and counting it placed is what keeps concurrent starts from overrunning.
+    `gpu_sizes`: bytes per GPU of each node (declared by label, else detected)."""
     held: dict[str, dict[str, float]] = {}
     for resident in residents:
         on_node = held.setdefault(resident.node_id, {})
@@ -108,8 +115,72 @@ def _node_facts(views: list[NodeView], residents: list[Resident]) -> list[Node]:
             key: min(view.available.get(key, 0.0), total - ours.get(key, 0.0))
             for key, total in view.total.items()
         }
-        nodes.append(Node(view.node_id, view.address, view.total, free, view.labels, view.alive))
+        size = (gpu_sizes or {}).get(view.node_id, 0.0)
+        nodes.append(
+            Node(view.node_id, view.address, view.total, free, view.labels, view.alive, size)
+        )
     return nodes
+
+
+MEASURED_KEY = "proxifier:gpu-memory-measured"
+
+
+def _load_measured() -> dict[str, dict[str, Any]]:
+    """Calibrations kept in Ray's key-value store: they outlive a controller restart."""
+    from ray.experimental import internal_kv
+
+    if not ray.is_initialized() or not internal_kv._internal_kv_initialized():
+        return {}
+    raw = internal_kv._internal_kv_get(MEASURED_KEY)
+    return json.loads(raw) if raw else {}
+
+
+def _save_measured(measured: dict[str, dict[str, Any]]) -> None:
+    from ray.experimental import internal_kv
+
+    if ray.is_initialized() and internal_kv._internal_kv_initialized():
+        internal_kv._internal_kv_put(MEASURED_KEY, json.dumps(measured), overwrite=True)
+
+
+def _gpu_shares(gpu_ids: list[Any], num_gpus: float) -> dict[int, float]:
+    """The fraction of each GPU an actor holds, from the ids Ray gave it."""
+    ids = []
+    for gpu in gpu_ids:
+        with contextlib.suppress(ValueError, TypeError):
+            ids.append(int(gpu))
+    if not ids or num_gpus <= 0:
+        return {}
+    return dict.fromkeys(ids, min(1.0, num_gpus / len(ids)))
+
+
+def _gpu_view(
+    node: NodeView, size: float | None, statuses: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Each GPU of a node: its memory, what each model there holds of it and expects to need,
+    and what is free (by Ray's fractions)."""
+    count = int(node.total.get("GPU", 0.0) + 1e-6)
+    gpus: list[dict[str, Any]] = [
+        {"index": i, "memory": size, "used_fraction": 0.0, "models": []} for i in range(count)
+    ]
+    for status in statuses:
+        memory = status.get("gpu_memory") or {}
+        shares = _gpu_shares(status.get("gpu_ids") or [], memory.get("num_gpus") or 0.0)
+        for index, share in shares.items():
+            if index < count:
+                gpu = gpus[index]
+                gpu["used_fraction"] = round(gpu["used_fraction"] + share, 4)
+                gpu["models"].append(
+                    {
+                        "name": status["name"],
+                        "share": share,
+                        "holds": share * size if size else None,
+                        "expected": memory.get("need"),
+                        "measured": memory.get("measured"),
+                    }
+                )
+    for gpu in gpus:
+        gpu["free"] = max(0.0, 1 - gpu["used_fraction"]) * size if size else None
+    return gpus
 
 
 class Controller:
@@ -152,6 +223,12 @@ class Controller:
         self.replica_metrics: dict[str, tuple[float, dict[str, Any]]] = {}
         self.load_seconds: dict[str, Histogram] = {}
         self.evictions: dict[str, int] = {}
+        # GPU memory (DESIGN §10): each node's GPU size as detected (a label overrides it),
+        # and what models really used, by file and memory flags (calibration).
+        self.gpu_sizes: dict[str, float] = {}
+        self._probed: set[str] = set()
+        self.measured: dict[str, dict[str, Any]] = _load_measured()
+        self.calibrating: dict[str, str] = {}  # model -> the key its instance measures
         self._adopt()
         self._ensure_upkeep()
         self._ensure_reconciler()
@@ -480,6 +557,11 @@ class Controller:
 
     def record_event(self, event: dict[str, Any]) -> None:
         """Model actors push their events here."""
+        if event.get("kind") == "ready" and isinstance(event.get("memory"), dict):
+            key = self.calibrating.pop(event.get("model", ""), None)
+            if key is not None:
+                self.measured[key] = {**event["memory"], "at": time.time()}
+                _save_measured(self.measured)
         if event.get("kind") == "ready" and "load_seconds" in event:
             histogram = self.load_seconds.setdefault(event["model"], Histogram(LOAD_BUCKETS))
             histogram.observe(event["load_seconds"])
@@ -492,10 +574,12 @@ class Controller:
 
     async def cluster(self) -> dict[str, Any]:
         statuses = await self.status()
-        where: dict[str, list[str]] = {}
+        where: dict[str, list[dict[str, Any]]] = {}
         for status in statuses:
             if status.get("node_id"):
-                where.setdefault(status["node_id"], []).append(status["name"])
+                where.setdefault(status["node_id"], []).append(status)
+        views = cluster_nodes()
+        sizes = self._gpu_sizes(views)
         nodes = [
             {
                 "node_id": node.node_id,
@@ -504,9 +588,10 @@ class Controller:
                 "resources": dict(node.total),
                 "free": dict(node.available),
                 "labels": dict(node.labels),
-                "models": sorted(where.get(node.node_id, [])),
+                "models": sorted(s["name"] for s in where.get(node.node_id, [])),
+                "gpus": _gpu_view(node, sizes.get(node.node_id), where.get(node.node_id, [])),
             }
-            for node in cluster_nodes()
+            for node in views
         ]
         return {"nodes": nodes}
 
@@ -630,13 +715,14 @@ class Controller:
         if not set(self.wants) - cooling:
             return
         gpus, residents, nodes = await self._facts()
+        sized = any(node.gpu_memory > 0 for node in nodes)
         wants = [
-            self._want_for(name, gpus, entry.since)
+            await self._want_for(name, gpus, entry.since, sized=sized)
             for name, entry in self.wants.items()
             if name not in cooling
         ]
         settings = self.config.settings
-        limits = Limits(settings.max_running_models, settings.min_residency)
+        limits = Limits(settings.max_running_models, settings.min_residency, settings.placement)
         actions = decide(nodes, residents, wants, limits, time.time())
         blocked: set[str] = set()  # an eviction was refused: its model waits for the next pass
         placed: list[Any] = []
@@ -653,7 +739,9 @@ class Controller:
                     blocked.add(action.for_model)
             elif isinstance(action, Place):
                 if action.model not in blocked and action.model in self.wants:
-                    placed.append(self._create(action.model, action.node_id, gpus))
+                    placed.append(
+                        await self._create(action.model, action.node_id, gpus, action.gpus)
+                    )
             elif isinstance(action, Wait):
                 if action.model in self.wants:
                     self.wants[action.model].reason = action.reason
@@ -678,10 +766,12 @@ class Controller:
             with contextlib.suppress(ray.exceptions.RayError):
                 await handle.launch.remote()
 
-    def _create(self, name: str, node_id: str, gpus: float) -> Any:
+    async def _create(
+        self, name: str, node_id: str, gpus: float, num_gpus: float | None = None
+    ) -> Any:
         """Create the model's actor on the node the scheduler chose, register it, and hand it
         to everyone waiting (`_start_in_turn` starts llama-server)."""
-        handle, options = self._new_instance(name, node_id, gpus)
+        handle, options = await self._new_instance(name, node_id, gpus, num_gpus)
         self._register(name, handle, options, node_id)
         self._explain(name, "placed", f"placed on node {node_id}")
         entry = self.wants.pop(name, None)
@@ -689,7 +779,9 @@ class Controller:
             entry.future.set_result(handle)
         return handle
 
-    def _new_instance(self, name: str, node_id: str, gpus: float) -> tuple[Any, dict[str, Any]]:
+    async def _new_instance(
+        self, name: str, node_id: str, gpus: float, num_gpus: float | None = None
+    ) -> tuple[Any, dict[str, Any]]:
         """A new actor for the model's current config, pinned to `node_id` (Ray never second-
         guesses the scheduler), under a name of its own generation."""
         model = self.config.models[name]
@@ -697,13 +789,20 @@ class Controller:
         if warning:
             self._event("warning", model=name, message=warning)
         options = actor_options(model, gpus)
+        if num_gpus is not None:  # placed by GPU memory: its share of one GPU, or whole GPUs
+            options["num_gpus"] = num_gpus
         pinned = {k: v for k, v in options.items() if k != "label_selector"}
+        key = (await self._memory_of(name))["calibration_key"]
+        calibrate = key is not None and key not in self.measured
+        if calibrate:
+            self.calibrating[name] = key
         handle = create_model_actor(
             name,
             model,
             self.config.settings,
             self.config.base_dir,
             events_to=CONTROLLER_NAME,
+            calibrate=calibrate,
             generation=uuid.uuid4().hex[:8],
             lifetime="detached",
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
@@ -733,11 +832,13 @@ class Controller:
         gpus, residents, nodes = await self._facts()
         settings = self.config.settings
         limit = settings.max_running_models + 1 if settings.max_running_models else 0
-        beside = self._want_for(name, gpus, 0.0, as_name=f"{name}@next")
-        actions = decide(nodes, residents, [beside], Limits(limit, settings.min_residency), 0.0)
+        sized = any(node.gpu_memory > 0 for node in nodes)
+        beside = await self._want_for(name, gpus, 0.0, as_name=f"{name}@next", sized=sized)
+        limits = Limits(limit, settings.min_residency, settings.placement)
+        actions = decide(nodes, residents, [beside], limits, 0.0)
         if len(actions) == 1 and isinstance(actions[0], Place):
             node_id = actions[0].node_id
-            new, options = self._new_instance(name, node_id, gpus)
+            new, options = await self._new_instance(name, node_id, gpus, actions[0].gpus)
             self.pending[name] = (new, options, node_id)
             self.background.keep(asyncio.create_task(self._take_over(name, old, new)))
             return "blue/green"
@@ -795,13 +896,91 @@ class Controller:
         """What a decision starts from: the cluster's GPUs, the models whose actors exist, and
         the nodes with what is free on them."""
         residents = await self._residents()
-        return cluster_gpus(), residents, _node_facts(cluster_nodes(), residents)
+        views = cluster_nodes()
+        return cluster_gpus(), residents, _node_facts(views, residents, self._gpu_sizes(views))
 
-    def _want_for(self, name: str, gpus: float, since: float, as_name: str | None = None) -> Want:
-        """Model `name` as demand for the scheduler (under `as_name`, for a second instance)."""
+    def _gpu_sizes(self, views: list[NodeView]) -> dict[str, float]:
+        """Bytes per GPU of each GPU node: its `gpu-memory-gb` label, else what a probe found
+        there (one probe per node, in the background: until it answers, the node's size is
+        unknown and models that need memory go elsewhere or take whole GPUs)."""
+        sizes: dict[str, float] = {}
+        for view in views:
+            if not view.alive or view.total.get("GPU", 0.0) <= 0:
+                continue
+            declared = declared_gpu_memory(view.labels)
+            if declared is not None:
+                sizes[view.node_id] = declared
+            elif view.node_id in self.gpu_sizes:
+                sizes[view.node_id] = self.gpu_sizes[view.node_id]
+            elif view.node_id not in self._probed:
+                self._probed.add(view.node_id)
+                self.background.keep(asyncio.create_task(self._probe(view.node_id)))
+        return sizes
+
+    async def _probe(self, node_id: str) -> None:
+        try:
+            gpus = await asyncio.wait_for(node_gpus(node_id), 60)
+        except Exception as error:  # a node that went away, no driver: its size stays unknown
+            self._event("gpu_probe_failed", node_id=node_id, error=str(error))
+            return
+        if gpus:
+            self.gpu_sizes[node_id] = float(min(g.memory for g in gpus))
+            self._event("gpus_found", node_id=node_id, gpus=[g.__dict__ for g in gpus])
+            self._wake.set()
+
+    async def _want_for(
+        self,
+        name: str,
+        gpus: float,
+        since: float,
+        as_name: str | None = None,
+        sized: bool = False,
+    ) -> Want:
+        """Model `name` as demand for the scheduler (under `as_name`, for a second instance).
+        A model that offloads to a GPU without an explicit `num_gpus` is placed by the GPU
+        memory it needs when some node's GPU size is known (`sized`), else on a whole GPU."""
         model = self.config.models[name]
         needs = demand(actor_options(model, gpus))
-        return Want(as_name or name, needs, dict(model.labels), model.priority, since)
+        memory = 0.0
+        if sized and model.num_gpus is None and needs.get("GPU", 0.0) > 0:
+            need = (await self._memory_of(name))["need"]
+            if need:
+                memory = float(need)
+                needs.pop("GPU")
+        return Want(as_name or name, needs, dict(model.labels), model.priority, since, memory)
+
+    async def _memory_of(self, name: str) -> dict[str, Any]:
+        """The model's GPU memory: configured (`gpu_memory`), measured on an earlier load of
+        this file with these flags, estimated from its GGUF header (read where the controller
+        runs); `need` is the first of them there is."""
+        model = self.config.models[name]
+        found: dict[str, Any] = {
+            "configured": model.gpu_memory,
+            "measured": None,
+            "estimated": None,
+            "calibration_key": None,
+        }
+        path = self.config.model_file(name)
+        if path is not None and path.is_file():
+            try:
+                facts = await asyncio.to_thread(read_facts, path)
+                need = estimate(facts, model)
+                found["estimated"] = need.total
+                found["estimate"] = {
+                    "weights": need.weights,
+                    "kv_cache": need.kv_cache,
+                    "compute": need.compute,
+                    "overhead": need.overhead,
+                    "layers_on_gpu": f"{need.offloaded}/{need.layers}",
+                }
+                key = found["calibration_key"] = calibration_key(facts, model)
+                measured = self.measured.get(key)
+                if measured is not None and measured["gpu"] > 0:
+                    found["measured"] = measured["gpu"] + PROCESS_OVERHEAD
+            except (GgufError, EstimateError) as error:
+                found["error"] = str(error)
+        found["need"] = found["configured"] or found["measured"] or found["estimated"]
+        return found
 
     async def _residents(self) -> list[Resident]:
         """Facts about every model whose actor exists. One that does not answer in time (its
@@ -841,6 +1020,7 @@ class Controller:
                     queued=stat["queue_depth"],
                     last_used=stat["last_used"] or stat["ready_at"] or stat["started_at"] or 0.0,
                     ready_since=stat["ready_at"],
+                    gpus=_gpu_shares(stat.get("gpu_ids") or [], holds.get("GPU", 0.0)),
                 )
             )
         return residents
@@ -1104,6 +1284,12 @@ class Controller:
             entry["replacing"] = True  # a new instance loads and takes over when ready
         if name in self.wants:
             entry["waiting_for"] = self.wants[name].reason  # not placed yet: why
+        memory = await self._memory_of(name)
+        memory.pop("calibration_key", None)
+        options = self.options.get(name)
+        if options is not None and handle is not None:
+            memory["num_gpus"] = options.get("num_gpus", 0)
+        entry["gpu_memory"] = memory
         return entry
 
     def _resolve(self, name: str) -> str:

@@ -47,6 +47,7 @@ from proxifier.errors import (
     QueueTimeout,
     Unavailable,
 )
+from proxifier.gpu_memory import parse_load_log
 from proxifier.lifecycle import ModelState, RestartBudget, check_transition, health_poll_delays
 from proxifier.llama import LlamaServerNotFound, build_argv, find_llama_server, proxifier_home
 from proxifier.slots import Lease, Outcome, SlotQueue
@@ -111,8 +112,13 @@ class ModelActor:
         settings: Settings,
         base_dir: str,
         events_to: str | None = None,
+        calibrate: bool = False,
     ) -> None:
         self.name = name
+        # Run llama-server at -lv 4, whose load log lists the memory it allocated per device,
+        # and report that (the controller has no measurement for this file and these flags).
+        self.calibrate = calibrate
+        self.measured: dict[str, Any] | None = None
         # The named actor (the controller) that gets a copy of every event; looked up by name
         # each time it is missing, so a restarted controller keeps receiving them.
         self.events_to = events_to
@@ -564,6 +570,7 @@ class ModelActor:
                 port=port,
                 api_key_file=str(self._write_key(api_key)),
                 alias=self.name,
+                log_verbosity=4 if self.calibrate else None,
             )
             env = {**os.environ, **self.model.env}
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -594,7 +601,19 @@ class ModelActor:
         now = time.time()
         self.ready_at = now
         self._set_state(ModelState.READY)
-        self._event("ready", pid=process.pid, load_seconds=now - (self.started_at or now))
+        details: dict[str, Any] = {}
+        if self.calibrate:
+            measured = parse_load_log("\n".join(self._instance_log(400)))
+            if measured is not None:
+                self.measured = {
+                    "buffers": measured.buffers,
+                    "gpu": measured.gpu,
+                    "projected": measured.projected,
+                }
+                details["memory"] = self.measured
+        self._event(
+            "ready", pid=process.pid, load_seconds=now - (self.started_at or now), **details
+        )
         self._grant(self.slots.open(instance, now))
         self._tasks.keep(asyncio.create_task(self._watch(process, instance)))
 
@@ -991,6 +1010,7 @@ class ModelActor:
             "failed_until": self.failed_until if self.state == ModelState.FAILED else None,
             "stop_reason": self.stop_reason,
             "retired": self.retired,
+            "memory_measured": self.measured,
             "rss_bytes": rss_bytes(pid),
             "actor_pid": os.getpid(),
             "gpu_ids": [str(g) for g in ray.get_gpu_ids()] if ray.is_initialized() else [],
@@ -1025,6 +1045,7 @@ def create_model_actor(
     base_dir: str | Path,
     events_to: str | None = None,
     generation: str = "",
+    calibrate: bool = False,
     **options: Any,
 ) -> ray.actor.ActorHandle:
     """Create the named actor for a model (num_cpus 0 unless the options say otherwise)."""
@@ -1035,5 +1056,5 @@ def create_model_actor(
         "max_concurrency": 4096,
     }
     return ModelActorRemote.options(**{**defaults, **options}).remote(
-        name, model, settings, str(base_dir), events_to
+        name, model, settings, str(base_dir), events_to, calibrate
     )

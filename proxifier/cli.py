@@ -26,6 +26,7 @@ from proxifier.config import (
     validate_auth,
 )
 from proxifier.config_diff import diff_models
+from proxifier.gpu_inventory import memory_gib_text, ray_start_flags
 
 DEFAULT_MODELS = "configs/models.yaml"
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -78,8 +79,23 @@ def _ago(seconds: float | None) -> str:
     return f"{seconds:.0f}s"
 
 
+def _gib(value: float | None) -> str:
+    return f"{value / 1024**3:.1f}G" if value else "-"
+
+
+def _gpu_text(model: dict[str, Any]) -> str:
+    """Which GPUs and what share of them a model holds, and the memory it needs (measured,
+    else configured, else estimated: `need`)."""
+    memory = model.get("gpu_memory") or {}
+    ids = model.get("gpu_ids") or []
+    share = memory.get("num_gpus")
+    held = f"GPU {','.join(map(str, ids))} x{share:g}" if ids and share else "-"
+    return f"{held} need {_gib(memory.get('need'))}"
+
+
 def _status_rows(models: list[dict[str, Any]]) -> list[list[str]]:
-    rows = [["MODEL", "STATE", "PRI", "GROUP", "WHERE", "IN-FLIGHT", "QUEUED", "UPTIME", "ERROR"]]
+    head = "MODEL STATE PRI GROUP WHERE GPU IN-FLIGHT QUEUED UPTIME ERROR"
+    rows = [head.split()]
     for m in models:
         where = f"{m['host']}:{m['port']}" if m.get("host") else "-"
         error = (m.get("last_error") or "").splitlines()[0][:60] if m.get("last_error") else ""
@@ -90,6 +106,7 @@ def _status_rows(models: list[dict[str, Any]]) -> list[list[str]]:
                 str(m["priority"]),
                 m["resource_group"],
                 where,
+                _gpu_text(m),
                 str(m.get("in_flight", 0)),
                 str(m.get("queue_depth", 0)),
                 _ago(m.get("uptime")),
@@ -295,6 +312,20 @@ def new_key(name: str, permissions: list[str], expires: str | None, models: list
     return 0
 
 
+def node_flags() -> int:
+    """Print the `ray start` flags for this host's GPUs, ready to paste."""
+    from actors.gpu_probe import local_gpus  # nvidia-smi or NVML, no Ray needed
+
+    gpus = local_gpus()
+    if gpus:
+        print(f"# found: {memory_gib_text(gpus)}")
+    else:
+        print("# no NVIDIA GPU found here (no NVML, no nvidia-smi answer): a CPU-only node")
+    flags = " ".join(ray_start_flags(gpus))
+    print(f"ray start --address=HEAD:6379 {flags}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="proxifier",
@@ -361,7 +392,10 @@ def build_parser() -> argparse.ArgumentParser:
     new.add_argument("--expires", help="a date or date-time, e.g. 2027-01-31")
     new.add_argument("--models", nargs="*", default=[], help="allow-list of model globs")
 
-    admin_parser("status", "every model's state, where it runs, its load")
+    commands.add_parser(
+        "node", help="the `ray start` flags that declare this host's GPUs (count, memory, type)"
+    )
+    admin_parser("status", "every model's state, where it runs, its GPU and memory, its load")
     admin_parser("models", "the models clients can ask for")
     admin_parser("start", "start a model").add_argument("model")
     stop = admin_parser("stop", "stop a model")
@@ -385,6 +419,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return config_diff(args.old, args.new)
     if args.command == "keys":
         return new_key(args.name, args.permissions, args.expires, args.models)
+    if args.command == "node":
+        return node_flags()
     if args.command == "serve":
         from serve_app.run import serve_forever  # Ray is only imported to serve
 

@@ -115,6 +115,7 @@ ALLOWED: dict[str, str] = {
     "num_gpus": "a number of 0 or more",
     "num_cpus": "a number of 0 or more",
     "memory": "a size in bytes, or a string such as 16GiB",
+    "gpu_memory": "a size in bytes, or a string such as 12GiB",
     "max_body_size": "a size in bytes, or a string such as 10MB",
     "upstream_timeout": "a number of seconds greater than 0",
     "resources": "a mapping of resource name: quantity (a number of 0 or more)",
@@ -127,6 +128,7 @@ ALLOWED: dict[str, str] = {
     "cleanup_interval": "a number of seconds greater than 0",
     "placement_timeout": "a number of seconds greater than 0",
     "max_running_models": "an integer of 0 or more (0 = no limit)",
+    "placement": "binpack or spread",
     "max_restarts": "an integer of 0 or more",
     "restart_window": "a number of seconds greater than 0",
     "cooldown": "a number of seconds, 0 or more",
@@ -182,6 +184,8 @@ class Settings(BaseModel):
     idle_timeout: float = Field(300.0, ge=0)
     cleanup_interval: float = Field(30.0, gt=0)
     max_running_models: int = Field(0, ge=0)
+    # Models placed by GPU memory: fill the fullest GPU they fit on, or the emptiest.
+    placement: Literal["binpack", "spread"] = "binpack"
     llama_server: str | None = None
     startup_timeout: float = Field(300.0, gt=0)
     stop_grace: float = Field(10.0, ge=0)
@@ -229,6 +233,8 @@ class ModelConfig(BaseModel):
     env: dict[str, str] = {}
     llama_server: str | None = None
     num_gpus: float | None = Field(None, ge=0)
+    # GPU memory the model needs (bytes, or "12GiB"): overrides the estimate from its GGUF.
+    gpu_memory: int | None = None
     num_cpus: float = Field(0, ge=0)
     memory: int | None = None
     resources: dict[str, float] = {}
@@ -267,7 +273,7 @@ class ModelConfig(BaseModel):
                 raise ValueError(f"bad variable name {name!r}")
         return value
 
-    @field_validator("memory", mode="before")
+    @field_validator("memory", "gpu_memory", mode="before")
     @classmethod
     def _memory(cls, value: object) -> int | None:
         return None if value is None else parse_size(value)

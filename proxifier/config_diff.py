@@ -23,6 +23,7 @@ RESTART_FIELDS: frozenset[str] = frozenset(
         "reranking",
         "env",
         "num_gpus",
+        "gpu_memory",
         "num_cpus",
         "memory",
         "resources",
@@ -33,7 +34,7 @@ RESTART_FIELDS: frozenset[str] = frozenset(
 # The subset of RESTART_FIELDS that decides where the model's actor runs: changing one means a
 # new actor, not only a new process.
 PLACEMENT_FIELDS: frozenset[str] = frozenset(
-    {"num_gpus", "num_cpus", "memory", "resources", "labels"}
+    {"num_gpus", "gpu_memory", "num_cpus", "memory", "resources", "labels"}
 )
 
 # These apply to a running model without touching its process.

@@ -15,9 +15,25 @@ class GgufError(ValueError):
 
 @dataclass(frozen=True)
 class GgufFacts:
+    """What the header says; sizes in bytes. `layer_bytes[i]` is block i's weights (`blk.i.*`),
+    `output_bytes` the output layer's (its own matrix, or the token embeddings it shares,
+    which llama.cpp copies to the output's device), `input_bytes` what stays on the CPU."""
+
     path: str
     architecture: str
     fill_in_middle: bool  # it has the prefix, suffix and middle tokens /infill needs
+    block_count: int = 0
+    embedding_length: int = 0
+    head_count: int = 0
+    head_count_kv: tuple[int, ...] = ()  # per block
+    key_length: int = 0  # per head
+    value_length: int = 0
+    context_length: int = 0  # trained: llama-server's -c when the config sets none
+    vocab_size: int = 0
+    layer_bytes: tuple[int, ...] = ()
+    output_bytes: int = 0
+    input_bytes: int = 0
+    file_bytes: int = 0
 
 
 # llama.cpp finds FIM tokens by metadata first, else by their text (llama-vocab.cpp keeps the
@@ -84,11 +100,52 @@ def _read(path: Path) -> GgufFacts:
     except (ValueError, OSError) as exc:
         raise GgufError(f"{path}: not a GGUF model file ({exc})") from None
     fields: dict[str, Any] = reader.fields
-    architecture = _scalar(fields, "general.architecture")
+    arch = str(_scalar(fields, "general.architecture") or "unknown")
+
+    def number(key: str, default: int = 0) -> int:
+        value = _scalar(fields, f"{arch}.{key}")
+        if isinstance(value, list):  # per-layer values: the largest one
+            value = max(value, default=default)
+        return int(value) if value is not None else default
+
+    blocks = number("block_count")
+    embedding, heads = number("embedding_length"), number("attention.head_count")
+    kv_heads = _scalar(fields, f"{arch}.attention.head_count_kv")
+    if isinstance(kv_heads, list):
+        per_block = tuple(int(h) for h in kv_heads)
+    else:
+        per_block = (int(kv_heads) if kv_heads is not None else heads,) * blocks
+    head_size = embedding // heads if heads else 0
+    layers = [0] * blocks
+    named: dict[str, int] = {}
+    for tensor in reader.tensors:
+        size = int(tensor.n_bytes)
+        parts = tensor.name.split(".")
+        if parts[0] == "blk" and len(parts) > 1 and parts[1].isdigit() and int(parts[1]) < blocks:
+            layers[int(parts[1])] += size
+        else:
+            named[tensor.name] = named.get(tensor.name, 0) + size
+    # llama.cpp's output layer: the output norm and matrix; a model without its own matrix
+    # uses (a copy of) the token embeddings.
+    output = named.pop("output_norm.weight", 0) + named.pop("output_norm.bias", 0)
+    output += named.pop("output.weight", 0) or named.get("token_embd.weight", 0)
+    tokens = fields.get("tokenizer.ggml.tokens")
     return GgufFacts(
         path=str(path),
-        architecture=str(architecture) if architecture is not None else "unknown",
+        architecture=arch,
         fill_in_middle=_has_fim(fields),
+        block_count=blocks,
+        embedding_length=embedding,
+        head_count=heads,
+        head_count_kv=per_block,
+        key_length=number("attention.key_length", head_size),
+        value_length=number("attention.value_length", head_size),
+        context_length=number("context_length"),
+        vocab_size=number("vocab_size", len(tokens.data) if tokens is not None else 0),
+        layer_bytes=tuple(layers),
+        output_bytes=output,
+        input_bytes=sum(named.values()),
+        file_bytes=path.stat().st_size,
     )
 
 

@@ -76,6 +76,7 @@ def build_argv(
     port: int,
     api_key_file: str,
     alias: str | None = None,
+    log_verbosity: int | None = None,
 ) -> list[str]:
     """The full llama-server command line for one instance of a model.
 
@@ -100,7 +101,13 @@ def build_argv(
         argv.append("--embeddings")
     if model.reranking:
         argv.append("--reranking")  # sets the rank pooling a reranker needs
-    return argv + list(model.additional_args)
+    extra = list(model.additional_args)
+    if log_verbosity is not None and not set(_flag_names(extra)) & VERBOSITY_FLAGS:
+        argv += ["-lv", str(log_verbosity)]  # the operator's own verbosity wins
+    return argv + extra
+
+
+VERBOSITY_FLAGS = frozenset({"-lv", "--verbosity", "--log-verbosity", "-v", "--verbose"})
 
 
 class LlamaServerNotFound(FileNotFoundError):

@@ -26,6 +26,10 @@ METRICS: dict[str, str] = {
     "proxifier_model_load_seconds": "time from starting llama-server to its first 200 on /health",
     "proxifier_model_restarts_total": "crash restarts of the model's llama-server",
     "proxifier_evictions_total": "models stopped to make room or for idleness, by reason",
+    "proxifier_model_gpu_memory_bytes": (
+        "GPU memory of the model by kind: estimated from its GGUF, measured on its last"
+        " calibrated load (with the per-process overhead), configured (`gpu_memory`)"
+    ),
 }
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import bisect
 import heapq
 import itertools
+import math
 import operator
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ class Node:
     free: Mapping[str, float]  # the caller already subtracted placements in progress
     labels: Mapping[str, str] = field(default_factory=dict)
     alive: bool = True
+    gpu_memory: float = 0.0  # bytes per GPU (declared or detected); 0 = not known
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,9 @@ class Resident:
     queued: int
     last_used: float  # end of its last request, else when it became ready (wall clock)
     ready_since: float | None  # None while starting
+    # GPU index on its node -> the fraction of it held, as Ray assigned them (the actor reports
+    # them); empty while not known, when the pass assumes Ray's first fit.
+    gpus: Mapping[int, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,10 @@ class Want:
     selector: Mapping[str, str]  # Ray label selector: "a100", "!a100", "in(a,b)", "!in(a,b)"
     priority: int
     since: float  # its oldest waiting request (or when it was asked to start)
+    # Bytes of GPU memory: placed on one GPU with that much free (a fraction of it), or on
+    # whole GPUs when it needs more than one holds; `needs` then says nothing of "GPU".
+    # 0: placed by `needs` alone.
+    gpu_memory: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -76,6 +85,9 @@ class Limits:
 
     max_running_models: int = 0  # 0 = no limit; residents + placements decided in this pass
     min_residency: float = 10.0  # seconds an equal-priority model is safe from a swap
+    # Where a model placed by GPU memory goes: "binpack" fills the fullest GPU it fits on
+    # (big holes stay free for big models), "spread" the emptiest.
+    placement: str = "binpack"
 
 
 @dataclass(frozen=True)
@@ -84,6 +96,7 @@ class Place:
 
     model: str
     node_id: str
+    gpus: float | None = None  # its num_gpus, when placed by GPU memory
 
 
 @dataclass(frozen=True)
@@ -231,6 +244,48 @@ def _victim_order(resident: Resident) -> tuple[int, float, str]:
     return (resident.priority, resident.last_used, resident.name)
 
 
+GIB = 1024**3
+
+
+def gpu_fraction(need: float, gpu_memory: float) -> float:
+    """The `num_gpus` a need of GPU memory asks of a node with GPUs of this size: its share of
+    one GPU rounded up to 0.01 (Ray's fractions pack several models on one GPU), or whole GPUs
+    when one is too small."""
+    if need <= 0:
+        return 0.0
+    if need > gpu_memory:
+        return float(_whole(need, gpu_memory))
+    return max(0.01, math.ceil(need / gpu_memory * 100 - 1e-9) / 100)
+
+
+def _whole(need: float, gpu_memory: float) -> int:
+    """How many GPUs of this size the need takes: 1 when it fits one, else whole GPUs."""
+    return 1 if need <= gpu_memory else math.ceil(need / gpu_memory - 1e-9)
+
+
+def _first_fit(table: list[float], amount: float) -> dict[int, float]:
+    """Ray's choice of GPUs for `amount` (a fraction: the first GPU with room; else whole
+    GPUs: the first that are all free), taken from `table`."""
+    if amount < 1 - EPSILON:
+        for gpu, free in enumerate(table):
+            if free + EPSILON >= amount:
+                table[gpu] -= amount
+                return {gpu: amount}
+        if not table:
+            return {}
+        roomiest = max(range(len(table)), key=lambda g: table[g])  # inconsistent facts
+        table[roomiest] -= amount
+        return {roomiest: amount}
+    taken: dict[int, float] = {}
+    for gpu, free in enumerate(table):
+        if len(taken) >= round(amount):
+            break
+        if free >= 1 - EPSILON:
+            taken[gpu] = 1.0
+            table[gpu] = 0.0
+    return taken
+
+
 def _set_cost(victims: list[Resident], node_id: str) -> tuple[int, int, float, str]:
     """Cheapest first: the highest priority stopped, how many, how recently the newest was used."""
     return (
@@ -370,6 +425,17 @@ class _Pass:
         self.pending: list[tuple[int, str, tuple[Any, ...]]] = []
         self.reasons: dict[tuple[Any, ...], str] = {}
         self.holders: dict[tuple[frozenset[str], tuple[str, ...]], _Holders] = {}
+        # GPU memory: each GPU's free fraction per node, what each model holds of which GPU,
+        # and per GPU size every GPU as (free fraction, node, index), sorted: the best fit
+        # for a fraction is found by bisection, not by visiting every GPU.
+        self.placement = limits.placement
+        self.gpu_free: dict[str, list[float]] = {}
+        self.gpu_holds: dict[str, dict[int, float]] = {}
+        self.gpu_slots: dict[float, list[tuple[float, str, int]]] = {}
+        self.memory_reach: dict[tuple[Any, ...], list[str]] = {}
+        self.allowed_sets: dict[int, tuple[list[str], frozenset[str]]] = {}
+        self.memory_failures: dict[tuple[Any, ...], float] = {}  # the least need that found none
+        self._gpu_tables()
 
     # --- the loop -------------------------------------------------------------------------
 
@@ -390,6 +456,9 @@ class _Pass:
         actions.append(Wait(model, ""))
 
     def _decide_one(self, want: Want, actions: list[Action]) -> None:
+        if want.gpu_memory > 0:
+            self._decide_by_memory(want, actions)
+            return
         needs = _needs_key(want.needs)
         selector: _SelectorKey = tuple(sorted(want.selector.items()))
         reach = self._reach(selector, needs)
@@ -711,11 +780,29 @@ class _Pass:
                 free[resource] = free.get(resource, 0.0) + amount
             self.log.append(resident.node_id)
             self.stamps[resident.node_id] = len(self.log)
+            for gpu, fraction in self.gpu_holds.get(resident.name, {}).items():
+                self._gpu_change(resident.node_id, gpu, fraction)
 
-    def _place(self, model: str, needs: _NeedsKey, node_id: str) -> None:
+    def _place(
+        self,
+        model: str,
+        needs: _NeedsKey,
+        node_id: str,
+        gpus: Mapping[int, float] | None = None,
+    ) -> None:
+        """Take what the model needs on the node; `gpus`: which GPUs, when the pass chose
+        them (by memory), else Ray's first fit of its GPU count."""
         free = self.free[node_id]
         for resource, amount in needs:
             free[resource] = free.get(resource, 0.0) - amount
+        table = self.gpu_free.get(node_id)
+        if table is not None:
+            if gpus is None:
+                wanted = dict(needs).get("GPU", 0.0)
+                gpus = _first_fit(list(table), wanted) if wanted > 0 else {}
+            self.gpu_holds[model] = dict(gpus)
+            for gpu, fraction in gpus.items():
+                self._gpu_change(node_id, gpu, -fraction)
         self.running += 1
         self.placed_on.setdefault(node_id, []).append((model, needs))
         self.log.append(node_id)
@@ -737,6 +824,285 @@ class _Pass:
         self.reserved_on.setdefault(plan.node_id, []).append(model)
         self.log.append(plan.node_id)
         self.stamps[plan.node_id] = len(self.log)
+
+    # --- GPU memory -----------------------------------------------------------------------
+
+    def _gpu_tables(self) -> None:
+        """Each GPU's free fraction: 1 less what residents hold of it (where Ray put them, as
+        reported; else Ray's first fit, in the order the residents are known)."""
+        for node_id, node in self.nodes.items():
+            count = int(node.total.get("GPU", 0.0) + EPSILON)
+            if count <= 0:
+                continue
+            table = [1.0] * count
+            unknown = []
+            for resident in self.on_node[node_id]:
+                if self.holds[resident.name].get("GPU", 0.0) <= 0:
+                    continue
+                if not resident.gpus:
+                    unknown.append(resident)
+                    continue
+                held = {int(g): float(f) for g, f in resident.gpus.items() if 0 <= int(g) < count}
+                self.gpu_holds[resident.name] = held
+                for gpu, fraction in held.items():
+                    table[gpu] -= fraction
+            for resident in unknown:
+                self.gpu_holds[resident.name] = _first_fit(table, self.holds[resident.name]["GPU"])
+            self.gpu_free[node_id] = table
+            if node.gpu_memory > 0:
+                entries = self.gpu_slots.setdefault(node.gpu_memory, [])
+                entries.extend((free, node_id, gpu) for gpu, free in enumerate(table))
+        for entries in self.gpu_slots.values():
+            entries.sort()
+
+    def _gpu_change(self, node_id: str, gpu: int, delta: float) -> None:
+        table = self.gpu_free[node_id]
+        old = table[gpu]
+        table[gpu] = old + delta
+        size = self.nodes[node_id].gpu_memory
+        if size > 0:
+            entries = self.gpu_slots[size]
+            del entries[bisect.bisect_left(entries, (old, node_id, gpu))]
+            bisect.insort(entries, (old + delta, node_id, gpu))
+
+    def _decide_by_memory(self, want: Want, actions: list[Action]) -> None:
+        """A want placed by GPU memory: the best GPU with room (binpack or spread), else the
+        cheapest idle victims on one GPU (or on whole GPUs for a model bigger than one), else
+        wait."""
+        need = want.gpu_memory
+        other = _needs_key({k: v for k, v in want.needs.items() if k != "GPU"})
+        selector: _SelectorKey = tuple(sorted(want.selector.items()))
+        candidates = self._memory_nodes(selector, other, need)
+        if not candidates:
+            actions.append(Fail(want.name, self._memory_fail_reason(want, other, selector)))
+            return
+        priority = want.priority
+        if self._over_capacity(0) and not self._capacity_victims(priority, 1, set()):
+            self._wait(actions, want.name, ("capacity", priority))
+            return
+        victims: list[Resident] = []
+        fit = self._memory_fit(need, other, candidates)
+        if fit is None:
+            # An earlier want of this pass (of no lower priority: demand order) that needed
+            # no more found no victims: nothing it could free has grown since, so neither
+            # does this one (the reasoning of `_known_failure`).
+            failed = self.memory_failures.get((selector, other))
+            plan = None
+            if failed is None or need < failed:
+                plan = self._memory_victims(need, other, candidates, priority)
+            if plan is None:
+                self.memory_failures[(selector, other)] = min(need, failed or need)
+                actions.append(Wait(want.name, self._memory_wait_reason(want, selector)))
+                return
+            victims = plan
+        exclude = {r.name for r in victims}
+        extra: list[Resident] = []
+        if self._over_capacity(len(victims)):
+            missing = self.running - len(victims) + 1 - self.limit
+            found = self._capacity_victims(priority, missing, exclude)
+            if found is None:
+                self._wait(actions, want.name, ("capacity", priority))
+                return
+            extra = found
+        for resident in extra:
+            self._evict(resident)
+            actions.append(Evict(resident.name, want.name, "capacity"))
+        for resident in victims:
+            self._evict(resident)
+            reason = "priority" if resident.priority < priority else "swap"
+            actions.append(Evict(resident.name, want.name, reason))
+        if victims or extra:  # what they freed may offer a better GPU
+            fit = self._memory_fit(need, other, candidates)
+        if fit is None:  # unreachable: the victims freed room; never place blind
+            actions.append(Wait(want.name, self._memory_wait_reason(want, selector)))
+            return
+        node_id, gpus = fit
+        total = sum(gpus.values())
+        self._place(want.name, (*other, ("GPU", total)), node_id, gpus)
+        actions.append(Place(want.name, node_id, round(total, 4)))
+
+    def _memory_nodes(self, selector: _SelectorKey, other: _NeedsKey, need: float) -> list[str]:
+        """Alive nodes that could ever hold the want: labels match, GPU memory known, enough
+        GPUs of it, and totals that cover its other needs."""
+        # Totals never change in a pass: the answer depends on the need only through how
+        # many GPUs of each size it takes.
+        takes = tuple(_whole(need, size) for size in self.gpu_slots)
+        key = (selector, other, takes)
+        found = self.memory_reach.get(key)
+        if found is not None:
+            return found
+        matching = self.matching.get(selector)
+        if matching is None:
+            wanted = dict(selector)
+            matching = [n for n in self.nodes.values() if labels_match(wanted, n.labels)]
+            self.matching[selector] = matching
+        found = self.memory_reach[key] = [
+            node.node_id
+            for node in matching
+            if node.gpu_memory > 0
+            and len(self.gpu_free.get(node.node_id, ())) >= _whole(need, node.gpu_memory)
+            and all(node.total.get(k, 0.0) + EPSILON >= amount for k, amount in other)
+        ]
+        return found
+
+    def _memory_fit(
+        self, need: float, other: _NeedsKey, candidates: list[str]
+    ) -> tuple[str, dict[int, float]] | None:
+        """Where it fits now: on one GPU with room (binpack: the least room left after it;
+        spread: the most), before whole GPUs for a model bigger than one GPU of some size."""
+        allowed = self._allowed(candidates)
+        other_needs = dict(other)
+        spread = self.placement == "spread"
+        best: tuple[tuple[Any, ...], str, dict[int, float]] | None = None
+        for size, entries in self.gpu_slots.items():
+            if need <= size:
+                fraction = gpu_fraction(need, size)
+                order: Iterable[tuple[float, str, int]]
+                if spread:
+                    order = reversed(entries)
+                else:
+                    order = itertools.islice(
+                        entries, bisect.bisect_left(entries, (fraction - EPSILON,)), None
+                    )
+                for free, node_id, gpu in order:
+                    if free + EPSILON < fraction:
+                        break  # spread walks down: no room on the rest
+                    if node_id in allowed and fits(other_needs, self.free[node_id]):
+                        left = (free - fraction) * size
+                        key = (0, -left if spread else left, node_id, gpu)
+                        if best is None or key < best[0]:
+                            best = (key, node_id, {gpu: fraction})
+                        break
+            else:
+                count = _whole(need, size)
+                for node_id in candidates:
+                    if self.nodes[node_id].gpu_memory != size:
+                        continue
+                    empty = [g for g, f in enumerate(self.gpu_free[node_id]) if f >= 1 - EPSILON]
+                    if len(empty) < count or not fits(other_needs, self.free[node_id]):
+                        continue
+                    spare = len(empty) - count
+                    key = (1, -spare if spread else spare, node_id, 0)
+                    if best is None or key < best[0]:
+                        best = (key, node_id, dict.fromkeys(empty[:count], 1.0))
+        return None if best is None else (best[1], best[2])
+
+    def _allowed(self, candidates: list[str]) -> frozenset[str]:
+        """The candidates as a set, made once per candidate list (they are cached)."""
+        key = id(candidates)
+        found = self.allowed_sets.get(key)
+        if found is None or found[0] is not candidates:
+            found = self.allowed_sets[key] = (candidates, frozenset(candidates))
+        return found[1]
+
+    def _memory_victims(
+        self, need: float, other: _NeedsKey, candidates: list[str], priority: int
+    ) -> list[Resident] | None:
+        """The cheapest idle victims that free room on one GPU (or whole GPUs) of one node;
+        stopping a model on another GPU frees nothing for it."""
+        best: tuple[tuple[int, int, float, str], list[Resident]] | None = None
+        other_needs = dict(other)
+        for node_id in candidates:
+            ceiling = priority if best is None else best[0][0]
+            ranked = self.victims_on[node_id]
+            if not ranked or ranked[0].priority > ceiling:
+                continue  # in victim order: its cheapest candidate is already too dear
+            if not fits(other_needs, self.free[node_id]):
+                continue
+            pool = [
+                r
+                for r in self.victims_on[node_id]
+                if r.priority <= priority
+                and r.name not in self.evicted
+                and r.name not in self.reserved
+                and r.name not in self.busy
+                and self._eligible(r, priority)
+                and r.name in self.gpu_holds
+            ]
+            if not pool:
+                continue
+            size = self.nodes[node_id].gpu_memory
+            table = self.gpu_free[node_id]
+            if need <= size:
+                fraction = gpu_fraction(need, size)
+                for gpu, free in enumerate(table):
+                    taken: list[Resident] = []
+                    for resident in pool:
+                        if resident.priority > ceiling:
+                            break
+                        share = self.gpu_holds[resident.name].get(gpu, 0.0)
+                        if share <= 0:
+                            continue
+                        taken.append(resident)
+                        free += share
+                        if free + EPSILON >= fraction:
+                            cost = _set_cost(taken, node_id)
+                            if best is None or cost < best[0]:
+                                best = (cost, taken)
+                            break
+            else:
+                count = _whole(need, size)
+                evictable = {r.name for r in pool if r.priority <= ceiling}
+                emptied: list[tuple[tuple[int, int], int, list[Resident]]] = []
+                for gpu, free in enumerate(table):
+                    holders = [
+                        r
+                        for r in self.on_node[node_id]
+                        if r.name not in self.evicted
+                        and self.gpu_holds.get(r.name, {}).get(gpu, 0.0) > 0
+                    ]
+                    placed_here = free + sum(self.gpu_holds[r.name][gpu] for r in holders)
+                    if placed_here < 1 - EPSILON:  # a model placed in this pass holds some
+                        continue
+                    if all(r.name in evictable for r in holders):
+                        worst = max((r.priority for r in holders), default=0)
+                        emptied.append(((worst, len(holders)), gpu, holders))
+                if len(emptied) < count:
+                    continue
+                emptied.sort(key=lambda item: (item[0], item[1]))
+                chosen: dict[str, Resident] = {}
+                for _, _, holders in emptied[:count]:
+                    chosen.update((r.name, r) for r in holders)
+                taken = sorted(chosen.values(), key=_victim_order)
+                if taken:
+                    cost = _set_cost(taken, node_id)
+                    if best is None or cost < best[0]:
+                        best = (cost, taken)
+        return None if best is None else best[1]
+
+    def _gpu_text(self, node_id: str) -> str:
+        node = self.nodes[node_id]
+        size = node.gpu_memory
+        frees = ", ".join(f"{max(f, 0.0) * size / GIB:.1f}" for f in self.gpu_free[node_id])
+        return f"{len(self.gpu_free[node_id])} GPU(s) of {size / GIB:.1f} GiB, free {frees} GiB"
+
+    def _memory_fail_reason(self, want: Want, other: _NeedsKey, selector: _SelectorKey) -> str:
+        lines = []
+        for node in self.nodes.values():
+            if node.node_id in self.gpu_free and node.gpu_memory > 0:
+                lines.append(f"  node {node.address}: {self._gpu_text(node.node_id)}")
+            elif node.node_id in self.gpu_free:
+                lines.append(
+                    f"  node {node.address}: {len(self.gpu_free[node.node_id])} GPU(s) of "
+                    "unknown memory (start it with --labels gpu-memory-gb=N)"
+                )
+            else:
+                lines.append(f"  node {node.address}: no GPU")
+        what = f"{want.gpu_memory / GIB:.1f} GiB of GPU memory"
+        if other:
+            what += " and " + _amounts(dict(other))
+        if selector:
+            what += " on a node labelled " + ", ".join(f"{k}={v}" for k, v in selector)
+        cluster = "\n".join(lines or ["  no alive node"])
+        return (
+            f"model '{want.name}' cannot be placed: it needs {what}; no node has that. "
+            f"Cluster:\n{cluster}"
+        )
+
+    def _memory_wait_reason(self, want: Want, selector: _SelectorKey) -> str:
+        holders = self._holders(selector, (("GPU", EPSILON),))
+        said = self._holders_text(holders, want.priority)
+        return f"waiting for {want.gpu_memory / GIB:.1f} GiB of GPU memory on one node: {said}"
 
     # --- reasons --------------------------------------------------------------------------
 

@@ -10,6 +10,10 @@ Pure Python, no Ray. The cluster: 60 nodes with 8 GPUs (gpu-type=a100), 30 with 
             do), so no two wants need exactly the same
   limited   the same with max_running_models 450 (capacity evictions and capacity waits)
   cold      an empty cluster and 1000 wants at once (a restart of everything: many placements)
+  memory    100 nodes of 8 GPUs of 80 GiB (declared GPU memory), 700 residents placed by memory
+            (40-78 GiB each: one per GPU), 300 wants placed by memory (30-200 GiB: most need a
+            share of one GPU, some whole GPUs, some fit nowhere): placements, evictions on one
+            GPU, waits
   baseline  sorting the 600 wants in demand order: this machine's speed, to read the rest by
 
 usage: scripts/bench-scheduler [--runs N] [--seed S]
@@ -38,6 +42,7 @@ from proxifier.scheduler import (  # noqa: E402
     decide,
     demand_order,
     fits,
+    gpu_fraction,
 )
 
 GiB = 1024**3
@@ -136,8 +141,67 @@ def wants(count: int, rng: random.Random, varied: bool) -> list[Want]:
     return out
 
 
+def memory_scenario(rng: random.Random) -> tuple[list[Node], list[Resident], list[Want]]:
+    """GPUs shared by memory: residents hold shares of one GPU each, wants ask by bytes."""
+    size = 80 * GiB
+    shares = {f"node-{i:03d}": [1.0] * 8 for i in range(100)}
+    residents = []
+    tries = 0
+    while len(residents) < 700 and tries < 20000:
+        tries += 1
+        node_id = f"node-{rng.randrange(100):03d}"
+        need = rng.uniform(40, 78) * GiB
+        share = gpu_fraction(need, size)
+        gpu = next((g for g, free in enumerate(shares[node_id]) if free >= share), None)
+        if gpu is None:
+            continue
+        shares[node_id][gpu] -= share
+        busy = rng.random() < 0.3
+        state = rng.choices(["ready", "starting"], weights=[95, 5])[0]
+        residents.append(
+            Resident(
+                name=f"resident-{len(residents):04d}",
+                node_id=node_id,
+                holds={"GPU": share},
+                priority=rng.randint(1, 10),
+                preload=rng.random() < 0.1,
+                state=state,
+                in_flight=rng.randint(1, 4) if busy else 0,
+                queued=0,
+                last_used=NOW - rng.uniform(0, 3600),
+                ready_since=NOW - rng.uniform(0, 7200) if state == "ready" else None,
+                gpus={gpu: share},
+            )
+        )
+    nodes = []
+    for i in range(100):
+        node_id = f"node-{i:03d}"
+        total = {"CPU": 96, "GPU": 8, "memory": 1024 * GiB}
+        free = {**total, "GPU": sum(shares[node_id])}
+        labels = {"gpu-type": "h100" if i % 2 else "a100"}
+        nodes.append(Node(node_id, f"10.0.1.{i + 1}", total, free, labels, True, size))
+    wanted = []
+    for i in range(1000 - len(residents)):
+        gib = rng.choices([rng.uniform(30, 75), rng.uniform(81, 200), 700.0], [90, 9, 1])[0]
+        selector = rng.choice([{}, {}, {"gpu-type": "h100"}])
+        wanted.append(
+            Want(
+                f"want-{i:04d}",
+                {"CPU": 4},
+                selector,
+                rng.randint(1, 10),
+                NOW - rng.uniform(0, 60),
+                gib * GiB,
+            )
+        )
+    return nodes, residents, wanted
+
+
 def scenario(name: str, seed: int) -> tuple[list[Node], list[Resident], list[Want], Limits]:
     rng = random.Random(seed)
+    if name == "memory":
+        nodes, residents, wanted = memory_scenario(rng)
+        return nodes, residents, wanted, Limits()
     nodes = cluster()
     varied = name == "varied"
     if name == "cold":
@@ -172,7 +236,7 @@ def main() -> int:
     )
     worst = worst_cpu = 0.0
     baseline: list[float] = []
-    for name in ("full", "varied", "limited", "cold"):
+    for name in ("full", "varied", "limited", "cold", "memory"):
         nodes, residents, wanted, limits = scenario(name, args.seed)
         one_pass = functools.partial(decide, nodes, residents, wanted, limits, NOW)
         wall, cpu = timed(args.runs, one_pass)

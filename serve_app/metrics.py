@@ -106,6 +106,11 @@ class _Snapshot:
         restarts = CounterMetricFamily(
             "proxifier_model_restarts", METRICS["proxifier_model_restarts_total"], labels=["model"]
         )
+        gpu_memory = GaugeMetricFamily(
+            "proxifier_model_gpu_memory_bytes",
+            METRICS["proxifier_model_gpu_memory_bytes"],
+            labels=["model", "kind"],
+        )
         for status in statuses:
             name = status["name"]
             for value in ModelState:
@@ -113,7 +118,11 @@ class _Snapshot:
             in_flight.add_metric([name], status.get("in_flight", 0))
             depth.add_metric([name], status.get("queue_depth", 0))
             restarts.add_metric([name], status.get("restarts", 0))
-        yield from (state, in_flight, depth, restarts)
+            memory = status.get("gpu_memory") or {}
+            for kind in ("estimated", "measured", "configured"):
+                if memory.get(kind):
+                    gpu_memory.add_metric([name, kind], memory[kind])
+        yield from (state, in_flight, depth, restarts, gpu_memory)
 
         requests = merge_snapshots(self.data["replicas"])
         total = CounterMetricFamily(

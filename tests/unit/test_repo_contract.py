@@ -90,3 +90,16 @@ def test_readme_api_table_lists_every_inference_path_with_its_example(repo: Path
         if endpoint.example not in shown:  # the rerank paths share one row and one example
             assert curl_example(endpoint) in text, endpoint.path
             shown.add(endpoint.example)
+
+
+def test_gpu_memory_docs_table_is_what_the_estimate_says(repo: Path) -> None:
+    import subprocess
+    import sys
+
+    table = subprocess.run(
+        [sys.executable, str(repo / "scripts" / "gpu-memory-table")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert table.strip() in (repo / "docs" / "gpu-memory.md").read_text()

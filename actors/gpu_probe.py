@@ -1,0 +1,60 @@
+"""Finding a node's GPUs and their memory: NVML when nvidia-ml-py is installed, else
+`nvidia-smi`, run on the node itself by a small Ray task pinned there."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from typing import Any
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from proxifier.gpu_inventory import NVIDIA_SMI_QUERY, Gpu, parse_nvidia_smi
+
+PROBE_TIMEOUT = 20.0  # seconds nvidia-smi may take on a busy host
+
+
+def local_gpus() -> list[Gpu]:
+    """This host's GPUs; [] when there are none, or neither NVML nor nvidia-smi answers."""
+    try:
+        import pynvml  # nvidia-ml-py: optional
+
+        pynvml.nvmlInit()
+        try:
+            found = []
+            for index in range(pynvml.nvmlDeviceGetCount()):
+                device = pynvml.nvmlDeviceGetHandleByIndex(index)
+                name = pynvml.nvmlDeviceGetName(device)
+                name = name.decode() if isinstance(name, bytes) else str(name)
+                found.append(Gpu(index, name, int(pynvml.nvmlDeviceGetMemoryInfo(device).total)))
+            return found
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # not installed, no driver, no GPU: try nvidia-smi
+        pass
+    binary = shutil.which("nvidia-smi")
+    if binary is None:
+        return []
+    try:
+        done = subprocess.run(
+            [binary, *NVIDIA_SMI_QUERY[1:]],
+            capture_output=True,
+            text=True,
+            timeout=PROBE_TIMEOUT,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return parse_nvidia_smi(done.stdout) if done.returncode == 0 else []
+
+
+@ray.remote(num_cpus=0, max_retries=0)
+def _probe() -> list[Gpu]:
+    return local_gpus()
+
+
+async def node_gpus(node_id: str) -> list[Gpu]:
+    """The GPUs of one node, probed there."""
+    strategy: Any = NodeAffinitySchedulingStrategy(node_id, soft=False)
+    return await _probe.options(scheduling_strategy=strategy).remote()
