@@ -975,7 +975,9 @@ class Controller:
                 }
                 key = found["calibration_key"] = calibration_key(facts, model)
                 measured = self.measured.get(key)
-                if measured is not None and measured["gpu"] > 0:
+                if measured is not None and measured.get("process"):
+                    found["measured"] = measured["process"]  # the GPU's own count
+                elif measured is not None and measured["gpu"] > 0:
                     found["measured"] = measured["gpu"] + PROCESS_OVERHEAD
             except (GgufError, EstimateError) as error:
                 found["error"] = str(error)

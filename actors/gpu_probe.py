@@ -10,7 +10,13 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from proxifier.gpu_inventory import NVIDIA_SMI_QUERY, Gpu, parse_nvidia_smi
+from proxifier.gpu_inventory import (
+    NVIDIA_SMI_APPS,
+    NVIDIA_SMI_QUERY,
+    Gpu,
+    parse_nvidia_smi,
+    process_usage,
+)
 
 PROBE_TIMEOUT = 20.0  # seconds nvidia-smi may take on a busy host
 
@@ -47,6 +53,41 @@ def local_gpus() -> list[Gpu]:
     except (OSError, subprocess.TimeoutExpired):
         return []
     return parse_nvidia_smi(done.stdout) if done.returncode == 0 else []
+
+
+def process_gpu_memory(pid: int) -> int | None:
+    """Bytes of GPU memory one process holds (its CUDA context included), by NVML or
+    nvidia-smi; None when neither can tell."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            total, found = 0, False
+            for index in range(pynvml.nvmlDeviceGetCount()):
+                device = pynvml.nvmlDeviceGetHandleByIndex(index)
+                for process in pynvml.nvmlDeviceGetComputeRunningProcesses(device):
+                    if process.pid == pid and process.usedGpuMemory:
+                        total, found = total + int(process.usedGpuMemory), True
+            return total if found else None
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # not installed, no driver: try nvidia-smi
+        pass
+    binary = shutil.which("nvidia-smi")
+    if binary is None:
+        return None
+    try:
+        done = subprocess.run(
+            [binary, *NVIDIA_SMI_APPS[1:]],
+            capture_output=True,
+            text=True,
+            timeout=PROBE_TIMEOUT,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return process_usage(done.stdout, pid) if done.returncode == 0 else None
 
 
 @ray.remote(num_cpus=0, max_retries=0)

@@ -26,6 +26,7 @@ from typing import Any
 import httpx
 import ray
 
+from actors.gpu_probe import process_gpu_memory
 from actors.process import free_port, log_tail, rss_bytes, spawn, terminate
 from actors.ray_glue import Background
 from proxifier.config import (
@@ -609,6 +610,8 @@ class ModelActor:
                     "buffers": measured.buffers,
                     "gpu": measured.gpu,
                     "projected": measured.projected,
+                    # What the GPU says the process holds, its CUDA context included.
+                    "process": await asyncio.to_thread(process_gpu_memory, process.pid),
                 }
                 details["memory"] = self.measured
         self._event(

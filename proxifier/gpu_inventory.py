@@ -19,6 +19,11 @@ NVIDIA_SMI_QUERY = [
     "--query-gpu=index,name,memory.total",
     "--format=csv,noheader,nounits",
 ]
+NVIDIA_SMI_APPS = [
+    "nvidia-smi",
+    "--query-compute-apps=pid,used_memory",
+    "--format=csv,noheader,nounits",
+]
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,19 @@ def parse_nvidia_smi(text: str) -> list[Gpu]:
             continue
         gpus.append(Gpu(int(parts[0]), parts[1], int(mib * 1024**2)))
     return gpus
+
+
+def process_usage(text: str, pid: int) -> int | None:
+    """Bytes of GPU memory process `pid` holds, summed over GPUs, from
+    `nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits` (MiB);
+    None when it is not listed (no GPU work, or another PID namespace)."""
+    total, found = 0, False
+    for line in text.splitlines():
+        parts = [part.strip() for part in line.split(",")]
+        if len(parts) == 2 and parts[0] == str(pid) and parts[1].replace(".", "", 1).isdigit():
+            total += int(float(parts[1]) * 1024**2)
+            found = True
+    return total if found else None
 
 
 def gpu_type(name: str) -> str:

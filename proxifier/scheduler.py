@@ -854,6 +854,16 @@ class _Pass:
                 entries.extend((free, node_id, gpu) for gpu, free in enumerate(table))
         for entries in self.gpu_slots.values():
             entries.sort()
+        # Per GPU, the residents holding some of it, and those that could ever be stopped
+        # there, in victim order.
+        self.residents_on_gpu: dict[tuple[str, int], list[Resident]] = {}
+        for resident in self.residents.values():
+            for gpu in self.gpu_holds.get(resident.name, {}):
+                self.residents_on_gpu.setdefault((resident.node_id, gpu), []).append(resident)
+        self.victims_on_gpu: dict[tuple[str, int], list[Resident]] = {}
+        for resident in self.victim_order:
+            for gpu in self.gpu_holds.get(resident.name, {}):
+                self.victims_on_gpu.setdefault((resident.node_id, gpu), []).append(resident)
 
     def _gpu_change(self, node_id: str, gpu: int, delta: float) -> None:
         table = self.gpu_free[node_id]
@@ -1000,75 +1010,117 @@ class _Pass:
     ) -> list[Resident] | None:
         """The cheapest idle victims that free room on one GPU (or whole GPUs) of one node;
         stopping a model on another GPU frees nothing for it."""
-        best: tuple[tuple[int, int, float, str], list[Resident]] | None = None
+        allowed = self._allowed(candidates)
         other_needs = dict(other)
+        best = self._one_gpu_victims(need, other_needs, allowed, priority)
         for node_id in candidates:
+            if need <= self.nodes[node_id].gpu_memory:
+                continue
             ceiling = priority if best is None else best[0][0]
             ranked = self.victims_on[node_id]
             if not ranked or ranked[0].priority > ceiling:
                 continue  # in victim order: its cheapest candidate is already too dear
             if not fits(other_needs, self.free[node_id]):
                 continue
-            pool = [
-                r
-                for r in self.victims_on[node_id]
-                if r.priority <= priority
-                and r.name not in self.evicted
-                and r.name not in self.reserved
-                and r.name not in self.busy
-                and self._eligible(r, priority)
-                and r.name in self.gpu_holds
-            ]
-            if not pool:
-                continue
-            size = self.nodes[node_id].gpu_memory
-            table = self.gpu_free[node_id]
-            if need <= size:
-                fraction = gpu_fraction(need, size)
-                for gpu, free in enumerate(table):
-                    taken: list[Resident] = []
-                    for resident in pool:
-                        if resident.priority > ceiling:
-                            break
-                        share = self.gpu_holds[resident.name].get(gpu, 0.0)
-                        if share <= 0:
-                            continue
-                        taken.append(resident)
-                        free += share
-                        if free + EPSILON >= fraction:
-                            cost = _set_cost(taken, node_id)
-                            if best is None or cost < best[0]:
-                                best = (cost, taken)
-                            break
-            else:
-                count = _whole(need, size)
-                evictable = {r.name for r in pool if r.priority <= ceiling}
-                emptied: list[tuple[tuple[int, int], int, list[Resident]]] = []
-                for gpu, free in enumerate(table):
-                    holders = [
-                        r
-                        for r in self.on_node[node_id]
-                        if r.name not in self.evicted
-                        and self.gpu_holds.get(r.name, {}).get(gpu, 0.0) > 0
-                    ]
-                    placed_here = free + sum(self.gpu_holds[r.name][gpu] for r in holders)
-                    if placed_here < 1 - EPSILON:  # a model placed in this pass holds some
-                        continue
-                    if all(r.name in evictable for r in holders):
-                        worst = max((r.priority for r in holders), default=0)
-                        emptied.append(((worst, len(holders)), gpu, holders))
-                if len(emptied) < count:
-                    continue
-                emptied.sort(key=lambda item: (item[0], item[1]))
-                chosen: dict[str, Resident] = {}
-                for _, _, holders in emptied[:count]:
-                    chosen.update((r.name, r) for r in holders)
-                taken = sorted(chosen.values(), key=_victim_order)
-                if taken:
-                    cost = _set_cost(taken, node_id)
-                    if best is None or cost < best[0]:
-                        best = (cost, taken)
+            taken = self._whole_gpu_victims(node_id, need, priority, ceiling)
+            if taken:
+                cost = _set_cost(taken, node_id)
+                if best is None or cost < best[0]:
+                    best = (cost, taken)
         return None if best is None else best[1]
+
+    def _one_gpu_victims(
+        self,
+        need: float,
+        other_needs: dict[str, float],
+        allowed: frozenset[str],
+        priority: int,
+    ) -> tuple[tuple[int, int, float, str], list[Resident]] | None:
+        """The cheapest set on one GPU of a node where the need fits one GPU. A set's cost
+        starts with its highest victim priority, so victims are visited in victim order, a
+        priority level at a time, and the search ends with the first level that has a set:
+        only GPUs holding such a victim are looked at."""
+        best: tuple[tuple[int, int, float, str], list[Resident]] | None = None
+        tried: set[tuple[str, int]] = set()
+        level = None
+        fractions = {size: gpu_fraction(need, size) for size in self.gpu_slots if need <= size}
+        usable: dict[str, bool] = {}  # node -> its free amounts cover the other needs
+        for resident in self.victim_order:
+            if resident.priority > priority or (
+                best is not None and resident.priority > best[0][0]
+            ):
+                break
+            if resident.priority != level:
+                level, tried = resident.priority, set()
+            node_id = resident.node_id
+            if node_id not in allowed or resident.name not in self.gpu_holds:
+                continue
+            fraction = fractions.get(self.nodes[node_id].gpu_memory)
+            if fraction is None:
+                continue
+            ok = usable.get(node_id)
+            if ok is None:
+                ok = usable[node_id] = fits(other_needs, self.free[node_id])
+            if not ok:
+                continue
+            for gpu in self.gpu_holds[resident.name]:
+                if (node_id, gpu) in tried:
+                    continue
+                tried.add((node_id, gpu))
+                free = self.gpu_free[node_id][gpu]
+                taken: list[Resident] = []
+                for victim in self.victims_on_gpu.get((node_id, gpu), ()):
+                    if victim.priority > level:
+                        break
+                    name = victim.name
+                    if name in self.evicted or name in self.reserved or name in self.busy:
+                        continue
+                    if not self._eligible(victim, priority):
+                        continue
+                    taken.append(victim)
+                    free += self.gpu_holds[name][gpu]
+                    if free + EPSILON >= fraction:
+                        cost = _set_cost(taken, node_id)
+                        if best is None or cost < best[0]:
+                            best = (cost, taken)
+                        break
+        return best
+
+    def _whole_gpu_victims(
+        self, node_id: str, need: float, priority: int, ceiling: int
+    ) -> list[Resident] | None:
+        """For a model bigger than one GPU: the GPUs of one node that are cheapest to empty
+        entirely, and everyone on them."""
+        pool = {
+            r.name
+            for r in self.victims_on[node_id]
+            if r.priority <= ceiling
+            and r.name not in self.evicted
+            and r.name not in self.reserved
+            and r.name not in self.busy
+            and self._eligible(r, priority)
+        }
+        count = _whole(need, self.nodes[node_id].gpu_memory)
+        emptied: list[tuple[tuple[int, int], int, list[Resident]]] = []
+        for gpu, free in enumerate(self.gpu_free[node_id]):
+            holders = [
+                r
+                for r in self.residents_on_gpu.get((node_id, gpu), ())
+                if r.name not in self.evicted
+            ]
+            held = free + sum(self.gpu_holds[r.name][gpu] for r in holders)
+            if held < 1 - EPSILON:  # a model placed in this pass holds some of it
+                continue
+            if all(r.name in pool for r in holders):
+                worst = max((r.priority for r in holders), default=0)
+                emptied.append(((worst, len(holders)), gpu, holders))
+        if len(emptied) < count:
+            return None
+        emptied.sort(key=lambda item: (item[0], item[1]))
+        chosen: dict[str, Resident] = {}
+        for _, _, holders in emptied[:count]:
+            chosen.update((r.name, r) for r in holders)
+        return sorted(chosen.values(), key=_victim_order) or None
 
     def _gpu_text(self, node_id: str) -> str:
         node = self.nodes[node_id]

@@ -341,12 +341,21 @@ async function loadCluster() {
   const data = await act("GET", "/admin/cluster");
   if (!data) return;
   const names = (node) => node.models.join(", ") || "-";
+  const gib = (bytes) => (bytes == null ? "?" : (bytes / 1073741824).toFixed(1));
+  // Each GPU: its memory, what is free, and each model's share with what it is expected to need.
+  const gpus = (node) => (node.gpus || []).map((g) => {
+    const size = g.memory ? `${gib(g.memory)} GiB` : "memory unknown";
+    const free = g.free == null ? `${+(1 - g.used_fraction).toFixed(2)} free` : `${gib(g.free)} GiB free`;
+    const models = g.models.map((m) => `${m.name} ${m.holds == null ? `x${m.share}` : `${gib(m.holds)} GiB`}`
+      + (m.expected ? ` (needs ${gib(m.expected)})` : ""));
+    return `GPU ${g.index}: ${size}, ${free}` + (models.length ? `: ${models.join(", ")}` : "");
+  }).join("\n") || "-";
   $("#nodes tbody").replaceChildren(...data.nodes.map((n) => el("tr", {},
     el("td", {}, n.address), el("td", {}, n.alive ? "yes" : "no"),
     el("td", {}, Object.keys(n.resources).filter((k) => !k.startsWith("node:") && !k.startsWith("object_store"))
       .sort().map((k) => `${k} ${+(n.free[k] ?? 0).toFixed(2)}/${+n.resources[k].toFixed(2)}`).join(", ")),
     el("td", {}, Object.entries(n.labels).map(([k, v]) => `${k}=${v}`).join(", ") || "-"),
-    el("td", {}, names(n)))));
+    el("td", {}, names(n)), el("td", { class: "gpus" }, gpus(n)))));
 }
 
 function show(view) {

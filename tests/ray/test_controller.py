@@ -400,3 +400,39 @@ def test_async_results_outlive_an_idle_stop(make_controller: MakeController) -> 
     wait_for(lambda: state(controller, "chat") == "stopped", timeout=30)
     result = ray.get(controller.job_result.remote("job-1"))
     assert result["status"] == "done" and result["http_status"] == 200
+
+
+def test_status_reports_the_gpu_memory_estimate_and_calibrates_on_first_load(
+    make_controller: MakeController, tiny_model: Path
+) -> None:
+    from proxifier.config import ModelConfig
+    from proxifier.gguf_facts import read_facts
+    from proxifier.gpu_memory import PROCESS_OVERHEAD, estimate
+
+    buffers = {"FAKE_LLAMA_GPU_BUFFERS_MIB": "1000,200,100"}  # what a GPU load would log
+    controller, _ = make_controller(
+        {
+            "measured": {"context_length": 512, "env": buffers},
+            "configured": {"gpu_memory": "3GiB"},
+        }
+    )
+    memory = ray.get(controller.model_status.remote("measured"))["gpu_memory"]
+    expected = estimate(read_facts(tiny_model), ModelConfig(context_length=512))
+    assert memory["estimated"] == memory["need"] == expected.total
+    assert memory["estimate"]["kv_cache"] == expected.kv_cache
+    assert memory["measured"] is None and memory["configured"] is None
+    configured = ray.get(controller.model_status.remote("configured"))["gpu_memory"]
+    assert configured["need"] == configured["configured"] == 3 * 1024**3
+    # The first load of this file with these flags runs at -lv 4 and is measured; the
+    # measurement is the need from then on, and the next load is not measured again.
+    ray.get(controller.start_model.remote("measured"), timeout=60)
+    status = ray.get(controller.model_status.remote("measured"))
+    assert status["memory_measured"]["gpu"] == 1300 * 1024**2
+    assert status["memory_measured"]["buffers"]["CUDA0"]["kv"] == 200 * 1024**2
+    memory = status["gpu_memory"]
+    assert memory["measured"] == memory["need"] == 1300 * 1024**2 + PROCESS_OVERHEAD
+    ray.get(controller.stop_model.remote("measured"), timeout=60)
+    ray.get(controller.start_model.remote("measured"), timeout=60)
+    again = ray.get(controller.model_status.remote("measured"))
+    assert again["memory_measured"] is None  # llama-server ran at its default verbosity
+    assert again["gpu_memory"]["measured"] == memory["measured"]  # kept

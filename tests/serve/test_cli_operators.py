@@ -27,6 +27,7 @@ def test_status_prints_a_table_of_every_model(deployment: Deployment, capsys) ->
         "PRI",
         "GROUP",
         "WHERE",
+        "GPU",
         "IN-FLIGHT",
         "QUEUED",
         "UPTIME",
@@ -34,6 +35,8 @@ def test_status_prints_a_table_of_every_model(deployment: Deployment, capsys) ->
     ]
     chat = next(line for line in lines if line.startswith("chat "))
     assert chat.split()[1:4] == ["ready", "9", "production"]
+    # No GPU here: none held; what it would need on one is its GGUF's estimate.
+    assert " - need 0.3G " in chat
 
 
 def test_models(deployment: Deployment, capsys) -> None:

@@ -8,12 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from proxifier.gpu_inventory import (
     GiB,
     Gpu,
     declared_gpu_memory,
     gpu_type,
     parse_nvidia_smi,
+    process_usage,
     ray_start_flags,
 )
 
@@ -74,3 +77,18 @@ def test_proxifier_node_prints_the_flags_for_this_hosts_gpus(tmp_path: Path) -> 
         "ray start --address=HEAD:6379 --num-gpus=2 --labels=gpu-memory-gb=79.6,gpu-type=h100 "
         """--resources='{"gpu_type:h100": 2}'"""
     )
+
+
+def test_a_process_gpu_memory_from_nvidia_smi(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from actors.gpu_probe import process_gpu_memory
+
+    fake = tmp_path / "nvidia-smi"
+    # Two GPUs hold memory of process 4242 (a model split over them); another process too.
+    fake.write_text("#!/bin/sh\nprintf '4242, 6000\\n999, 100\\n4242, 1500\\n'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    assert process_gpu_memory(4242) == 7500 * 1024**2
+    assert process_gpu_memory(1) is None  # not on any GPU
+    assert process_usage("[N/A]\n", 1) is None
