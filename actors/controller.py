@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import time
 import uuid
@@ -55,7 +56,7 @@ from proxifier.errors import (
 )
 from proxifier.gguf_facts import GgufError, read_facts
 from proxifier.gpu_inventory import declared_gpu_memory
-from proxifier.gpu_memory import PROCESS_OVERHEAD, EstimateError, calibration_key, estimate
+from proxifier.gpu_memory import PROCESS_OVERHEAD, calibration_key, estimate
 from proxifier.metrics import LOAD_BUCKETS, Histogram
 from proxifier.placement import NodeView, actor_options, cpu_fallback_warning, demand
 from proxifier.planning import (
@@ -66,11 +67,23 @@ from proxifier.planning import (
     reload_plan,
     startup_order,
 )
-from proxifier.scheduler import Evict, Fail, Limits, Node, Place, Resident, Wait, Want, decide
+from proxifier.scheduler import (
+    Evict,
+    Fail,
+    Limits,
+    Node,
+    Place,
+    Resident,
+    Wait,
+    Want,
+    decide,
+    gpu_fraction,
+)
 
 CONTROLLER_NAME = "proxifier:controller"
 AUTH_POLL_INTERVAL = 1.0  # seconds between looks at auth.yaml's modification time
 RECONCILE_TICK = 1.0  # seconds between passes while a model waits (nothing else woke one)
+PROBE_RETRY = 300.0  # seconds before a node whose GPU size is unknown is probed again
 STATS_WAIT = 2.0  # seconds a pass waits for a model's facts before it counts it as starting
 
 
@@ -226,7 +239,7 @@ class Controller:
         # GPU memory (DESIGN §10): each node's GPU size as detected (a label overrides it),
         # and what models really used, by file and memory flags (calibration).
         self.gpu_sizes: dict[str, float] = {}
-        self._probed: set[str] = set()
+        self._probed: dict[str, float] = {}  # node -> when its GPUs were last probed
         self.measured: dict[str, dict[str, Any]] = _load_measured()
         self.calibrating: dict[str, str] = {}  # model -> the key its instance measures
         self._adopt()
@@ -716,10 +729,11 @@ class Controller:
             return
         gpus, residents, nodes = await self._facts()
         sized = any(node.gpu_memory > 0 for node in nodes)
+        # A snapshot: the awaits below let requests add wants, or drop theirs, meanwhile.
         wants = [
             await self._want_for(name, gpus, entry.since, sized=sized)
-            for name, entry in self.wants.items()
-            if name not in cooling
+            for name, entry in list(self.wants.items())
+            if name not in cooling and name in self.config.models
         ]
         settings = self.config.settings
         limits = Limits(settings.max_running_models, settings.min_residency, settings.placement)
@@ -904,6 +918,7 @@ class Controller:
         there (one probe per node, in the background: until it answers, the node's size is
         unknown and models that need memory go elsewhere or take whole GPUs)."""
         sizes: dict[str, float] = {}
+        now = time.monotonic()
         for view in views:
             if not view.alive or view.total.get("GPU", 0.0) <= 0:
                 continue
@@ -912,8 +927,9 @@ class Controller:
                 sizes[view.node_id] = declared
             elif view.node_id in self.gpu_sizes:
                 sizes[view.node_id] = self.gpu_sizes[view.node_id]
-            elif view.node_id not in self._probed:
-                self._probed.add(view.node_id)
+            elif now - self._probed.get(view.node_id, -math.inf) > PROBE_RETRY:
+                # Asked again now and then: a driver may come up, a probe may have timed out.
+                self._probed[view.node_id] = now
                 self.background.keep(asyncio.create_task(self._probe(view.node_id)))
         return sizes
 
@@ -949,6 +965,20 @@ class Controller:
                 needs.pop("GPU")
         return Want(as_name or name, needs, dict(model.labels), model.priority, since, memory)
 
+    async def _share_changed(self, name: str) -> bool:
+        """Whether a running model placed by GPU memory would ask another share now."""
+        options = self.options.get(name) or {}
+        held = options.get("num_gpus") or 0.0
+        model = self.config.models[name]
+        size = self.gpu_sizes.get(self.nodes_of.get(name, ""))
+        for view in cluster_nodes():
+            if view.node_id == self.nodes_of.get(name):
+                size = declared_gpu_memory(view.labels) or size
+        if model.num_gpus is not None or not held or not size:
+            return model.num_gpus is not None and held != model.num_gpus
+        need = (await self._memory_of(name))["need"]
+        return bool(need) and gpu_fraction(float(need), size) != held
+
     async def _memory_of(self, name: str) -> dict[str, Any]:
         """The model's GPU memory: configured (`gpu_memory`), measured on an earlier load of
         this file with these flags, estimated from its GGUF header (read where the controller
@@ -979,7 +1009,7 @@ class Controller:
                     found["measured"] = measured["process"]  # the GPU's own count
                 elif measured is not None and measured["gpu"] > 0:
                     found["measured"] = measured["gpu"] + PROCESS_OVERHEAD
-            except (GgufError, EstimateError) as error:
+            except (GgufError, ValueError) as error:  # EstimateError is a ValueError
                 found["error"] = str(error)
         found["need"] = found["configured"] or found["measured"] or found["estimated"]
         return found
@@ -1152,6 +1182,11 @@ class Controller:
         diff: ModelsDiff = diff_models(self.config, new)
         plan = reload_plan(diff, new, set(self.handles))
         self.config = new
+        # A model placed by GPU memory whose new settings need another share (a longer
+        # context, another cache type, another file) needs a new actor, not just a restart.
+        for name in [n for n in plan.restart if await self._share_changed(n)]:
+            plan.restart.remove(name)
+            plan.recreate.append(name)
         for name in plan.register:
             self.registered_at.setdefault(name, int(time.time()))
         for name in plan.drain:
@@ -1286,12 +1321,13 @@ class Controller:
             entry["replacing"] = True  # a new instance loads and takes over when ready
         if name in self.wants:
             entry["waiting_for"] = self.wants[name].reason  # not placed yet: why
-        memory = await self._memory_of(name)
-        memory.pop("calibration_key", None)
-        options = self.options.get(name)
-        if options is not None and handle is not None:
-            memory["num_gpus"] = options.get("num_gpus", 0)
-        entry["gpu_memory"] = memory
+        if name in self.config.models:  # a reload may have removed it meanwhile
+            memory = await self._memory_of(name)
+            memory.pop("calibration_key", None)
+            options = self.options.get(name)
+            if options is not None and handle is not None:
+                memory["num_gpus"] = options.get("num_gpus", 0)
+            entry["gpu_memory"] = memory
         return entry
 
     def _resolve(self, name: str) -> str:

@@ -27,7 +27,7 @@ import httpx
 import ray
 
 from actors.gpu_probe import process_gpu_memory
-from actors.process import free_port, log_tail, rss_bytes, spawn, terminate
+from actors.process import free_port, log_tail, rss_bytes, spawn, terminate, trim_log
 from actors.ray_glue import Background
 from proxifier.config import (
     ModelConfig,
@@ -120,6 +120,7 @@ class ModelActor:
         # and report that (the controller has no measurement for this file and these flags).
         self.calibrate = calibrate
         self.measured: dict[str, Any] | None = None
+        self._log_start = 0
         # The named actor (the controller) that gets a copy of every event; looked up by name
         # each time it is missing, so a restarted controller keeps receiving them.
         self.events_to = events_to
@@ -574,9 +575,10 @@ class ModelActor:
                 log_verbosity=4 if self.calibrate else None,
             )
             env = {**os.environ, **self.model.env}
-            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            trim_log(self.log_path)  # before this instance's mark, which must stay
             with self.log_path.open("a") as log:
                 log.write(f"\n{INSTANCE_MARK} {instance} starting at {time.ctime()}\n")
+                self._log_start = log.tell()  # where this instance's own lines begin
             process = await spawn(argv, env, self.log_path)
             self.process, self.host, self.port, self.api_key = process, host, port, api_key
             self.started_at = time.time()
@@ -604,8 +606,11 @@ class ModelActor:
         self._set_state(ModelState.READY)
         details: dict[str, Any] = {}
         if self.calibrate:
-            measured = parse_load_log("\n".join(self._instance_log(400)))
-            if measured is not None:
+            measured = parse_load_log(self._instance_text())
+            # A load whose weights on some GPU went unlogged is no measurement.
+            if measured is not None and all(
+                "model" in kinds for device, kinds in measured.buffers.items() if device != "CPU"
+            ):
                 self.measured = {
                     "buffers": measured.buffers,
                     "gpu": measured.gpu,
@@ -968,6 +973,15 @@ class ModelActor:
 
     def _queue_timeout(self) -> float:
         return self.model.queue_timeout or self.settings.queue.queue_timeout
+
+    def _instance_text(self, limit: int = 8 * 1024 * 1024) -> str:
+        """Everything this instance wrote so far (its load log: at -lv 4 longer than a tail)."""
+        try:
+            with self.log_path.open("rb") as log:
+                log.seek(self._log_start)
+                return log.read(limit).decode("utf-8", errors="replace")
+        except OSError:
+            return ""
 
     def _instance_log(self, lines: int) -> list[str]:
         """The last lines this instance wrote (not the previous instance's)."""

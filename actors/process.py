@@ -32,11 +32,17 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-async def spawn(argv: list[str], env: dict[str, str], log_path: Path) -> asyncio.subprocess.Process:
-    """Start `argv` with its output appended to `log_path`."""
+def trim_log(log_path: Path) -> None:
+    """Start a model's log afresh once it has grown past the limit (at a start, never while
+    a process writes it)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     if log_path.exists() and log_path.stat().st_size > _LOG_LIMIT:
         log_path.write_bytes(b"")
+
+
+async def spawn(argv: list[str], env: dict[str, str], log_path: Path) -> asyncio.subprocess.Process:
+    """Start `argv` with its output appended to `log_path`."""
+    trim_log(log_path)
     parent = os.getpid()
     with log_path.open("ab") as log:
         return await asyncio.create_subprocess_exec(

@@ -34,8 +34,12 @@ def browser_refusal(
     headers: Mapping[str, str],
     bound_host: str,
     allowed_origins: Collection[str] = (),
+    path: str = "/",
 ) -> tuple[int, str, str] | None:
-    """Why this request is refused while API keys are off, or None to let it through."""
+    """Why this request is refused while API keys are off, or None to let it through.
+    A GET of `/upstream/...` changes state too (it starts the model, which may stop others):
+    from another site's page (its Origin, or the browser's `Sec-Fetch-Site: cross-site`,
+    which even an image tag's request carries) it is refused like a POST."""
     host = headers.get("host", "")
     name = host_name(host)
     if bound_host not in ANY_ADDRESS and name not in LOOPBACK_NAMES | {bound_host.lower()}:
@@ -45,9 +49,12 @@ def browser_refusal(
             f"'{bound_host}', or turn API keys on",
             "host_not_allowed",
         )
-    if method in SAFE_METHODS:
+    upstream = path == "/upstream" or path.startswith("/upstream/")
+    if method in SAFE_METHODS and not upstream:
         return None
     origin = headers.get("origin")
+    if upstream and origin is None and headers.get("sec-fetch-site") == "cross-site":
+        origin = "another site"
     if origin is not None and origin not in allowed_origins and not _same_origin(origin, host):
         return (
             403,
@@ -55,6 +62,8 @@ def browser_refusal(
             "to cors_origins in auth.yaml, or turn API keys on",
             "origin_not_allowed",
         )
+    if method in SAFE_METHODS:
+        return None
     content_type = headers.get("content-type")
     if content_type is not None and content_type.split(";")[0].strip().lower() not in (
         "application/json",

@@ -46,17 +46,33 @@ class Endpoint:
     example: str = ""  # the body of a one-line example, for the README's table
 
 
+_CHAT = Endpoint(
+    "/v1/chat/completions",
+    Can.CHAT,
+    True,
+    example='{"model":"M","messages":[{"role":"user","content":"Hi"}]}',
+)
+_COUNT = Endpoint(
+    "/v1/chat/completions/input_tokens",
+    None,
+    False,
+    example='{"model":"M","messages":[{"role":"user","content":"Hi"}]}',
+)
+_TEXT = Endpoint("/v1/completions", Can.CHAT, True, example='{"model":"M","prompt":"Once"}')
+_RESPONSES = Endpoint("/v1/responses", Can.CHAT, True, example='{"model":"M","input":"Hi"}')
+_RESPONSES_COUNT = Endpoint(
+    "/v1/responses/input_tokens", None, False, example='{"model":"M","input":"Hi"}'
+)
+_EMBEDDINGS = Endpoint(
+    "/v1/embeddings", Can.EMBEDDINGS, False, example='{"model":"M","input":"text"}'
+)
+
 ENDPOINTS: tuple[Endpoint, ...] = (
-    Endpoint(
-        "/v1/chat/completions",
-        Can.CHAT,
-        True,
-        example='{"model":"M","messages":[{"role":"user","content":"Hi"}]}',
-    ),
-    Endpoint("/v1/completions", Can.CHAT, True, example='{"model":"M","prompt":"Once"}'),
-    Endpoint("/v1/embeddings", Can.EMBEDDINGS, False, example='{"model":"M","input":"text"}'),
-    Endpoint("/v1/responses", Can.CHAT, True, example='{"model":"M","input":"Hi"}'),
-    Endpoint("/v1/responses/input_tokens", None, False, example='{"model":"M","input":"Hi"}'),
+    _CHAT,
+    _TEXT,
+    _EMBEDDINGS,
+    _RESPONSES,
+    _RESPONSES_COUNT,
     Endpoint(
         "/v1/messages",
         Can.CHAT,
@@ -95,6 +111,21 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         model_in_query=True,
         example='{"model":"M","prompt":"Once","n_predict":16}',
     ),
+    # llama-server's own names for the OpenAI paths: queued like them (a passthrough of one
+    # under /upstream/{model}/ too), the model named in the body or ?model=.
+    *(
+        Endpoint(alias, twin.needs, twin.streams, model_in_query=True, example=twin.example)
+        for alias, twin in (
+            ("/chat/completions", _CHAT),
+            ("/chat/completions/input_tokens", _COUNT),
+            ("/v1/chat/completions/input_tokens", _COUNT),
+            ("/completions", _TEXT),
+            ("/responses", _RESPONSES),
+            ("/responses/input_tokens", _RESPONSES_COUNT),
+            ("/embeddings", _EMBEDDINGS),
+            ("/embedding", _EMBEDDINGS),
+        )
+    ),
     Endpoint("/tokenize", None, False, model_in_query=True, example='{"content":"Hello"}'),
     Endpoint("/detokenize", None, False, model_in_query=True, example='{"tokens":[1,2]}'),
     Endpoint(
@@ -115,6 +146,10 @@ STORED_RESPONSES = (
     "retrieved, continued, cancelled or deleted; send the earlier turns in 'input'"
 )
 UPSTREAM_PREFIX = re.compile(r"/upstream/[^/]+(?=/)")
+# Raw POSTs to llama-server (no slot taken) that any key with `models` may send: stopping its
+# own generation from the web UI. Others (slot save/erase, LoRA scales, /props) change the
+# model for every user: admin only.
+RAW_POSTS = frozenset({"/v1/chat/completions/control"})
 
 
 def curl_example(endpoint: Endpoint, base: str = "127.0.0.1:8000") -> str:

@@ -4,6 +4,7 @@ package (the header and tensor index only; the weights are never loaded)."""
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,7 +119,7 @@ def _read(path: Path) -> GgufFacts:
     head_size = embedding // heads if heads else 0
     layers = [0] * blocks
     named: dict[str, int] = {}
-    for tensor in reader.tensors:
+    for tensor in [t for shard in _shards(path, reader) for t in shard.tensors]:
         size = int(tensor.n_bytes)
         parts = tensor.name.split(".")
         if parts[0] == "blk" and len(parts) > 1 and parts[1].isdigit() and int(parts[1]) < blocks:
@@ -147,6 +148,28 @@ def _read(path: Path) -> GgufFacts:
         input_bytes=sum(named.values()),
         file_bytes=path.stat().st_size,
     )
+
+
+_SPLIT = re.compile(r"^(?P<stem>.*)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+
+def _shards(path: Path, first: Any) -> list[Any]:
+    """Every file of a model split by llama.cpp's gguf-split (`name-00001-of-00003.gguf`):
+    the header is in the first, the tensors in all of them."""
+    match = _SPLIT.match(path.name)
+    if match is None or match.group("index") != "00001":
+        return [first]
+    from gguf import GGUFReader
+
+    readers = [first]
+    count = int(match.group("count"))
+    for index in range(2, count + 1):
+        shard = path.with_name(f"{match.group('stem')}-{index:05d}-of-{count:05d}.gguf")
+        try:
+            readers.append(GGUFReader(os.fspath(shard), "r"))
+        except (ValueError, OSError) as exc:
+            raise GgufError(f"{shard}: a part of {path.name} that cannot be read ({exc})") from None
+    return readers
 
 
 def _scalar(fields: dict[str, Any], key: str) -> Any:

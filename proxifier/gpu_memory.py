@@ -87,7 +87,10 @@ def offloaded_layers(gpu_layers: int | str | None, block_count: int) -> int:
     "all" mean all of them (llama-server's default fits all it can)."""
     if gpu_layers is None or gpu_layers in ("auto", "all", ""):
         return block_count + 1
-    count = int(gpu_layers)
+    try:
+        count = int(gpu_layers)
+    except ValueError:  # llama-server refuses it; the estimate assumes the most
+        return block_count + 1
     return block_count + 1 if count < 0 else min(count, block_count + 1)
 
 
@@ -135,14 +138,14 @@ def estimate(facts: GgufFacts, model: ModelConfig) -> MemoryNeed:
 
 def compute_buffer(facts: GgufFacts, context: int, ubatch: int, args: Sequence[str]) -> int:
     """llama.cpp's compute buffer: its allocator reuses memory across the graph, so the peak
-    is the larger of one layer's attention scores (f32, every head, the whole context: not
-    materialised with flash attention) and the logits (f32, the vocabulary), plus the mask
-    and a few hidden states per micro-batch. Without `-fa on` the scores are counted: the
-    conservative figure (llama-server's `-fa auto` turns it on only where the GPU supports it).
-    This matches llama.cpp's published CUDA figures: 164, 296, 560 and 2144 MiB (docs)."""
-    scores = 4 * ubatch * context * facts.head_count
-    if flag_value(args, _FLAGS["flash_attn"]) in ("on", "1", "true"):
-        scores = 0
+    is the larger of one layer's attention scores (f32, every head, the whole context) and the
+    logits (f32, the vocabulary), plus the mask and a few hidden states per micro-batch. With
+    flash attention the scores are never materialised: llama-server's default (`-fa auto`)
+    turns it on on every GPU it supports, so only `-fa off` counts them. With `-fa off` this
+    matches llama.cpp's published CUDA figures: 164, 296, 560, 2094.5 and 2144 MiB (docs)."""
+    scores = 0
+    if flag_value(args, _FLAGS["flash_attn"]) in ("off", "0", "false"):
+        scores = 4 * ubatch * context * facts.head_count
     logits = 4 * ubatch * facts.vocab_size
     mask = 4 * ubatch * context
     hidden = 16 * ubatch * facts.embedding_length
@@ -150,24 +153,23 @@ def compute_buffer(facts: GgufFacts, context: int, ubatch: int, args: Sequence[s
 
 
 def calibration_key(facts: GgufFacts, model: ModelConfig) -> str:
-    """What a measurement is good for: this file (path and size) with these memory flags.
-    Another context size, cache type or offload is another key (measured on its own load)."""
+    """What a measurement is good for: this file (path and size) with these settings. Every
+    extra flag counts (tensor overrides, MoE offload, a projector, a draft model, splits all
+    change the memory; one that does not only costs one more measured load)."""
     args = [str(a) for a in model.additional_args]
-    ngl = (
-        model.gpu_layers if model.gpu_layers is not None else flag_value(args, _FLAGS["gpu_layers"])
-    )
+    ngl = model.gpu_layers
+    if ngl is None:
+        ngl = flag_value(args, _FLAGS["gpu_layers"])  # type: ignore[assignment]
     context = model.context_length or _int(flag_value(args, _FLAGS["ctx"])) or facts.context_length
     parts = [
         facts.path,
         str(facts.file_bytes),
         f"layers={offloaded_layers(ngl, facts.block_count)}",
+        f"ctx={context}",
+        f"embeddings={model.embeddings}",
+        f"reranking={model.reranking}",
     ]
-    parts.append(f"ctx={context}")
-    for name in ("ctk", "ctv", "ubatch", "flash_attn", "no_kv_offload"):
-        value = flag_value(args, _FLAGS[name])
-        if value is not None:
-            parts.append(f"{name}={value}")
-    return "|".join(parts)
+    return "|".join(parts + args)
 
 
 def _kv_bytes(name: str | None) -> float:

@@ -263,19 +263,38 @@ def _whole(need: float, gpu_memory: float) -> int:
     return 1 if need <= gpu_memory else math.ceil(need / gpu_memory - 1e-9)
 
 
+def _gpu_want_text(want: Want) -> str:
+    if want.gpu_memory > 0:
+        return f"{want.gpu_memory / GIB:.1f} GiB of GPU memory"
+    return f"GPU {want.needs.get('GPU', 0.0):g}"
+
+
+def _whole_count(share: float) -> int:
+    """GPUs a share takes: one for a fraction, else the whole number."""
+    return 1 if share < 1 - EPSILON else math.ceil(share - 1e-9)
+
+
+def _whole_key(shape: tuple[float, float], sizes: Mapping[float, Any]) -> tuple[int, ...]:
+    """How many GPUs a want takes on each kind of node (each known GPU size, and nodes of
+    unknown size), for caching which nodes could ever hold it."""
+    memory, gpus = shape
+    if memory > 0:
+        return (*(_whole(memory, size) for size in sizes), 1)
+    return (_whole_count(gpus),)
+
+
 def _first_fit(table: list[float], amount: float) -> dict[int, float]:
-    """Ray's choice of GPUs for `amount` (a fraction: the first GPU with room; else whole
-    GPUs: the first that are all free), taken from `table`."""
+    """Ray's choice of GPUs for `amount`, taken from `table`: for a share, the GPU with the
+    least room that holds it; else the first GPUs that are all free."""
     if amount < 1 - EPSILON:
-        for gpu, free in enumerate(table):
-            if free + EPSILON >= amount:
-                table[gpu] -= amount
-                return {gpu: amount}
-        if not table:
-            return {}
-        roomiest = max(range(len(table)), key=lambda g: table[g])  # inconsistent facts
-        table[roomiest] -= amount
-        return {roomiest: amount}
+        room = [(free, gpu) for gpu, free in enumerate(table) if free + EPSILON >= amount]
+        if not room:
+            if not table:
+                return {}
+            room = [(max(table), table.index(max(table)))]  # inconsistent facts
+        _, gpu = min(room)
+        table[gpu] -= amount
+        return {gpu: amount}
     taken: dict[int, float] = {}
     for gpu, free in enumerate(table):
         if len(taken) >= round(amount):
@@ -433,13 +452,19 @@ class _Pass:
         self.gpu_holds: dict[str, dict[int, float]] = {}
         self.gpu_slots: dict[float, list[tuple[float, str, int]]] = {}
         self.memory_reach: dict[tuple[Any, ...], list[str]] = {}
-        self.allowed_sets: dict[int, tuple[list[str], frozenset[str]]] = {}
+        self.allowed_sets: dict[int, tuple[list[str], frozenset[str], float]] = {}
         self.memory_failures: dict[tuple[Any, ...], float] = {}  # the least need that found none
+        self.shares: dict[tuple[str, float], float] = {}
         self._gpu_tables()
 
     # --- the loop -------------------------------------------------------------------------
 
     def run(self, wants: Sequence[Want]) -> list[Action]:
+        # GPUs are shared once some GPU is partly held or a want asks for a share: then every
+        # GPU want is placed on the per-GPU tables (whole GPUs counted as whole).
+        self.shared_gpus = any(
+            EPSILON < free < 1 - EPSILON for table in self.gpu_free.values() for free in table
+        ) or any(w.gpu_memory > 0 or not float(w.needs.get("GPU", 0.0)).is_integer() for w in wants)
         actions: list[Action] = []
         seen: set[str] = set()
         for want in demand_order(wants):
@@ -456,7 +481,7 @@ class _Pass:
         actions.append(Wait(model, ""))
 
     def _decide_one(self, want: Want, actions: list[Action]) -> None:
-        if want.gpu_memory > 0:
+        if self._on_gpus(want):
             self._decide_by_memory(want, actions)
             return
         needs = _needs_key(want.needs)
@@ -860,6 +885,7 @@ class _Pass:
         for resident in self.residents.values():
             for gpu in self.gpu_holds.get(resident.name, {}):
                 self.residents_on_gpu.setdefault((resident.node_id, gpu), []).append(resident)
+        self.gpu_victim_order = [r for r in self.victim_order if r.name in self.gpu_holds]
         self.victims_on_gpu: dict[tuple[str, int], list[Resident]] = {}
         for resident in self.victim_order:
             for gpu in self.gpu_holds.get(resident.name, {}):
@@ -875,14 +901,38 @@ class _Pass:
             del entries[bisect.bisect_left(entries, (old, node_id, gpu))]
             bisect.insort(entries, (old + delta, node_id, gpu))
 
+    def _on_gpus(self, want: Want) -> bool:
+        """Whether a want goes through the per-GPU tables: one placed by memory, and, once
+        GPUs are shared (some GPU partly held, or a share asked for in this pass), any that
+        needs a GPU, so a whole GPU is never counted where only shares of two are free."""
+        gpus = want.needs.get("GPU", 0.0)
+        return want.gpu_memory > 0 or (gpus > 0 and self.shared_gpus)
+
+    def _share(self, want: Want, node_id: str) -> float:
+        """What the want asks of Ray on this node: the share of one GPU its memory needs
+        there, or whole GPUs; whole GPUs where the node's GPU size is not known; else the
+        `num_gpus` it gives. Kept per want and GPU size (nodes come in few kinds)."""
+        size = self.nodes[node_id].gpu_memory
+        key = (want.name, size)
+        share = self.shares.get(key)
+        if share is None:
+            if want.gpu_memory <= 0:
+                share = float(want.needs.get("GPU", 0.0))
+            elif size <= 0:
+                share = 1.0
+            else:
+                share = gpu_fraction(want.gpu_memory, size)
+            self.shares[key] = share
+        return share
+
     def _decide_by_memory(self, want: Want, actions: list[Action]) -> None:
-        """A want placed by GPU memory: the best GPU with room (binpack or spread), else the
-        cheapest idle victims on one GPU (or on whole GPUs for a model bigger than one), else
-        wait."""
-        need = want.gpu_memory
+        """A want placed on GPUs by their shares: where one GPU has room (binpack: the least
+        room left after it; spread: on the node with the most free), else the cheapest idle
+        victims on one GPU (or whole GPUs), else wait. On a node, the GPU is the one Ray
+        picks for a share: the one with the least room that holds it."""
         other = _needs_key({k: v for k, v in want.needs.items() if k != "GPU"})
         selector: _SelectorKey = tuple(sorted(want.selector.items()))
-        candidates = self._memory_nodes(selector, other, need)
+        candidates = self._memory_nodes(want, selector, other)
         if not candidates:
             actions.append(Fail(want.name, self._memory_fail_reason(want, other, selector)))
             return
@@ -891,17 +941,19 @@ class _Pass:
             self._wait(actions, want.name, ("capacity", priority))
             return
         victims: list[Resident] = []
-        fit = self._memory_fit(need, other, candidates)
+        fit = self._memory_fit(want, other, candidates)
         if fit is None:
-            # An earlier want of this pass (of no lower priority: demand order) that needed
-            # no more found no victims: nothing it could free has grown since, so neither
-            # does this one (the reasoning of `_known_failure`).
-            failed = self.memory_failures.get((selector, other))
+            # An earlier want of this pass (of no lower priority: demand order) of the same
+            # kind that needed no more found no victims: nothing it could free has grown
+            # since, so neither does this one (the reasoning of `_known_failure`).
+            kind = (selector, other, want.gpu_memory > 0)
+            failed = self.memory_failures.get(kind)
+            amount = want.gpu_memory or want.needs.get("GPU", 0.0)
             plan = None
-            if failed is None or need < failed:
-                plan = self._memory_victims(need, other, candidates, priority)
+            if failed is None or amount < failed:
+                plan = self._memory_victims(want, other, candidates, priority)
             if plan is None:
-                self.memory_failures[(selector, other)] = min(need, failed or need)
+                self.memory_failures[kind] = min(amount, failed if failed is not None else amount)
                 actions.append(Wait(want.name, self._memory_wait_reason(want, selector)))
                 return
             victims = plan
@@ -922,22 +974,23 @@ class _Pass:
             reason = "priority" if resident.priority < priority else "swap"
             actions.append(Evict(resident.name, want.name, reason))
         if victims or extra:  # what they freed may offer a better GPU
-            fit = self._memory_fit(need, other, candidates)
+            fit = self._memory_fit(want, other, candidates)
         if fit is None:  # unreachable: the victims freed room; never place blind
             actions.append(Wait(want.name, self._memory_wait_reason(want, selector)))
             return
         node_id, gpus = fit
         total = sum(gpus.values())
         self._place(want.name, (*other, ("GPU", total)), node_id, gpus)
-        actions.append(Place(want.name, node_id, round(total, 4)))
+        asked = round(total, 4) if want.gpu_memory > 0 else None
+        actions.append(Place(want.name, node_id, asked))
 
-    def _memory_nodes(self, selector: _SelectorKey, other: _NeedsKey, need: float) -> list[str]:
-        """Alive nodes that could ever hold the want: labels match, GPU memory known, enough
-        GPUs of it, and totals that cover its other needs."""
-        # Totals never change in a pass: the answer depends on the need only through how
-        # many GPUs of each size it takes.
-        takes = tuple(_whole(need, size) for size in self.gpu_slots)
-        key = (selector, other, takes)
+    def _memory_nodes(self, want: Want, selector: _SelectorKey, other: _NeedsKey) -> list[str]:
+        """Alive nodes that could ever hold the want: labels match, enough GPUs for its share
+        there, and totals that cover its other needs."""
+        # Totals never change in a pass: the answer depends on the want only through its
+        # share on each kind of node.
+        shape = (want.gpu_memory, want.needs.get("GPU", 0.0) if want.gpu_memory <= 0 else 0.0)
+        key = (selector, other, _whole_key(shape, self.gpu_slots))
         found = self.memory_reach.get(key)
         if found is not None:
             return found
@@ -949,72 +1002,123 @@ class _Pass:
         found = self.memory_reach[key] = [
             node.node_id
             for node in matching
-            if node.gpu_memory > 0
-            and len(self.gpu_free.get(node.node_id, ())) >= _whole(need, node.gpu_memory)
+            if node.node_id in self.gpu_free
+            and len(self.gpu_free[node.node_id]) >= _whole_count(self._share(want, node.node_id))
             and all(node.total.get(k, 0.0) + EPSILON >= amount for k, amount in other)
         ]
         return found
 
     def _memory_fit(
-        self, need: float, other: _NeedsKey, candidates: list[str]
+        self, want: Want, other: _NeedsKey, candidates: list[str]
     ) -> tuple[str, dict[int, float]] | None:
-        """Where it fits now: on one GPU with room (binpack: the least room left after it;
-        spread: the most), before whole GPUs for a model bigger than one GPU of some size."""
-        allowed = self._allowed(candidates)
+        """Where it fits now, and on which GPUs of that node (Ray's choice: the one with the
+        least room that holds a share; the first free ones for whole GPUs)."""
         other_needs = dict(other)
         spread = self.placement == "spread"
+        if want.gpu_memory > 0 and not spread:
+            fast = self._tightest_sized(want, other_needs, candidates)
+            if fast is not None or all(self.nodes[n].gpu_memory > 0 for n in candidates):
+                return fast[1:] if fast is not None else None
+        best: tuple[tuple[Any, ...], str, dict[int, float]] | None = None
+        for node_id in candidates:
+            share = self._share(want, node_id)
+            if self.free[node_id].get("GPU", 0.0) + EPSILON < share:
+                continue  # Ray's own count (other workloads hold GPUs too)
+            if not fits(other_needs, self.free[node_id]):
+                continue
+            table = self.gpu_free[node_id]
+            if share < 1 - EPSILON:
+                room = [(f, g) for g, f in enumerate(table) if f + EPSILON >= share]
+                if not room:
+                    continue
+                free, gpu = min(room)
+                left = (free - share) * max(self.nodes[node_id].gpu_memory, 1.0)
+                gpus = {gpu: share}
+            else:
+                empty = [g for g, f in enumerate(table) if f >= 1 - EPSILON]
+                count = _whole_count(share)
+                if len(empty) < count:
+                    continue
+                left = float(len(empty) - count)
+                gpus = dict.fromkeys(empty[:count], 1.0)
+            whole = 0 if share < 1 - EPSILON else 1
+            key = (whole, -sum(table), node_id) if spread else (whole, left, node_id)
+            if best is None or key < best[0]:
+                best = (key, node_id, gpus)
+        return None if best is None else (best[1], best[2])
+
+    def _tightest_sized(
+        self, want: Want, other_needs: dict[str, float], candidates: list[str]
+    ) -> tuple[tuple[Any, ...], str, dict[int, float]] | None:
+        """Binpack over nodes of known GPU size: every GPU is kept sorted by its free share
+        per size, so the tightest one that holds the share is a bisection away."""
+        allowed = self._allowed(candidates)
         best: tuple[tuple[Any, ...], str, dict[int, float]] | None = None
         for size, entries in self.gpu_slots.items():
-            if need <= size:
-                fraction = gpu_fraction(need, size)
-                order: Iterable[tuple[float, str, int]]
-                if spread:
-                    order = reversed(entries)
-                else:
-                    order = itertools.islice(
-                        entries, bisect.bisect_left(entries, (fraction - EPSILON,)), None
-                    )
-                for free, node_id, gpu in order:
-                    if free + EPSILON < fraction:
-                        break  # spread walks down: no room on the rest
-                    if node_id in allowed and fits(other_needs, self.free[node_id]):
-                        left = (free - fraction) * size
-                        key = (0, -left if spread else left, node_id, gpu)
-                        if best is None or key < best[0]:
-                            best = (key, node_id, {gpu: fraction})
-                        break
-            else:
-                count = _whole(need, size)
-                for node_id in candidates:
-                    if self.nodes[node_id].gpu_memory != size:
-                        continue
-                    empty = [g for g, f in enumerate(self.gpu_free[node_id]) if f >= 1 - EPSILON]
-                    if len(empty) < count or not fits(other_needs, self.free[node_id]):
-                        continue
-                    spare = len(empty) - count
-                    key = (1, -spare if spread else spare, node_id, 0)
-                    if best is None or key < best[0]:
-                        best = (key, node_id, dict.fromkeys(empty[:count], 1.0))
-        return None if best is None else (best[1], best[2])
+            if want.gpu_memory > size:
+                continue
+            share = gpu_fraction(want.gpu_memory, size)
+            start = bisect.bisect_left(entries, (share - EPSILON,))
+            for free, node_id, gpu in itertools.islice(entries, start, None):
+                if node_id not in allowed or not fits(other_needs, self.free[node_id]):
+                    continue
+                if self.free[node_id].get("GPU", 0.0) + EPSILON < share:
+                    continue
+                key = (0, (free - share) * size, node_id, gpu)
+                if best is None or key < best[0]:
+                    best = (key, node_id, {gpu: share})
+                break
+        if best is not None or not self._takes_whole_somewhere(want, candidates):
+            return best
+        # None fits on one GPU: whole GPUs, where the need is bigger than one.
+        for node_id in candidates:
+            share = self._share(want, node_id)
+            count = _whole_count(share)
+            if share < 1 - EPSILON or self.free[node_id].get("GPU", 0.0) + EPSILON < count:
+                continue  # too little free on the node for that many GPUs, whole or not
+            if not fits(other_needs, self.free[node_id]):
+                continue
+            empty = [g for g, f in enumerate(self.gpu_free[node_id]) if f >= 1 - EPSILON]
+            if len(empty) < count:
+                continue
+            key = (1, float(len(empty) - count), node_id, 0)
+            if best is None or key < best[0]:
+                best = (key, node_id, dict.fromkeys(empty[:count], 1.0))
+        return best
 
     def _allowed(self, candidates: list[str]) -> frozenset[str]:
         """The candidates as a set, made once per candidate list (they are cached)."""
+        return self._about(candidates)[0]
+
+    def _about(self, candidates: list[str]) -> tuple[frozenset[str], float]:
+        """Per candidate list (cached): its set, and its smallest GPU size (0 when some
+        node's size is unknown): a need up to that takes a share of one GPU on every one."""
         key = id(candidates)
         found = self.allowed_sets.get(key)
         if found is None or found[0] is not candidates:
-            found = self.allowed_sets[key] = (candidates, frozenset(candidates))
-        return found[1]
+            smallest = min((self.nodes[n].gpu_memory for n in candidates), default=0.0)
+            found = self.allowed_sets[key] = (candidates, frozenset(candidates), smallest)
+        return found[1], found[2]
+
+    def _takes_whole_somewhere(self, want: Want, candidates: list[str]) -> bool:
+        if want.gpu_memory <= 0:
+            return want.needs.get("GPU", 0.0) >= 1 - EPSILON
+        smallest = self._about(candidates)[1]
+        return smallest <= 0 or want.gpu_memory > smallest
 
     def _memory_victims(
-        self, need: float, other: _NeedsKey, candidates: list[str], priority: int
+        self, want: Want, other: _NeedsKey, candidates: list[str], priority: int
     ) -> list[Resident] | None:
         """The cheapest idle victims that free room on one GPU (or whole GPUs) of one node;
         stopping a model on another GPU frees nothing for it."""
         allowed = self._allowed(candidates)
         other_needs = dict(other)
-        best = self._one_gpu_victims(need, other_needs, allowed, priority)
+        best = self._one_gpu_victims(want, other_needs, allowed, priority)
+        if not self._takes_whole_somewhere(want, candidates):
+            return None if best is None else best[1]
         for node_id in candidates:
-            if need <= self.nodes[node_id].gpu_memory:
+            share = self._share(want, node_id)
+            if share < 1 - EPSILON:
                 continue
             ceiling = priority if best is None else best[0][0]
             ranked = self.victims_on[node_id]
@@ -1022,7 +1126,7 @@ class _Pass:
                 continue  # in victim order: its cheapest candidate is already too dear
             if not fits(other_needs, self.free[node_id]):
                 continue
-            taken = self._whole_gpu_victims(node_id, need, priority, ceiling)
+            taken = self._whole_gpu_victims(node_id, _whole_count(share), priority, ceiling)
             if taken:
                 cost = _set_cost(taken, node_id)
                 if best is None or cost < best[0]:
@@ -1031,55 +1135,55 @@ class _Pass:
 
     def _one_gpu_victims(
         self,
-        need: float,
+        want: Want,
         other_needs: dict[str, float],
         allowed: frozenset[str],
         priority: int,
     ) -> tuple[tuple[int, int, float, str], list[Resident]] | None:
-        """The cheapest set on one GPU of a node where the need fits one GPU. A set's cost
-        starts with its highest victim priority, so victims are visited in victim order, a
-        priority level at a time, and the search ends with the first level that has a set:
-        only GPUs holding such a victim are looked at."""
+        """The cheapest set on one GPU of a node where the want takes a share of one GPU.
+        On a GPU the set is the shortest run of its victims, in victim order, that frees
+        enough. A set's cost starts with its highest victim priority, so GPUs are visited as
+        their victims come in victim order, each once, until the next victim's priority
+        is above the best set's: only GPUs holding a cheap enough victim are looked at."""
         best: tuple[tuple[int, int, float, str], list[Resident]] | None = None
         tried: set[tuple[str, int]] = set()
-        level = None
-        fractions = {size: gpu_fraction(need, size) for size in self.gpu_slots if need <= size}
-        usable: dict[str, bool] = {}  # node -> its free amounts cover the other needs
-        for resident in self.victim_order:
-            if resident.priority > priority or (
-                best is not None and resident.priority > best[0][0]
-            ):
+        usable: dict[str, float | None] = {}  # node -> the share, when it can take it
+        evicted, reserved, busy = self.evicted, self.reserved, self.busy
+        holds_of, free_of = self.gpu_holds, self.gpu_free
+        for resident in self.gpu_victim_order:
+            if resident.priority > priority:
                 break
-            if resident.priority != level:
-                level, tried = resident.priority, set()
+            if best is not None and resident.priority > best[0][0]:
+                break
             node_id = resident.node_id
-            if node_id not in allowed or resident.name not in self.gpu_holds:
+            if node_id not in allowed:
                 continue
-            fraction = fractions.get(self.nodes[node_id].gpu_memory)
-            if fraction is None:
+            if node_id in usable:
+                share = usable[node_id]
+            else:
+                share = self._share(want, node_id)
+                if share >= 1 - EPSILON or not fits(other_needs, self.free[node_id]):
+                    share = None
+                usable[node_id] = share
+            if share is None:
                 continue
-            ok = usable.get(node_id)
-            if ok is None:
-                ok = usable[node_id] = fits(other_needs, self.free[node_id])
-            if not ok:
-                continue
-            for gpu in self.gpu_holds[resident.name]:
+            for gpu in holds_of[resident.name]:
                 if (node_id, gpu) in tried:
                     continue
                 tried.add((node_id, gpu))
-                free = self.gpu_free[node_id][gpu]
+                free = free_of[node_id][gpu]
                 taken: list[Resident] = []
                 for victim in self.victims_on_gpu.get((node_id, gpu), ()):
-                    if victim.priority > level:
+                    if victim.priority > priority:
                         break
                     name = victim.name
-                    if name in self.evicted or name in self.reserved or name in self.busy:
+                    if name in evicted or name in reserved or name in busy:
                         continue
-                    if not self._eligible(victim, priority):
+                    if victim.priority == priority and not self._eligible(victim, priority):
                         continue
                     taken.append(victim)
-                    free += self.gpu_holds[name][gpu]
-                    if free + EPSILON >= fraction:
+                    free += holds_of[name][gpu]
+                    if free + EPSILON >= share:
                         cost = _set_cost(taken, node_id)
                         if best is None or cost < best[0]:
                             best = (cost, taken)
@@ -1087,10 +1191,10 @@ class _Pass:
         return best
 
     def _whole_gpu_victims(
-        self, node_id: str, need: float, priority: int, ceiling: int
+        self, node_id: str, count: int, priority: int, ceiling: int
     ) -> list[Resident] | None:
-        """For a model bigger than one GPU: the GPUs of one node that are cheapest to empty
-        entirely, and everyone on them."""
+        """For whole GPUs: those of one node that are cheapest to empty entirely, and
+        everyone on them."""
         pool = {
             r.name
             for r in self.victims_on[node_id]
@@ -1100,7 +1204,6 @@ class _Pass:
             and r.name not in self.busy
             and self._eligible(r, priority)
         }
-        count = _whole(need, self.nodes[node_id].gpu_memory)
         emptied: list[tuple[tuple[int, int], int, list[Resident]]] = []
         for gpu, free in enumerate(self.gpu_free[node_id]):
             holders = [
@@ -1134,13 +1237,14 @@ class _Pass:
             if node.node_id in self.gpu_free and node.gpu_memory > 0:
                 lines.append(f"  node {node.address}: {self._gpu_text(node.node_id)}")
             elif node.node_id in self.gpu_free:
+                frees = ", ".join(f"{max(f, 0.0):.2f}" for f in self.gpu_free[node.node_id])
                 lines.append(
                     f"  node {node.address}: {len(self.gpu_free[node.node_id])} GPU(s) of "
-                    "unknown memory (start it with --labels gpu-memory-gb=N)"
+                    f"unknown memory (declare it: --labels gpu-memory-gb=N), free {frees}"
                 )
             else:
                 lines.append(f"  node {node.address}: no GPU")
-        what = f"{want.gpu_memory / GIB:.1f} GiB of GPU memory"
+        what = _gpu_want_text(want)
         if other:
             what += " and " + _amounts(dict(other))
         if selector:
@@ -1154,7 +1258,7 @@ class _Pass:
     def _memory_wait_reason(self, want: Want, selector: _SelectorKey) -> str:
         holders = self._holders(selector, (("GPU", EPSILON),))
         said = self._holders_text(holders, want.priority)
-        return f"waiting for {want.gpu_memory / GIB:.1f} GiB of GPU memory on one node: {said}"
+        return f"waiting for {_gpu_want_text(want)} on one node: {said}"
 
     # --- reasons --------------------------------------------------------------------------
 

@@ -21,9 +21,10 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from proxifier.auth import Caller, may_use_model
+from proxifier.auth import ADMIN, Caller, may_use_model
 from proxifier.endpoints import (
     BY_PATH,
+    RAW_POSTS,
     Endpoint,
     Shape,
     model_named,
@@ -69,9 +70,27 @@ _NOT_FORWARDED = _HOP_BY_HOP | {
     "authorization",
     "x-api-key",
     "cookie",
+    "origin",
+    "referer",
     "content-length",
     "x-request-timeout-seconds",
 }
+
+
+class Relayed(StreamingResponse):
+    """An upstream answer relayed as it comes; the upstream response is closed when the
+    client is done or gone, also when it left before the first byte (the body generator then
+    never runs, so it cannot be the one to close it)."""
+
+    def __init__(self, upstream: httpx.Response, headers: dict[str, str]) -> None:
+        super().__init__(upstream.aiter_raw(), upstream.status_code, headers=headers)
+        self.upstream = upstream
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.upstream.aclose()
 
 
 class LeaseGuard:
@@ -292,6 +311,11 @@ class Proxy:
         endpoint = BY_PATH.get(path)
         if endpoint is not None and request.method == "POST":
             return await self.handle(request, endpoint, model=model)
+        if request.method == "POST" and path not in RAW_POSTS and not _is_admin(caller):
+            raise Forbidden(
+                f"a raw POST to llama-server's {path} changes model '{model}' for every user "
+                "(slots, adapters, settings): it needs the admin permission"
+            )
         config = await self.backend.config()
         settings = config.settings
         timeout = config.models[model].queue_timeout or settings.queue.queue_timeout
@@ -316,16 +340,14 @@ class Proxy:
         except httpx.HTTPError as exc:
             raise UpstreamFailed(f"model '{model}' refused the request: {exc}") from None
         self.metrics.answered(model, upstream.status_code)
-        kept = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_BY_HOP}
-
-        async def relayed() -> AsyncGenerator[bytes, None]:
-            try:
-                async for chunk in upstream.aiter_raw():
-                    yield chunk
-            finally:
-                await upstream.aclose()
-
-        return StreamingResponse(relayed(), upstream.status_code, headers=kept)
+        # llama-server echoes any Origin in Access-Control-Allow-Origin: never relayed, or
+        # any web page could read a model's answers through the proxifier.
+        kept = {
+            k: v
+            for k, v in upstream.headers.items()
+            if k.lower() not in _HOP_BY_HOP and not k.lower().startswith("access-control-")
+        }
+        return Relayed(upstream, kept)
 
     async def enqueue(self, call: Call) -> dict[str, Any]:
         """Ask the model's current instance for a slot: a lease, or a place in its queue."""
@@ -639,6 +661,11 @@ class Proxy:
 
 def _moved_away(waiting: asyncio.Future[Any]) -> bool:
     return not waiting.cancelled() and isinstance(waiting.exception(), MOVED)
+
+
+def _is_admin(caller: Caller | None) -> bool:
+    """Admin, or no keys at all (auth off: the one local user)."""
+    return caller is None or ADMIN in caller.permissions
 
 
 def check_model_access(caller: Caller | None, model: str) -> None:

@@ -88,7 +88,7 @@ class Security:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         if not auth.enabled:
             host = self.bound_host or (await self.backend.config()).settings.host
-            refusal = browser_refusal(method, headers, host, auth.cors_origins)
+            refusal = browser_refusal(method, headers, host, auth.cors_origins, path)
             if refusal is not None:
                 await _refuse(scope, send, Denied(*refusal))
                 return

@@ -29,9 +29,23 @@ BODIES = {
     "/tokenize": {"content": "hi"},
     "/detokenize": {"tokens": [107, 108]},
     "/apply-template": {"messages": HI},
+    "/chat/completions": {"messages": HI, "max_tokens": 2},
+    "/chat/completions/input_tokens": {"messages": HI},
+    "/v1/chat/completions/input_tokens": {"messages": HI},
+    "/completions": {"prompt": "hi", "max_tokens": 2},
+    "/responses": {"input": "hi", "max_output_tokens": 2},
+    "/responses/input_tokens": {"input": "hi"},
 }
 # Neither fake model is started for these: the allowed key gets the 400 that says so.
-NOT_STARTED_FOR = {"/v1/embeddings", "/v1/rerank", "/v1/reranking", "/rerank", "/reranking"}
+NOT_STARTED_FOR = {
+    "/v1/embeddings",
+    "/embeddings",
+    "/embedding",
+    "/v1/rerank",
+    "/v1/reranking",
+    "/rerank",
+    "/reranking",
+}
 PATHS = [endpoint.path for endpoint in ENDPOINTS]
 
 
@@ -88,6 +102,26 @@ def test_the_passthrough_sends_the_models_key_never_the_clients(secured: Secured
     assert KEYS["models"] not in sent["authorization"]
     assert "x-api-key" not in sent and "cookie" not in sent
     assert sent["x-trace"] == "t-1"  # other headers pass
+
+
+def test_the_passthrough_relays_no_origin_and_no_cors_headers(secured: Secured) -> None:
+    # llama-server echoes any Origin in Access-Control-Allow-Origin; relayed, it would let
+    # any web page read a model's answers.
+    headers = {**MODELS, "Origin": "https://evil.example"}
+    seen = httpx.get(f"{secured.url}/upstream/chat/fake/headers", headers=headers, timeout=60)
+    assert seen.status_code == 200 and "origin" not in seen.json()
+    direct = httpx.get(f"{secured.url}/upstream/chat/props", headers=headers, timeout=60)
+    assert direct.status_code == 200 and "access-control-allow-origin" not in direct.headers
+
+
+def test_a_raw_post_that_changes_the_model_for_everyone_needs_admin(secured: Secured) -> None:
+    erase = f"{secured.url}/upstream/chat/slots/0?action=erase"
+    refused = httpx.post(erase, json={}, headers=MODELS, timeout=60)
+    assert refused.status_code == 403 and "needs the admin permission" in refused.text
+    admin = {"Authorization": f"Bearer {KEYS['admin']}"}
+    assert httpx.post(erase, json={}, headers=admin, timeout=60).status_code != 403
+    control = f"{secured.url}/upstream/chat/v1/chat/completions/control"
+    assert httpx.post(control, json={}, headers=MODELS, timeout=60).status_code != 403
 
 
 def anthropic_client(secured: Secured, key: str | None) -> anthropic.Anthropic:

@@ -56,3 +56,17 @@ def test_json_or_no_body_type_passes() -> None:
     json_type = {**HOST, "content-type": "application/json; charset=utf-8"}
     assert browser_refusal("POST", json_type, "127.0.0.1") is None
     assert browser_refusal("POST", HOST, "127.0.0.1") is None  # e.g. curl -X POST .../start
+
+
+def test_a_get_of_upstream_from_another_site_is_refused() -> None:
+    # It starts the model (and may stop others): a change, even as a GET.
+    evil = {**HOST, "origin": "https://attacker.example"}
+    refusal = browser_refusal("GET", evil, "127.0.0.1", path="/upstream/chat/slots")
+    assert refusal is not None and refusal[2] == "origin_not_allowed"
+    # An <img src> from another site sends no Origin, but the browser says cross-site.
+    tagged = {**HOST, "sec-fetch-site": "cross-site"}
+    assert browser_refusal("GET", tagged, "127.0.0.1", path="/upstream/chat/") is not None
+    # The web UI itself (same origin), and GETs of other paths from anywhere, are served.
+    own = {**HOST, "origin": "http://127.0.0.1:8000", "sec-fetch-site": "same-origin"}
+    assert browser_refusal("GET", own, "127.0.0.1", path="/upstream/chat/props") is None
+    assert browser_refusal("GET", tagged, "127.0.0.1", path="/v1/models") is None

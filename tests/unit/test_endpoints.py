@@ -48,6 +48,15 @@ LLAMA_SERVER_PATHS = {  # what the real llama-server answers (its server.cpp rou
     "/tokenize",
     "/detokenize",
     "/apply-template",
+    # llama-server's own names for the OpenAI paths
+    "/chat/completions",
+    "/chat/completions/input_tokens",
+    "/v1/chat/completions/input_tokens",
+    "/completions",
+    "/responses",
+    "/responses/input_tokens",
+    "/embeddings",
+    "/embedding",
 }
 
 

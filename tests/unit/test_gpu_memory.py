@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from proxifier.config import ModelConfig
-from proxifier.gguf_facts import GgufFacts, read_facts
+from proxifier.gguf_facts import GgufError, GgufFacts, read_facts
 from proxifier.gpu_memory import (
     PROCESS_OVERHEAD,
     EstimateError,
@@ -148,15 +148,19 @@ def test_compute_buffer_matches_published_figures(
     tmp_path: Path, header: dict[str, int], context: int, published_mib: int
 ) -> None:
     facts = read_facts(write_model(tmp_path / "m.gguf", **header))
-    need = estimate(facts, ModelConfig(context_length=context))
-    assert need.compute == published_mib * MiB
+    model = ModelConfig(context_length=context, additional_args=["-fa", "off"])  # as published
+    assert estimate(facts, model).compute == published_mib * MiB
 
 
 def test_flash_attention_and_overhead(small: GgufFacts) -> None:
+    # llama-server's default (-fa auto) turns flash attention on where the GPU supports it:
+    # the attention scores are never materialised; -fa off counts them.
     need = estimate(small, ModelConfig(context_length=1024))
-    flash = estimate(small, ModelConfig(context_length=1024, additional_args=["-fa", "on"]))
+    off = estimate(small, ModelConfig(context_length=1024, additional_args=["-fa", "off"]))
+    on = estimate(small, ModelConfig(context_length=1024, additional_args=["-fa", "on"]))
+    assert on.compute == need.compute
     scores = 4 * 512 * 1024 * 4  # f32, every one of the 4 heads, the whole context
-    assert need.compute - flash.compute == scores - 4 * 512 * 32  # the logits remain
+    assert off.compute - need.compute == scores - 4 * 512 * 32  # the logits remain
     assert need.overhead == PROCESS_OVERHEAD
     assert need.total == need.weights + need.kv_cache + need.compute + need.overhead
 
@@ -209,11 +213,28 @@ def test_a_log_without_buffers_measures_nothing() -> None:
 def test_a_measurement_is_good_for_its_file_and_memory_flags_only(small: GgufFacts) -> None:
     base = calibration_key(small, ModelConfig(context_length=4096))
     assert base == calibration_key(small, ModelConfig(context_length=4096, threads=8))
-    assert base == calibration_key(small, ModelConfig(additional_args=["-c", "4096"]))
     others = [
         ModelConfig(context_length=8192),
         ModelConfig(context_length=4096, gpu_layers=2),
         ModelConfig(context_length=4096, additional_args=["-ctk", "q8_0"]),
         ModelConfig(context_length=4096, additional_args=["-fa", "on"]),
+        ModelConfig(context_length=4096, additional_args=["--n-cpu-moe", "8"]),
+        ModelConfig(context_length=4096, additional_args=["-ot", "exps=CPU"]),
     ]
     assert len({base, *(calibration_key(small, m) for m in others)}) == 1 + len(others)
+
+
+def test_a_model_split_over_files_is_read_whole(tmp_path: Path) -> None:
+    first = write_model(tmp_path / "big-00001-of-00002.gguf", blocks=4)
+    second = gguf.GGUFWriter(str(tmp_path / "big-00002-of-00002.gguf"), "llama")
+    second.add_tensor("blk.3.ffn_down.weight", np.zeros(2500, np.float32))  # 10000 bytes
+    second.write_header_to_file()
+    second.write_kv_data_to_file()
+    second.write_tensors_to_file()
+    second.close()
+    facts = read_facts(first)
+    assert facts.layer_bytes == (1000, 2000, 3000, 4000 + 10000)
+    (tmp_path / "big-00002-of-00002.gguf").unlink()
+    (tmp_path / "big-00001-of-00002.gguf").touch()  # a new mtime: read again
+    with pytest.raises(GgufError, match=r"big-00002-of-00002\.gguf: a part of"):
+        read_facts(first)

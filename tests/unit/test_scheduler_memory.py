@@ -135,10 +135,24 @@ def test_a_model_bigger_than_any_node_fails_with_its_need_and_each_gpus_free_mem
     assert "node 10.0.0.2: 1 GPU(s) of 16.0 GiB, free 16.0 GiB" in failed.reason
 
 
-def test_nodes_without_known_gpu_memory_say_how_to_declare_it() -> None:
+def test_on_a_node_of_unknown_gpu_size_a_model_takes_a_whole_gpu() -> None:
     unknown = Node("n1", "10.0.0.1", {"GPU": 1.0}, {"GPU": 1.0}, {}, True)
-    (failed,) = run([unknown], [], [memory_want("m", 7)])
-    assert isinstance(failed, Fail) and "--labels gpu-memory-gb=N" in failed.reason
+    assert run([unknown], [], [memory_want("m", 7)]) == [Place("m", "n1", 1.0)]
+    # Beside a full node of known size, the unknown one still serves.
+    full = gpu_node(2)
+    residents = [on_gpu("big", 0.9, node=2, priority=9)]
+    assert run([full, unknown], residents, [memory_want("m", 7)]) == [Place("m", "n1", 1.0)]
+    (failed,) = run([unknown], [on_gpu("x", 1.0, priority=9)], [memory_want("m", 7)])
+    assert isinstance(failed, Wait)
+    two = Node("n1", "10.0.0.1", {"GPU": 1.0}, {"GPU": 1.0}, {}, True)
+    (failed,) = run(
+        [two],
+        [],
+        [
+            memory_want("huge", 30),
+        ],
+    )
+    assert failed == Place("huge", "n1", 1.0)  # of unknown size: it may be big enough
 
 
 @pytest.mark.parametrize(("placement", "chosen"), [("binpack", "n1"), ("spread", "n2")])
@@ -191,3 +205,49 @@ def test_preloaded_and_busy_models_are_never_victims() -> None:
     ]
     (action,) = run([node], residents, [memory_want("m", 7, priority=10)])
     assert isinstance(action, Wait) and not placements([action])
+
+
+def ray_places(table: list[float], share: float) -> bool:
+    """Ray's own choice for a share: the GPU with the least room that holds it (whole GPUs:
+    the first all-free ones). False when it cannot place it (the actor would sit pending)."""
+    if share < 1:
+        room = [(free, gpu) for gpu, free in enumerate(table) if free + 1e-6 >= share]
+        if not room:
+            return False
+        table[min(room)[1]] -= share
+        return True
+    empty = [gpu for gpu, free in enumerate(table) if free >= 1 - 1e-6][: int(share)]
+    for gpu in empty:
+        table[gpu] = 0.0
+    return len(empty) == int(share)
+
+
+@pytest.mark.parametrize("placement", ["binpack", "spread"])
+def test_every_placement_of_a_pass_is_one_ray_can_make(placement: str) -> None:
+    node = gpu_node(1, gpus=2, size_gib=80, free=1.75)
+    wants = [memory_want(f"m{gib}", gib, priority=9 - i) for i, gib in enumerate((10, 20, 50, 30))]
+    actions = run([node], [on_gpu("old", 0.25, priority=10)], wants, placement)
+    table = [0.75, 1.0]
+    placed = [a for a in actions if isinstance(a, Place)]
+    assert placed and all(a.gpus is not None and ray_places(table, a.gpus) for a in placed)
+
+
+def test_a_whole_gpu_want_is_never_placed_where_only_shares_of_gpus_are_free() -> None:
+    # GPU 0: an idle 0.5 and a busy 0.25; GPU 1: a busy 0.5. Free in all: 0.75 + 0.5, but no
+    # whole GPU can be had: nothing is evicted for nothing, and it waits.
+    node = gpu_node(1, gpus=2, free=0.75)
+    residents = [
+        on_gpu("idle", 0.5, gpu=0, priority=3),
+        on_gpu("busy0", 0.25, gpu=0, priority=3, busy=True),
+        on_gpu("busy1", 0.5, gpu=1, priority=3, busy=True),
+    ]
+    whole = Want("whole", {"GPU": 1.0}, {}, 9, NOW)
+    (action,) = run([node], residents, [whole])
+    assert isinstance(action, Wait)
+
+
+def test_gpus_ray_counts_as_taken_by_other_work_are_not_used() -> None:
+    # Ray says the node's GPU is taken (by a workload that is not ours): no placement on it.
+    taken = gpu_node(1, free=0.0)
+    (action,) = run([taken], [], [memory_want("m", 7)])
+    assert isinstance(action, Wait)
