@@ -14,7 +14,11 @@ import yaml
 from ray.cluster_utils import Cluster
 
 from actors.controller import create_controller
+from proxifier.config import ModelConfig
 from proxifier.errors import ModelFailed
+from proxifier.gguf_facts import read_facts
+from proxifier.gpu_memory import estimate
+from proxifier.scheduler import gpu_fraction
 from tests.helpers import wait_for
 
 GiB = 1024**3
@@ -128,3 +132,43 @@ def test_a_model_bigger_than_a_gpu_takes_two_whole_gpus_or_fails_saying_why(
     start(controller, "whole")
     whole = status(controller, "whole")
     assert whole["node_id"] == cluster["one"] and whole["gpu_memory"]["num_gpus"] == 1
+
+
+def test_a_reload_that_changes_a_models_need_gives_it_a_new_share(
+    cluster: dict[str, str],
+    controller_for: Any,
+    fake_server: Path,
+    tiny_model: Path,
+    tmp_path: Path,
+) -> None:
+    # No gpu_memory: placed by its GGUF estimate, dominated by the 300 MiB per process at a
+    # short context (0.02 of a 24 GiB GPU); a 4M-token context adds 2 GiB of KV cache.
+    model = {"labels": {"host": "two"}, "context_length": 2048}
+    controller = controller_for({"grow": model})
+    start(controller, "grow")
+    before = status(controller, "grow")
+    assert before["gpu_memory"]["num_gpus"] == 0.02
+    models = {
+        "grow": {
+            "model_path": str(tiny_model),
+            "llama_server": str(fake_server),
+            **model,
+            "context_length": 4_000_000,
+        }
+    }
+    path = tmp_path / "models.yaml"
+    settings = yaml.safe_load(path.read_text())["settings"]
+    path.write_text(yaml.safe_dump({"settings": settings, "models": models}))
+    answer = ray.get(controller.reload_config.remote(), timeout=120)
+    assert answer["replacing"] == {"grow": "blue/green"}  # a new actor, not a restart in place
+
+    grown = estimate(read_facts(tiny_model), ModelConfig(context_length=4_000_000)).total
+    share = gpu_fraction(grown, 24 * GiB)
+    assert share > 0.3
+
+    def regrown() -> bool:
+        now = status(controller, "grow")
+        return now["state"] == "ready" and now["gpu_memory"]["num_gpus"] == share
+
+    wait_for(regrown, timeout=60)
+    assert status(controller, "grow")["actor_pid"] != before["actor_pid"]
