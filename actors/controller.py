@@ -54,7 +54,7 @@ from proxifier.errors import (
     Refused,
     Unavailable,
 )
-from proxifier.gguf_facts import GgufError, read_facts
+from proxifier.gguf_facts import GgufError, GgufFacts, read_facts
 from proxifier.gpu_inventory import declared_gpu_memory
 from proxifier.gpu_memory import PROCESS_OVERHEAD, calibration_key, estimate
 from proxifier.metrics import LOAD_BUCKETS, Histogram
@@ -83,6 +83,7 @@ from proxifier.scheduler import (
 CONTROLLER_NAME = "proxifier:controller"
 AUTH_POLL_INTERVAL = 1.0  # seconds between looks at auth.yaml's modification time
 RECONCILE_TICK = 1.0  # seconds between passes while a model waits (nothing else woke one)
+READ_WAIT = 0.5  # seconds a status or listing waits for a model file's first header read
 PROBE_RETRY = 300.0  # seconds before a node whose GPU size is unknown is probed again
 STATS_WAIT = 2.0  # seconds a pass waits for a model's facts before it counts it as starting
 
@@ -242,6 +243,12 @@ class Controller:
         self._probed: dict[str, float] = {}  # node -> when its GPUs were last probed
         self.measured: dict[str, dict[str, Any]] = _load_measured()
         self.calibrating: dict[str, str] = {}  # model -> the key its instance measures
+        # (model file, size, mtime) -> its header, read once in a thread
+        self._reading: dict[tuple[str, int, int], asyncio.Future[GgufFacts]] = {}
+        for name in self.config.models:  # read now, so a first status finds them
+            path = self.config.model_file(name)
+            if path is not None and path.is_file():
+                self.background.keep(asyncio.ensure_future(self._warm(path)))
         self._adopt()
         self._ensure_upkeep()
         self._ensure_reconciler()
@@ -552,8 +559,34 @@ class Controller:
         if path is None or not path.is_file():
             return None
         try:
-            return (await asyncio.to_thread(read_facts, path)).fill_in_middle
+            facts = await self._header(path, READ_WAIT)
         except GgufError:
+            return None
+        return None if facts is None else facts.fill_in_middle
+
+    async def _warm(self, path: Path) -> None:
+        with contextlib.suppress(Exception):  # a bad file says so where it is used
+            await self._header(path)
+
+    async def _header(self, path: Path, wait: float | None = None) -> GgufFacts | None:
+        """A model file's header facts, read once in a thread (a large vocabulary takes a
+        second or two). With `wait`, None if the first read takes longer: it goes on, and a
+        later call finds it done, so a status or a listing never waits long for it."""
+        try:
+            stat = path.stat()
+        except OSError as error:
+            raise GgufError(f"{path}: cannot read: {error.strerror or error}") from None
+        key = (str(path), stat.st_size, stat.st_mtime_ns)  # a replaced file is read again
+        reading = self._reading.get(key)
+        if reading is None or (reading.done() and reading.exception() is not None):
+            reading = asyncio.ensure_future(asyncio.to_thread(read_facts, path))
+            reading.add_done_callback(_observed)
+            self._reading[key] = reading
+        if wait is None:
+            return await asyncio.shield(reading)
+        try:
+            return await asyncio.wait_for(asyncio.shield(reading), wait)
+        except TimeoutError:
             return None
 
     def report_metrics(self, replica_id: str, snapshot: dict[str, Any]) -> None:
@@ -979,10 +1012,11 @@ class Controller:
         need = (await self._memory_of(name))["need"]
         return bool(need) and gpu_fraction(float(need), size) != held
 
-    async def _memory_of(self, name: str) -> dict[str, Any]:
+    async def _memory_of(self, name: str, wait: float | None = None) -> dict[str, Any]:
         """The model's GPU memory: configured (`gpu_memory`), measured on an earlier load of
         this file with these flags, estimated from its GGUF header (read where the controller
-        runs); `need` is the first of them there is."""
+        runs); `need` is the first of them there is. `wait`: as for `_header` (a status does
+        not wait for a first read; a placement does)."""
         model = self.config.models[name]
         found: dict[str, Any] = {
             "configured": model.gpu_memory,
@@ -993,7 +1027,11 @@ class Controller:
         path = self.config.model_file(name)
         if path is not None and path.is_file():
             try:
-                facts = await asyncio.to_thread(read_facts, path)
+                facts = await self._header(path, wait)
+                if facts is None:
+                    found["need"] = found["configured"]
+                    found["reading"] = True  # its header is being read: ask again
+                    return found
                 need = estimate(facts, model)
                 found["estimated"] = need.total
                 found["estimate"] = {
@@ -1322,7 +1360,7 @@ class Controller:
         if name in self.wants:
             entry["waiting_for"] = self.wants[name].reason  # not placed yet: why
         if name in self.config.models:  # a reload may have removed it meanwhile
-            memory = await self._memory_of(name)
+            memory = await self._memory_of(name, READ_WAIT)
             memory.pop("calibration_key", None)
             options = self.options.get(name)
             if options is not None and handle is not None:
