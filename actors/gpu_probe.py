@@ -39,20 +39,26 @@ def local_gpus() -> list[Gpu]:
             pynvml.nvmlShutdown()
     except Exception:  # not installed, no driver, no GPU: try nvidia-smi
         pass
+    answer = _nvidia_smi(NVIDIA_SMI_QUERY)
+    return [] if answer is None else parse_nvidia_smi(answer)
+
+
+def _nvidia_smi(arguments: list[str]) -> str | None:
+    """nvidia-smi's output for these arguments; None when it is missing or fails."""
     binary = shutil.which("nvidia-smi")
     if binary is None:
-        return []
+        return None
     try:
         done = subprocess.run(
-            [binary, *NVIDIA_SMI_QUERY[1:]],
+            [binary, *arguments],
             capture_output=True,
             text=True,
             timeout=PROBE_TIMEOUT,
             check=False,
         )
     except (OSError, subprocess.TimeoutExpired):
-        return []
-    return parse_nvidia_smi(done.stdout) if done.returncode == 0 else []
+        return None
+    return done.stdout if done.returncode == 0 else None
 
 
 def process_gpu_memory(pid: int) -> int | None:
@@ -74,20 +80,8 @@ def process_gpu_memory(pid: int) -> int | None:
             pynvml.nvmlShutdown()
     except Exception:  # not installed, no driver: try nvidia-smi
         pass
-    binary = shutil.which("nvidia-smi")
-    if binary is None:
-        return None
-    try:
-        done = subprocess.run(
-            [binary, *NVIDIA_SMI_APPS[1:]],
-            capture_output=True,
-            text=True,
-            timeout=PROBE_TIMEOUT,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return process_usage(done.stdout, pid) if done.returncode == 0 else None
+    answer = _nvidia_smi(NVIDIA_SMI_APPS)
+    return None if answer is None else process_usage(answer, pid)
 
 
 @ray.remote(num_cpus=0, max_retries=0)

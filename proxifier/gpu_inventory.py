@@ -14,16 +14,9 @@ from dataclasses import dataclass
 GiB = 1024**3
 MEMORY_LABEL = "gpu-memory-gb"  # per GPU, in GiB: the operator's word wins over detection
 TYPE_LABEL = "gpu-type"
-NVIDIA_SMI_QUERY = [
-    "nvidia-smi",
-    "--query-gpu=index,name,memory.total",
-    "--format=csv,noheader,nounits",
-]
-NVIDIA_SMI_APPS = [
-    "nvidia-smi",
-    "--query-compute-apps=pid,used_memory",
-    "--format=csv,noheader,nounits",
-]
+# nvidia-smi's arguments for each question (CSV, no header, MiB).
+NVIDIA_SMI_QUERY = ["--query-gpu=index,name,memory.total", "--format=csv,noheader,nounits"]
+NVIDIA_SMI_APPS = ["--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"]
 
 
 @dataclass(frozen=True)
