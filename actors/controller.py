@@ -998,15 +998,13 @@ class Controller:
                 needs.pop("GPU")
         return Want(as_name or name, needs, dict(model.labels), model.priority, since, memory)
 
-    async def _share_changed(self, name: str) -> bool:
-        """Whether a running model placed by GPU memory would ask another share now."""
+    async def _share_changed(self, name: str, sizes: dict[str, float]) -> bool:
+        """Whether a running model placed by GPU memory would ask another share now.
+        `sizes`: each node's GPU size (`_gpu_sizes`)."""
         options = self.options.get(name) or {}
         held = options.get("num_gpus") or 0.0
         model = self.config.models[name]
-        size = self.gpu_sizes.get(self.nodes_of.get(name, ""))
-        for view in cluster_nodes():
-            if view.node_id == self.nodes_of.get(name):
-                size = declared_gpu_memory(view.labels) or size
+        size = sizes.get(self.nodes_of.get(name, ""))
         if model.num_gpus is not None or not held or not size:
             return model.num_gpus is not None and held != model.num_gpus
         need = (await self._memory_of(name))["need"]
@@ -1222,7 +1220,8 @@ class Controller:
         self.config = new
         # A model placed by GPU memory whose new settings need another share (a longer
         # context, another cache type, another file) needs a new actor, not just a restart.
-        for name in [n for n in plan.restart if await self._share_changed(n)]:
+        sizes = self._gpu_sizes(cluster_nodes()) if plan.restart else {}
+        for name in [n for n in plan.restart if await self._share_changed(n, sizes)]:
             plan.restart.remove(name)
             plan.recreate.append(name)
         for name in plan.register:

@@ -13,8 +13,8 @@ import ray
 import yaml
 from ray.cluster_utils import Cluster
 
-from actors.controller import create_controller
 from proxifier.errors import ModelFailed, QueueTimeout
+from tests.cluster.conftest import status
 from tests.helpers import wait_for
 
 A100 = {"num_gpus": 1, "resources": {"gpu_type:a100": 1}}
@@ -44,41 +44,9 @@ def cluster(proxifier_home: Path) -> Iterator[dict[str, Any]]:
     cluster.shutdown()
 
 
-@pytest.fixture
-def controller_for(
-    cluster: dict, fake_server: Path, tiny_model: Path, tmp_path: Path
-) -> Iterator[Any]:
-    made: list[Any] = []
-
-    def make(models: dict[str, dict[str, Any]], **settings: Any) -> Any:
-        full = {
-            name: {"model_path": str(tiny_model), "llama_server": str(fake_server), **fields}
-            for name, fields in models.items()
-        }
-        # Default timing, but for quick idle checks and failure cooldowns.
-        settings = {"cleanup_interval": 0.5, "cooldown": 1, **settings}
-        path = tmp_path / "models.yaml"
-        path.write_text(yaml.safe_dump({"settings": settings, "models": full}))
-        controller = create_controller(path)
-        made.append(controller)
-        ray.get(controller.ping.remote(), timeout=60)
-        return controller
-
-    yield make
-    for controller in made:
-        try:
-            ray.get(controller.shutdown.remote(), timeout=60)
-        finally:
-            ray.kill(controller, no_restart=True)
-
-
 def explained(controller: Any, name: str) -> str:
     decision = ray.get(controller.explain.remote(name))["last_decision"] or {}
     return decision.get("reason", "")
-
-
-def status(controller: Any, name: str) -> dict[str, Any]:
-    return ray.get(controller.model_status.remote(name))
 
 
 def ready(controller: Any, *names: str) -> bool:

@@ -13,12 +13,12 @@ import ray
 import yaml
 from ray.cluster_utils import Cluster
 
-from actors.controller import create_controller
 from proxifier.config import ModelConfig
 from proxifier.errors import ModelFailed
 from proxifier.gguf_facts import read_facts
 from proxifier.gpu_memory import estimate
 from proxifier.scheduler import gpu_fraction
+from tests.cluster.conftest import status
 from tests.helpers import wait_for
 
 GiB = 1024**3
@@ -41,37 +41,6 @@ def cluster(proxifier_home: Path) -> Iterator[dict[str, str]]:
     yield {"one": one.node_id, "two": two.node_id}
     ray.shutdown()
     cluster.shutdown()
-
-
-@pytest.fixture
-def controller_for(
-    cluster: dict, fake_server: Path, tiny_model: Path, tmp_path: Path
-) -> Iterator[Any]:
-    made: list[Any] = []
-
-    def make(models: dict[str, dict[str, Any]]) -> Any:
-        full = {
-            name: {"model_path": str(tiny_model), "llama_server": str(fake_server), **fields}
-            for name, fields in models.items()
-        }
-        path = tmp_path / "models.yaml"
-        settings = {"cleanup_interval": 0.5, "cooldown": 1}
-        path.write_text(yaml.safe_dump({"settings": settings, "models": full}))
-        controller = create_controller(path)
-        made.append(controller)
-        ray.get(controller.ping.remote(), timeout=60)
-        return controller
-
-    yield make
-    for controller in made:
-        try:
-            ray.get(controller.shutdown.remote(), timeout=60)
-        finally:
-            ray.kill(controller, no_restart=True)
-
-
-def status(controller: Any, name: str) -> dict[str, Any]:
-    return ray.get(controller.model_status.remote(name))
 
 
 def start(controller: Any, name: str) -> dict[str, Any]:
