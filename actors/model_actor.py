@@ -133,6 +133,7 @@ class ModelActor:
         self.slots = SlotQueue(model.parallel, self._max_queue())
         self.budget = RestartBudget(settings.max_restarts, settings.restart_window)
         self.waiters: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self.in_lines: dict[str, tuple[int, float]] = {}  # holder -> (in its line, when told)
         self.jobs: dict[str, Job] = {}
         self.events: deque[dict[str, Any]] = deque(maxlen=200)
         self.process: asyncio.subprocess.Process | None = None
@@ -349,11 +350,20 @@ class ModelActor:
     async def release_many(self, released: Sequence[tuple[str, int]]) -> None:
         self._give_back(released)
 
-    async def renew(self, holder: str, lease_ids: Sequence[str]) -> list[str]:
+    async def renew(self, holder: str, lease_ids: Sequence[str], in_line: int = 0) -> list[str]:
         """An ingress replica still uses these leases (it calls every lease_ttl/6 s while it
-        holds any). Returns those this actor no longer counts as the holder's."""
+        holds any). Returns those this actor no longer counts as the holder's.
+        `in_line`: its requests waiting for a slot one of its own requests frees (they never
+        reach this queue unless that wait runs long), shown in the queue status."""
         self._ensure_background()
-        return self.slots.renew(holder, lease_ids, time.time())
+        now = time.time()
+        self.in_lines[holder] = (in_line, now)
+        return self.slots.renew(holder, lease_ids, now)
+
+    def _waiting_in_replicas(self, now: float) -> int:
+        """Requests in replicas' lines, as their last renewals said (older ones are stale)."""
+        ttl = self.settings.lease_ttl
+        return sum(count for count, at in self.in_lines.values() if now - at <= ttl)
 
     def _give_back(self, released: Sequence[tuple[str, int]]) -> None:
         """Releases sent in a batch: one this actor does not know (it was restarted since)
@@ -427,6 +437,7 @@ class ModelActor:
             "model": self.name,
             "state": str(self.state),
             "depth": len(waiting),
+            "waiting_in_replicas": self._waiting_in_replicas(now),
             "max_queue_size": self.slots.max_queue,
             "queue_timeout": self._queue_timeout(),
             "oldest_wait": self.slots.oldest_wait(now),

@@ -13,6 +13,14 @@ waits in that model's queue, nor for `contention_hold` seconds after; and one le
 from request to request for at most `max_reuse_age` seconds before it goes back to the actor's
 FIFO, so requests queued through other replicas wait at most that much longer.
 
+When the model's slots are all taken (the actor queued our last request) and some of them run
+this replica's requests, a new request of ours waits in the replica's own line for one of them
+to finish instead of joining the actor's queue: a finished request hands its lease straight to
+the oldest request in that line (no actor call on either side). The same age limit sends each
+lease back to the FIFO at least once per `max_reuse_age`, and a request waits in the line at
+most that long before it queues at the actor; one of ours already queued at the actor is
+served first, through it.
+
 No I/O and no clock: callers pass `now` (monotonic seconds) and act on what comes back.
 """
 
@@ -42,6 +50,30 @@ class ModelLeases:
     held: list[HeldLease] = field(default_factory=list)
     waiting: int = 0  # our requests now in the model's queue
     contended_until: float = float("-inf")
+    in_use: set[str] = field(default_factory=set)  # lease ids our requests are running on
+    handing: int = 0  # leases on their way from a finished request to one in the line
+    saturated: bool = False  # the actor queued our last request: its slots are all taken
+
+    def may_wait_locally(self, in_line: int) -> bool:
+        """Should a new request wait in this replica's line rather than ask the actor? Only
+        when one of our requests (running, or about to run: waiting at the actor) will free a
+        slot for it, and asking would only queue it (the model is saturated, or ours already
+        wait)."""
+        if self.hold <= 0 or not (self.in_use or self.handing or self.waiting):
+            return False
+        return in_line > 0 or self.waiting > 0 or self.saturated
+
+    def hands_over(self, granted_at: float, now: float, clean: bool, in_line: int) -> bool:
+        """Does a finished request's lease go straight to the oldest request in the line? Not
+        when ours wait at the actor (they came first), nor once the lease is old enough to go
+        back to the FIFO, nor after an unclean end."""
+        return (
+            self.hold > 0
+            and clean
+            and in_line > 0
+            and self.waiting == 0
+            and now - granted_at < self.max_reuse_age
+        )
 
     def joined_queue(self, now: float) -> list[HeldLease]:
         """A request of ours must queue for this model: others may be waiting too, so nothing

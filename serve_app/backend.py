@@ -5,6 +5,7 @@ any number of replicas can run side by side."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 import socket
@@ -88,6 +89,9 @@ class RayBackend:
         self._background = Background()
         self._held: dict[str, ModelLeases] = {}  # finished leases not yet given back
         self._timers: dict[str, asyncio.TimerHandle] = {}  # sends them when nobody takes them
+        # Requests waiting for a slot one of this replica's requests is about to free
+        # (proxifier.lease_reuse): each gets a lease, or None to go and ask the actor.
+        self._lines: dict[str, collections.deque[asyncio.Future[HeldLease | None]]] = {}
         # Who renews this replica's slots: model actors reclaim them when the renewals stop.
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._owners: set[Owned] = set()
@@ -235,6 +239,11 @@ class RayBackend:
         """Tell each model actor which of its slots this replica still uses; forget held
         slots an actor no longer counts as ours (voided by a restart, or reclaimed)."""
         groups: dict[int, tuple[Any, list[str]]] = {}
+        lines = {
+            id(self._handles[model]): sum(1 for waiter in line if not waiter.done())
+            for model, line in self._lines.items()
+            if model in self._handles
+        }
         for owned in list(self._owners):
             for lease_id, (handle, _) in list(owned.leases.items()):
                 groups.setdefault(id(handle), (handle, []))[1].append(lease_id)
@@ -248,7 +257,9 @@ class RayBackend:
         ttl = self._config.settings.lease_ttl if self._config is not None else 6.0
         answers = await asyncio.gather(
             *(
-                asyncio.wait_for(handle.renew.remote(self.holder, ids), ttl)
+                asyncio.wait_for(
+                    handle.renew.remote(self.holder, ids, lines.get(id(handle), 0)), ttl
+                )
                 for handle, ids in groups.values()
             ),
             return_exceptions=True,
@@ -280,21 +291,107 @@ class RayBackend:
         from_queue: bool,
         clean: bool,
     ) -> None:
-        """A request on `lease` is over: hold the lease a moment (see proxifier.lease_reuse) or
-        give it back now."""
+        """A request on `lease` is over: hand the lease to the oldest request in this
+        replica's line, hold it a moment, or give it back now (see proxifier.lease_reuse)."""
         held = self._leases(model)
+        held.in_use.discard(lease["lease_id"])
+        now = time.monotonic()
+        line = self._lines.get(model)
+        if line and any(not waiter.done() for waiter in line):
+            entry = HeldLease(handle, lease, granted_at, served, now, clean)
+            if held.hands_over(granted_at, now, clean, len(line)):
+                waiter = _first_waiting(line)
+                assert waiter is not None
+                held.handing += 1
+                waiter.set_result(entry)
+                return
+            # Not for the line (too old, an unclean end, or ours wait at the actor): back to
+            # the actor now, and the oldest in the line asks for it there unless one of ours
+            # already waits at the actor for it. When none of ours runs or waits there any
+            # more, nothing will come to the line: all of it asks.
+            self._send([entry])
+            if not (held.in_use or held.handing or held.waiting):
+                _wake(line, everyone=True)
+            elif held.waiting == 0:
+                _wake(line, everyone=False)
+            return
+        held.saturated = False  # a slot frees up (here or at the actor): worth asking again
         kept, to_release = held.finish(
             handle,
             lease,
             granted_at=granted_at,
             served=served,
-            now=time.monotonic(),
+            now=now,
             from_queue=from_queue,
             clean=clean,
         )
         self._send(to_release)
         if kept and model not in self._timers:
             self._schedule(model, held)
+
+    def using(self, model: str, lease_id: str) -> None:
+        """A request of this replica now runs on `lease_id` (its finish will free it)."""
+        self._leases(model).in_use.add(lease_id)
+
+    def answered(self, model: str, queued: bool) -> None:
+        """The actor granted a slot at once (`queued` False), or queued the request: whether
+        the model's slots are all taken, as far as this replica knows."""
+        self._leases(model).saturated = queued
+
+    async def wait_in_line(self, model: str, deadline: float) -> HeldLease | None:
+        """A lease one of this replica's requests hands over when it finishes, or None when
+        the request should ask the actor instead: no hand-over is due, none came in time (the
+        lease age limit, after which the slots go back to the actor anyway; or the request's
+        `deadline`, wall clock, which the actor then enforces), or the slots went back."""
+        held = self._leases(model)
+        line = self._lines.setdefault(model, collections.deque())
+        if not held.may_wait_locally(len(line)):
+            return None
+        future: asyncio.Future[HeldLease | None] = asyncio.get_running_loop().create_future()
+        line.append(future)
+        limit = max(0.0, min(held.max_reuse_age, deadline - time.time()))
+        try:
+            await asyncio.wait({future}, timeout=limit)
+        except asyncio.CancelledError:
+            self._left_line(model, line, future)
+            raise
+        if not future.done():
+            future.cancel()
+        with contextlib.suppress(ValueError):
+            line.remove(future)
+        if future.cancelled() or future.result() is None:
+            return None
+        handed = future.result()
+        held.handing -= 1
+        held.in_use.add(handed.lease["lease_id"])
+        return handed
+
+    def _left_line(
+        self,
+        model: str,
+        line: collections.deque[asyncio.Future[HeldLease | None]],
+        future: asyncio.Future[HeldLease | None],
+    ) -> None:
+        """A request left the line (its client went away): a lease already handed to it
+        passes on as if its request had finished, served nothing."""
+        with contextlib.suppress(ValueError):
+            line.remove(future)
+        if future.done() and not future.cancelled() and future.result() is not None:
+            handed = future.result()
+            held = self._leases(model)
+            held.handing -= 1
+            held.in_use.add(handed.lease["lease_id"])
+            self.finish(
+                model,
+                handed.handle,
+                handed.lease,
+                granted_at=handed.granted_at,
+                served=handed.served,
+                from_queue=False,
+                clean=True,
+            )
+        else:
+            future.cancel()
 
     def take_releases(self, model: str, handle: Any) -> list[tuple[str, int]]:
         """The held leases that ride with a call to `handle` (the caller must send them)."""
@@ -306,7 +403,11 @@ class RayBackend:
         self._send(self._leases(model).joined_queue(time.monotonic()))
 
     def left_queue(self, model: str) -> None:
-        self._leases(model).left_queue(time.monotonic())
+        held = self._leases(model)
+        held.left_queue(time.monotonic())
+        line = self._lines.get(model)
+        if line and not (held.in_use or held.handing or held.waiting):
+            _wake(line, everyone=True)  # that wait ended without a slot: nothing comes to the line
 
     def _leases(self, model: str) -> ModelLeases:
         held = self._held.setdefault(model, ModelLeases())
@@ -367,6 +468,26 @@ class RayBackend:
     def fire(self, ref: Any) -> None:
         """Send a call without waiting for it (release), but still observe its outcome."""
         self._background.fire(ref)
+
+
+def _first_waiting(
+    line: collections.deque[asyncio.Future[HeldLease | None]],
+) -> asyncio.Future[HeldLease | None] | None:
+    while line:
+        waiter = line.popleft()
+        if not waiter.done():
+            return waiter
+    return None
+
+
+def _wake(line: collections.deque[asyncio.Future[HeldLease | None]], everyone: bool) -> None:
+    """Send the oldest in the line (or all of them) to ask the actor for a slot."""
+    while line:
+        waiter = line.popleft()
+        if not waiter.done():
+            waiter.set_result(None)
+            if not everyone:
+                return
 
 
 def _by_handle(entries: list[HeldLease]) -> list[tuple[Any, list[HeldLease]]]:

@@ -251,8 +251,11 @@ class Proxy:
         stream = endpoint.streams and payload.get("stream") is True
         wants_async = "respond-async" in request.headers.get("prefer", "").lower()
         try:
-            # A slot this replica holds from its last request: no actor call at all.
+            # A slot this replica holds from its last request, or one that a request of this
+            # replica hands over as it finishes: no actor call at all.
             held = self.backend.take_over(model)
+            if held is None and not (wants_async or settings.queue.respond_async):
+                held = await self.backend.wait_in_line(model, deadline)
             if held is not None:
                 self._own(call.take_over(held), held.handle, held.lease)
                 with contextlib.suppress(StaleLease):
@@ -364,6 +367,7 @@ class Proxy:
             lambda h, lease: self._own(call, h, lease),
             lambda h: self._queued(call, h),
         )
+        self.backend.answered(call.model, queued="queued" in answer)
         return answer
 
     def _moved(self, call: Call) -> Requeue:
@@ -453,6 +457,7 @@ class Proxy:
     def _own(self, call: Call, handle: Any, lease: dict[str, Any]) -> None:
         """The request got a slot: from now on it is the request's to give back."""
         call.handle = handle
+        self.backend.using(call.model, lease["lease_id"])
         call.owned.add(lease["lease_id"], handle, lambda: self._release(call, lease, count=False))
 
     async def queued_stream(

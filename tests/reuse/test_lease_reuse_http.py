@@ -110,3 +110,42 @@ def test_respond_async_takes_a_held_slot_instead_of_queueing(url: str) -> None:
     )
     # A free slot (held by this very replica) means "proxied at once", not 202.
     assert reply.status_code == 200 and reply.json()["object"] == "chat.completion"
+
+
+def test_requests_behind_a_full_model_take_their_replicas_slots_in_turn(url: str) -> None:
+    """A runs on the only slot; B queues at the model actor (the model is full); C, D, E come
+    next and wait in the replica's own line (the queue status counts them). Each finished
+    request hands its slot on, B first: the actor granted two leases for five requests."""
+    assert chat(url, "single").status_code == 200  # started and warm
+    wait_for(lambda: status(url, "single")["in_flight"] == 0, timeout=3 * HOLD)
+    before = status(url, "single")
+    finished: dict[str, float] = {}
+
+    def send(name: str, max_tokens: int) -> None:
+        body = {"model": "single", **CHAT, "max_tokens": max_tokens}
+        reply = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+        assert reply.status_code == 200, reply.text
+        finished[name] = time.monotonic()
+
+    def queue() -> dict[str, Any]:
+        return httpx.get(f"{url}/admin/queue/single/status", timeout=30).json()
+
+    threads = [threading.Thread(target=send, args=("A", 8))]  # 2.4 s: the others come meanwhile
+    threads[0].start()
+    wait_for(lambda: status(url, "single")["in_flight"] == 1)
+    threads.append(threading.Thread(target=send, args=("B", 1)))
+    threads[1].start()
+    wait_for(lambda: status(url, "single")["queue_depth"] == 1)
+    for name in "CDE":
+        threads.append(threading.Thread(target=send, args=(name, 1)))
+        threads[-1].start()
+    wait_for(lambda: queue()["waiting_in_replicas"] == 3)  # told with the next lease renewal
+    assert queue()["depth"] == 1  # only B is in the actor's queue
+    for thread in threads:
+        thread.join()
+    assert len(finished) == 5
+    assert finished["A"] < finished["B"] < min(finished["C"], finished["D"], finished["E"])
+    wait_for(lambda: status(url, "single")["in_flight"] == 0, timeout=3 * HOLD)
+    after = status(url, "single")
+    assert after["leases_granted"] - before["leases_granted"] == 2
+    assert after["requests_served"] - before["requests_served"] == 5

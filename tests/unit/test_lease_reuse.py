@@ -113,3 +113,32 @@ def test_releases_carry_how_many_requests_each_lease_served() -> None:
     leases = ModelLeases(hold=1.0)
     finish(leases, "a", now=1.0, served=4)
     assert releases(leases.take_all(ACTOR)) == [("a", 4)]
+
+
+def test_a_request_waits_in_the_replicas_line_only_when_one_of_ours_will_free_a_slot() -> None:
+    leases = ModelLeases(hold=0.05)
+    assert not leases.may_wait_locally(in_line=0)  # nothing known: ask the actor
+    leases.saturated = True
+    assert not leases.may_wait_locally(in_line=0)  # full, but none of the slots is ours
+    leases.in_use.add("a")
+    assert leases.may_wait_locally(in_line=0)  # ours will finish and hand its slot over
+    leases.saturated = False
+    assert not leases.may_wait_locally(in_line=0)  # a slot may be free at the actor: ask
+    assert leases.may_wait_locally(in_line=2)  # others are already in line: behind them
+    leases.in_use.clear()
+    leases.waiting = 1
+    assert leases.may_wait_locally(in_line=0)  # ours queued at the actor will run, then hand
+    leases.hold = 0
+    assert not leases.may_wait_locally(in_line=2)  # lease_hold 0: every slot goes back
+
+
+def test_a_finished_lease_goes_to_the_line_only_while_young_clean_and_none_of_ours_queues() -> None:
+    leases = ModelLeases(hold=0.05, max_reuse_age=1.0)
+    assert leases.hands_over(granted_at=10.0, now=10.5, clean=True, in_line=1)
+    assert not leases.hands_over(granted_at=10.0, now=10.5, clean=True, in_line=0)
+    assert not leases.hands_over(granted_at=10.0, now=11.0, clean=True, in_line=1)  # too old
+    assert not leases.hands_over(granted_at=10.0, now=10.5, clean=False, in_line=1)
+    leases.waiting = 1  # ours queued at the actor first: it gets the slot there
+    assert not leases.hands_over(granted_at=10.0, now=10.5, clean=True, in_line=1)
+    leases.waiting, leases.hold = 0, 0
+    assert not leases.hands_over(granted_at=10.0, now=10.5, clean=True, in_line=1)
