@@ -35,6 +35,7 @@ from actors.model_actor import (
     model_of,
 )
 from actors.ray_glue import Background, call, cluster_gpus, cluster_nodes
+from actors.warm_workers import KEEP_ALIVE_S, prestart
 from proxifier.config import (
     AuthConfig,
     ConfigError,
@@ -86,6 +87,10 @@ RECONCILE_TICK = 1.0  # seconds between passes while a model waits (nothing else
 READ_WAIT = 0.5  # seconds a status or listing waits for a model file's first header read
 PROBE_RETRY = 300.0  # seconds before a node whose GPU size is unknown is probed again
 STATS_WAIT = 2.0  # seconds a pass waits for a model's facts before it counts it as starting
+
+
+SPARE_AFTER = 30.0  # seconds after a model actor took a node's spare worker, a new one starts
+SPARE_DELAY = 5.0  # ... or this long after that model became ready (or failed), if sooner
 
 
 @dataclass
@@ -207,6 +212,8 @@ class Controller:
         self.files = ConfigFiles(self.models_path, Path(auth_path).resolve() if auth_path else None)
         self.feed = EventFeed()
         self.background = Background()
+        self.spares: dict[str, float] = {}  # node id -> when a spare worker was last asked for
+        self.spent: dict[str, float] = {}  # node id -> when a model actor likely took its spare
         # A restarted controller goes on with the configuration it last accepted, not with
         # whatever is on disk now (an edit not reloaded yet, or a bad file). A first start
         # reads the files; one that does not load fails the actor's creation (`proxifier serve`
@@ -301,6 +308,7 @@ class Controller:
         """Start auto_start and preload models, highest priority first, each placed before the
         next is created; their loads overlap. Safe to call again (running models are kept)."""
         self._ensure_upkeep()
+        await self._keep_spares()
         return await self._start_in_order(startup_order(self.config.models))
 
     # ------------------------------------------------------------------ models
@@ -613,6 +621,11 @@ class Controller:
             histogram.observe(event["load_seconds"])
         if event.get("kind") == "failed" and event.get("model") in self.handles:
             self.background.keep(asyncio.create_task(self._drop_failed(event["model"])))
+        node_id = self.nodes_of.get(event.get("model", ""))
+        if event.get("kind") in ("ready", "failed") and node_id in self.spent:
+            # Its load is over; its first requests come now: the next spare's start-up
+            # (a second of CPU) waits a little longer.
+            asyncio.get_running_loop().call_later(SPARE_DELAY, self._replace_spare, node_id)
         self._event(event.get("kind", "event"), **{k: v for k, v in event.items() if k != "kind"})
 
     def events_since(self, seq: int = -1, limit: int = 500) -> list[dict[str, Any]]:
@@ -843,6 +856,10 @@ class Controller:
         calibrate = key is not None and key not in self.measured
         if calibrate:
             self.calibrating[name] = key
+        wanted = self.wants.get(name)
+        timeline = {"placed": time.time()}
+        if wanted is not None:
+            timeline["wanted"] = wanted.since
         handle = create_model_actor(
             name,
             model,
@@ -850,13 +867,42 @@ class Controller:
             self.config.base_dir,
             events_to=CONTROLLER_NAME,
             calibrate=calibrate,
+            timeline=timeline,
             generation=uuid.uuid4().hex[:8],
             lifetime="detached",
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
             **pinned,
         )
         self._event("placed", model=name, node_id=node_id, options=options)
+        # This actor likely took the node's spare worker. The next one starts once this
+        # model has loaded: a worker's start-up would take CPU from the load.
+        self.spent.setdefault(node_id, time.monotonic())
         return handle, options
+
+    def _spare_on(self, node_id: str) -> None:
+        """A spare Ray worker on the node, so the next model actor there starts in
+        milliseconds instead of a worker's start-up (actors/warm_workers.py)."""
+        self.spent.pop(node_id, None)
+        self.spares[node_id] = time.monotonic()
+        self.background.keep(asyncio.create_task(asyncio.to_thread(prestart, node_id)))
+
+    def _replace_spare(self, node_id: str) -> None:
+        if node_id in self.spent:  # not replaced meanwhile (by upkeep)
+            self._spare_on(node_id)
+
+    async def _keep_spares(self) -> None:
+        """Each alive node has a spare worker asked for within the raylet's keep-alive, and
+        one taken by a model actor is replaced once that model loaded (or SPARE_AFTER s)."""
+        nodes = await asyncio.to_thread(cluster_nodes)
+        alive = {view.node_id for view in nodes if view.alive}
+        for table in (self.spares, self.spent):
+            for node_id in [n for n in table if n not in alive]:
+                del table[node_id]
+        now = time.monotonic()
+        for node_id in alive:
+            stale = now - self.spares.get(node_id, -math.inf) > KEEP_ALIVE_S / 2
+            if stale or now - self.spent.get(node_id, math.inf) > SPARE_AFTER:
+                self._spare_on(node_id)
 
     def _discard_pending(self, name: str, handle: Any) -> None:
         entry = self.pending.get(name)
@@ -1295,6 +1341,7 @@ class Controller:
 
     async def _upkeep_once(self) -> None:
         await self._replace_lost()
+        await self._keep_spares()
         running = await self._running()
         for name in idle_stops(running):
             handle = self.handles.get(name)

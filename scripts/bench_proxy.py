@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import os
 import shutil
@@ -48,6 +49,7 @@ from proxifier.llama import find_llama_server, proxifier_home  # noqa: E402
 
 TICK_MS = 1000 / os.sysconf("SC_CLK_TCK")
 TARGETS = ("direct", "haproxy", "litellm", "proxifier")
+COLD_SPACING = 8.0  # seconds of quiet before each cold start
 LITELLM_KEY = "sk-bench-litellm"  # LiteLLM's proxy refuses to start without a master key
 
 # wrk posts BENCH_BODY and prints one JSON line of its own figures when done.
@@ -440,19 +442,25 @@ def cold_by_hand(where: Path, model: Path, parallel: int) -> float:
             process.wait()
 
 
-def cold_through_proxifier(url: str) -> float:
-    """Seconds from a chat request for a stopped model to its answer."""
+def cold_through_proxifier(url: str) -> tuple[float, dict[str, float]]:
+    """Seconds from a chat request for a stopped model to its answer, and the phases of its
+    start as the `ready` event reports them."""
     model = f"{url}/admin/models/tiny-cold"
     with httpx.Client(timeout=120) as client:
         if client.get(f"{model}/status").json()["state"] != "stopped":
             client.post(f"{model}/stop").raise_for_status()
         while client.get(f"{model}/status").json()["state"] != "stopped":
             time.sleep(0.05)
+        seen = client.get(f"{url}/admin/events").json()["events"]
+        since = seen[-1]["seq"] if seen else -1
         began = time.perf_counter()
         client.post(
             f"{url}/v1/chat/completions", json={**chat_body(8), "model": "tiny-cold"}
         ).raise_for_status()
-        return time.perf_counter() - began
+        took = time.perf_counter() - began
+        events = client.get(f"{url}/admin/events", params={"since": since}).json()["events"]
+    ready = [e for e in events if e["kind"] == "ready" and e.get("model") == "tiny-cold"]
+    return took, ready[-1].get("phases", {}) if ready else {}
 
 
 # ------------------------------------------------------------------ the run
@@ -578,17 +586,33 @@ def main() -> int:
                     f"{t} {ms:.2f} ms ({ms - base:+.2f})" for t, ms in results["ttft"].items()
                 ), flush=True)  # fmt: skip
         if "cold" in workloads:
-            by_hand, through = [], []
+            by_hand, through, phases = [], [], collections.defaultdict(list)
             for _ in range(args.cold_rounds):
+                # A stopped model's next request comes after its idle timeout, not seconds
+                # after its last start: the rounds leave the machine quiet in between (the
+                # product replaces a node's spare worker 5 s after a start).
+                time.sleep(COLD_SPACING)
                 by_hand.append(
                     cold_by_hand(home / "cold.log", REPO / "models" / "tiny.gguf", args.parallel)
                 )
-                through.append(cold_through_proxifier(product))
+                time.sleep(COLD_SPACING)
+                took, reported = cold_through_proxifier(product)
+                through.append(took)
+                for phase, seconds in reported.items():
+                    phases[phase].append(seconds)
             hand, proxied = statistics.median(by_hand), statistics.median(through)
-            results["cold"] = {"by_hand_s": hand, "proxifier_s": proxied, "added_s": proxied - hand}
+            median_phases = {p: statistics.median(v) for p, v in phases.items()}
+            results["cold"] = {
+                "by_hand_s": hand,
+                "proxifier_s": proxied,
+                "added_s": proxied - hand,
+                "phases_s": median_phases,
+            }
             print(f"\ncold start (median of {args.cold_rounds}): llama-server by hand "
                   f"{hand:.3f} s, through the proxifier {proxied:.3f} s, "
-                  f"added {proxied - hand:+.3f} s", flush=True)  # fmt: skip
+                  f"added {proxied - hand:+.3f} s; its phases: " + ", ".join(
+                      f"{p} {s * 1000:.0f} ms" for p, s in median_phases.items()
+                  ), flush=True)  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0

@@ -19,9 +19,15 @@ from proxifier.config import (
     load_models_config,
     model_path_warnings,
 )
-from proxifier.startup import HAPROXY_SIDE_PORTS, answers, marked_cluster, ray_marker, taken_ports
-
-HARDENING = "serve_app.hardening.ignore_client_timeout_headers"
+from proxifier.startup import (
+    HAPROXY_SIDE_PORTS,
+    answers,
+    marked_cluster,
+    ray_marker,
+    serve_environment,
+    taken_ports,
+)
+from serve_app.worker_setup import HOOK
 
 
 def is_loopback(host: str) -> bool:
@@ -75,17 +81,13 @@ def serve_forever(
     from serve_app.app import APP_NAME, build_app
 
     # Every worker of this job, Serve's HTTP proxy included, ignores the timeout headers
-    # clients could otherwise set (serve_app/hardening.py).
-    # HAProxy in front of the replicas instead of Serve's Python proxy: measured 3x lower
-    # latency floor here (docs/benchmarks.md). Serve reads the switch in its controller.
-    haproxy = "1" if ingress == "haproxy" else "0"
-    os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = haproxy
-    runtime_env: dict[str, Any] = {
-        "worker_process_setup_hook": HARDENING,
-        "env_vars": {"RAY_SERVE_ENABLE_HA_PROXY": haproxy},
-    }
+    # clients could otherwise set (serve_app/hardening.py), and has a model actor's code
+    # loaded before it becomes one (serve_app/worker_setup.py).
+    serve_env = serve_environment(haproxy=ingress == "haproxy")
+    os.environ.update(serve_env)
+    runtime_env: dict[str, Any] = {"worker_process_setup_hook": HOOK, "env_vars": serve_env}
     job = {"namespace": "proxifier", "runtime_env": runtime_env}
-    ports = [port, *(HAPROXY_SIDE_PORTS if haproxy == "1" else ())]
+    ports = [port, *(HAPROXY_SIDE_PORTS if ingress == "haproxy" else ())]
     taken = taken_ports(host, ports)
     if taken:
         for problem in taken:

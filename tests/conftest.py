@@ -15,12 +15,13 @@ import pytest
 
 from proxifier.config import ModelConfig, Settings
 from proxifier.llama import LlamaServerNotFound, find_llama_server
+from proxifier.startup import serve_environment
 
 # Ray 2.60 turns token auth on for local clusters; tests run their own cluster without it.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 MakeActor = Callable[..., Any]
-RUNTIME_HOOK = "serve_app.hardening.ignore_client_timeout_headers"
+RUNTIME_HOOK = "serve_app.worker_setup.prepare_worker"  # as `proxifier serve` sets it
 
 REPO = Path(__file__).resolve().parent.parent
 FAKE_SERVER = REPO / "tests" / "fakes" / "fake-llama-server"
@@ -91,7 +92,7 @@ def ray_cluster(proxifier_home: Path) -> Iterator[Path]:
 def ensure_ray(proxifier_home: Path) -> None:
     import ray
 
-    os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+    os.environ.update(serve_environment(haproxy=True))  # as `proxifier serve` runs it
     # Replicas behind HAProxy drain for 30 s before they stop; tests stop Serve with no client
     # left, and the raylet (started here) passes this on to every worker.
     os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "1"
@@ -103,10 +104,9 @@ def ensure_ray(proxifier_home: Path) -> None:
             include_dashboard=False,
             namespace="proxifier-tests",
             runtime_env={
-                # HAProxy in front of Serve, as `proxifier serve` runs it by default.
                 "env_vars": {
                     "PROXIFIER_HOME": str(proxifier_home),
-                    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+                    **serve_environment(haproxy=True),
                 },
                 "worker_process_setup_hook": RUNTIME_HOOK,
             },

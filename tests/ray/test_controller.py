@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -436,3 +438,34 @@ def test_status_reports_the_gpu_memory_estimate_and_calibrates_on_first_load(
     again = ray.get(controller.model_status.remote("measured"))
     assert again["memory_measured"] is None  # llama-server ran at its default verbosity
     assert again["gpu_memory"]["measured"] == memory["measured"]  # kept
+
+
+def spares_after(moment: float) -> list[psutil.Process]:
+    """Ray workers that wait, never used, and started after `moment` (wall clock)."""
+    found = []
+    for process in psutil.process_iter(["cmdline", "create_time"]):
+        title = (process.info["cmdline"] or [""])[0]  # the title Ray gives its workers
+        if title == "ray::IDLE" and process.info["create_time"] > moment:
+            found.append(process)
+    return found
+
+
+def test_a_model_actor_starts_in_a_spare_worker_and_reports_the_phases_of_its_start(
+    make_controller: MakeController,
+) -> None:
+    """Starting a Ray worker takes about a second; a spare one, started for this job before a
+    model needs it, is what the model's actor runs in. Each start's `ready` event says how
+    long each phase took."""
+    controller, _ = make_controller({"first": {}, "second": {}})
+    ray.get(controller.get_model.remote("first"), timeout=60)
+    wait_for(lambda: state(controller, "first") == "ready", timeout=60)
+    events = ray.get(controller.events_since.remote(-1))
+    ready = next(e for e in events if e["kind"] == "ready" and e["model"] == "first")
+    assert set(ready["phases"]) == {"decide", "actor", "prepare", "load"}
+    assert all(seconds >= 0 for seconds in ready["phases"].values())
+    # The spare "first" took is replaced a moment after its load, then "second" runs in it.
+    wait_for(lambda: bool(spares_after(ready["time"])), timeout=60)
+    asked_at = time.time()
+    handle = ray.get(controller.get_model.remote("second"), timeout=60)
+    actor_pid = ray.get(handle.__ray_call__.remote(lambda _self: os.getpid()), timeout=60)
+    assert psutil.Process(actor_pid).create_time() < asked_at  # no new process for it

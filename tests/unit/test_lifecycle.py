@@ -12,6 +12,7 @@ from proxifier.lifecycle import (
     RestartBudget,
     check_transition,
     health_poll_delays,
+    start_phases,
 )
 
 S = ModelState
@@ -71,6 +72,22 @@ def test_zero_restarts_fails_at_the_first_crash() -> None:
     assert RestartBudget(max_restarts=0).on_crash(0.0) is None
 
 
-def test_health_polls_start_fast_and_back_off_to_half_a_second() -> None:
-    delays = list(itertools.islice(health_poll_delays(), 7))
-    assert delays == [0.05, 0.1, 0.2, 0.4, 0.5, 0.5, 0.5]
+def test_health_polls_start_every_20_ms_and_back_off_to_half_a_second() -> None:
+    delays = list(itertools.islice(health_poll_delays(), 40))
+    assert delays[0] == 0.02
+    # A model that loads in 0.1 s is seen ready within ~20% of that: no wait over 25 ms yet.
+    assert sum(delays[:4]) > 0.1 and max(delays[:4]) < 0.035
+    assert all(b >= a for a, b in itertools.pairwise(delays))
+    assert delays[-1] == 0.5  # a long load is polled every half second
+
+
+def test_a_start_reports_each_phase_it_went_through() -> None:
+    first = {"wanted": 100.0, "placed": 100.01, "actor": 100.05}
+    assert start_phases(first, spawned=100.07, ready=100.2) == {
+        "decide": 0.01,
+        "actor": 0.04,
+        "prepare": 0.02,
+        "load": 0.13,
+    }
+    # A restart of a running actor is only its own preparation and load.
+    assert start_phases({"actor": 5.0}, spawned=5.5, ready=7.0) == {"prepare": 0.5, "load": 1.5}
