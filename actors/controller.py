@@ -35,7 +35,7 @@ from actors.model_actor import (
     model_of,
 )
 from actors.ray_glue import Background, call, cluster_gpus, cluster_nodes
-from actors.warm_workers import KEEP_ALIVE_S, prestart
+from actors.warm_workers import prestart
 from proxifier.config import (
     AuthConfig,
     ConfigError,
@@ -891,8 +891,10 @@ class Controller:
             self._spare_on(node_id)
 
     async def _keep_spares(self) -> None:
-        """Each alive node has a spare worker asked for within the raylet's keep-alive, and
-        one taken by a model actor is replaced once that model loaded (or SPARE_AFTER s)."""
+        """Each alive node gets one spare worker, and one a model actor took is replaced once
+        that model loaded (or SPARE_AFTER s). Only then: an unused spare stays (for the
+        raylet's keep-alive, then as long as its node has idle room), and asking again would
+        pile up idle processes."""
         nodes = await asyncio.to_thread(cluster_nodes)
         alive = {view.node_id for view in nodes if view.alive}
         for table in (self.spares, self.spent):
@@ -900,8 +902,7 @@ class Controller:
                 del table[node_id]
         now = time.monotonic()
         for node_id in alive:
-            stale = now - self.spares.get(node_id, -math.inf) > KEEP_ALIVE_S / 2
-            if stale or now - self.spent.get(node_id, math.inf) > SPARE_AFTER:
+            if node_id not in self.spares or now - self.spent.get(node_id, math.inf) > SPARE_AFTER:
                 self._spare_on(node_id)
 
     def _discard_pending(self, name: str, handle: Any) -> None:

@@ -20,7 +20,9 @@ import ray
 
 log = logging.getLogger("proxifier")
 
-KEEP_ALIVE_S = 3600  # how long the raylet keeps a spare it started for us (then: its idle rules)
+# How long the raylet keeps an unused spare for sure; after that it is an idle worker like any
+# other, which the raylet ends when its node has more of those than CPUs.
+KEEP_ALIVE_S = 600
 _failed = False  # the first failure switches this off for the process, with one log line
 
 
