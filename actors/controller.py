@@ -308,7 +308,8 @@ class Controller:
         """Start auto_start and preload models, highest priority first, each placed before the
         next is created; their loads overlap. Safe to call again (running models are kept)."""
         self._ensure_upkeep()
-        await self._keep_spares()
+        # No spare worker yet: the boot's own workers are starting (a spare comes 5 s after
+        # a model loaded, or with the first upkeep).
         return await self._start_in_order(startup_order(self.config.models))
 
     # ------------------------------------------------------------------ models

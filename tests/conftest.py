@@ -183,8 +183,10 @@ def deployed(
     )
     url = f"http://127.0.0.1:{port}"
     status = f"{url}/admin/models/{ready}/status"
+    # A fresh cluster on a busy machine answers its first status calls slowly: a slow answer
+    # is no answer yet, and the deadline is the wait's own.
     wait_for(
-        lambda: httpx.get(status, headers=headers or {}).json().get("state") == "ready",
+        lambda: httpx.get(status, headers=headers or {}, timeout=60).json().get("state") == "ready",
         timeout=60,
     )
     controller = get_controller()
