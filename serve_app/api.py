@@ -20,6 +20,7 @@ from proxifier.endpoints import ENDPOINTS, STORED_RESPONSES, Endpoint
 from proxifier.errors import NotFound
 from serve_app.backend import RayBackend
 from serve_app.dashboard import install_dashboard
+from serve_app.fast_path import InferenceFastPath
 from serve_app.http_errors import error_response, install_error_handlers
 from serve_app.metrics import ReplicaMetrics, render
 from serve_app.proxy import LeaseGuard, Proxy, check_model_access
@@ -61,6 +62,7 @@ def build_api(backend: RayBackend, bound_host: str | None = None) -> FastAPI:
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         yield
         await backend.give_back_all()  # slots this replica holds go back before it exits
+        await proxy.aclose()
 
     app = FastAPI(
         title="LLM Proxifier",
@@ -69,11 +71,13 @@ def build_api(backend: RayBackend, bound_host: str | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    metrics = ReplicaMetrics()
+    proxy = Proxy(backend, metrics)
+    # Innermost: behind the gate; its errors answered by the handlers installed above.
+    app.add_middleware(InferenceFastPath, proxy=proxy, handlers=app.exception_handlers)
     app.add_middleware(Security, backend=backend, bound_host=bound_host)
     app.add_middleware(BodyDeadline, backend=backend)
     app.add_middleware(LeaseGuard, backend=backend)  # outermost: it outlives every other layer
-    metrics = ReplicaMetrics()
-    proxy = Proxy(backend, metrics)
 
     async def ask(ref: Any) -> Any:
         return await backend.call(ref)
