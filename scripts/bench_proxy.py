@@ -50,6 +50,7 @@ from proxifier.llama import find_llama_server, proxifier_home  # noqa: E402
 TICK_MS = 1000 / os.sysconf("SC_CLK_TCK")
 TARGETS = ("direct", "haproxy", "litellm", "proxifier")
 COLD_SPACING = 8.0  # seconds of quiet before each cold start
+SETTLE = 10.0  # seconds between the product's start and the first measurement
 LITELLM_KEY = "sk-bench-litellm"  # LiteLLM's proxy refuses to start without a master key
 
 # wrk posts BENCH_BODY and prints one JSON line of its own figures when done.
@@ -525,6 +526,9 @@ def main() -> int:
     with ExitStack() as stack:
         env = dict(item.split("=", 1) for item in args.env)
         product, _ = start_proxifier(home, stack, args.parallel, env)
+        # Settled, as after any start: the product starts a spare Ray worker (a second of
+        # CPU) 5 s after its models loaded.
+        time.sleep(SETTLE)
         where = leases(home)
         urls = {"direct": where, "proxifier": product}
         if "haproxy" in wanted:

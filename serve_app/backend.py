@@ -25,6 +25,7 @@ from proxifier.errors import ActorGone, ModelNotFound, ModelRetired, Unavailable
 from proxifier.lease_reuse import HeldLease, ModelLeases, releases
 
 CONFIG_TTL = 1.0  # seconds a replica trusts its copy of the config (reloads show up this fast)
+CONFIG_STALE = 2.0  # ... and uses it while a fresh one comes (never longer: revoked keys)
 CONTROLLER_WAIT = 5.0  # seconds a config refresh waits for the controller before going on without
 ATTEMPTS = 3  # a retired or dead model actor is replaced this many times per request
 MAX_REUSE_AGE = 1.0  # seconds one lease may pass from request to request (lease_reuse)
@@ -83,6 +84,7 @@ class RayBackend:
         self._config: ModelsConfig | None = None
         self._auth: tuple[int, AuthConfig] | None = None
         self._fetched = 0.0
+        self._refreshing: asyncio.Future[None] | None = None
         self._handles: dict[str, Any] = {}
         self._moved: dict[str, str] = {}  # model -> actor id seen retired or dead, to report
         self._lock = asyncio.Lock()
@@ -110,28 +112,42 @@ class RayBackend:
         return self._rate_limiter
 
     async def config(self) -> ModelsConfig:
-        """The config, refreshed every CONFIG_TTL s. While the controller is away (Ray restarts
+        """The config, refreshed every CONFIG_TTL s. A copy up to CONFIG_STALE s old is used
+        at once while a fresher one is fetched in the background, so no request waits for the
+        controller on the hot path; an older one (after an idle spell) is refreshed first, so
+        a revoked key never outlives CONFIG_STALE. While the controller is away (Ray restarts
         it) the replica goes on with its last copy, so ready models keep answering."""
-        if self._config is None or time.monotonic() - self._fetched > CONFIG_TTL:
-            async with self._lock:
-                if self._config is None or time.monotonic() - self._fetched > CONFIG_TTL:
-                    try:
-                        self._config, self._auth = await asyncio.wait_for(
-                            asyncio.gather(
-                                self.call(self.controller.get_config.remote()),
-                                self.call(self.controller.get_auth.remote()),
-                            ),
-                            CONTROLLER_WAIT,
-                        )
-                    except (ray.exceptions.RayError, TimeoutError, ValueError) as error:
-                        self._controller = None  # look it up again next time
-                        if self._config is None:
-                            raise Unavailable(
-                                f"the controller is unreachable ({type(error).__name__})",
-                                retry_after=5,
-                            ) from None
-                    self._fetched = time.monotonic()
+        age = time.monotonic() - self._fetched
+        if self._config is not None and age <= CONFIG_TTL:
+            return self._config
+        if self._config is not None and age <= CONFIG_STALE:
+            if self._refreshing is None or self._refreshing.done():
+                self._refreshing = asyncio.ensure_future(self._refresh())
+            return self._config
+        await self._refresh()
+        assert self._config is not None
         return self._config
+
+    async def _refresh(self) -> None:
+        async with self._lock:
+            if self._config is not None and time.monotonic() - self._fetched <= CONFIG_TTL:
+                return  # another caller just did
+            try:
+                self._config, self._auth = await asyncio.wait_for(
+                    asyncio.gather(
+                        self.call(self.controller.get_config.remote()),
+                        self.call(self.controller.get_auth.remote()),
+                    ),
+                    CONTROLLER_WAIT,
+                )
+            except (ray.exceptions.RayError, TimeoutError, ValueError) as error:
+                self._controller = None  # look it up again next time
+                if self._config is None:
+                    raise Unavailable(
+                        f"the controller is unreachable ({type(error).__name__})",
+                        retry_after=5,
+                    ) from None
+            self._fetched = time.monotonic()
 
     async def auth(self) -> AuthConfig:
         await self.config()
