@@ -64,9 +64,9 @@ done = function(summary, latency, requests)
   local e = summary.errors
   io.stderr:write(string.format(
     'BENCH {"requests": %d, "duration_us": %d, "p50_us": %d, "p99_us": %d, ' ..
-    '"failed": %d, "non2xx": %d}\n',
+    '"failed": %d, "closed": %d, "non2xx": %d}\n',
     summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
-    e.connect + e.read + e.write + e.timeout, e.status))
+    e.connect + e.write + e.timeout, e.read, e.status))
 end
 """
 
@@ -115,7 +115,8 @@ class Run:
     seconds: float
     p50_ms: float
     p99_ms: float
-    failed: int
+    failed: int  # errors and non-2xx answers
+    closed: int  # connections the server closed under wrk (llama-server does after a stream)
     cpu_ms: float  # per request, beyond llama-server and wrk
 
 
@@ -154,6 +155,7 @@ def run_wrk(
         p50_ms=figures["p50_us"] / 1000,
         p99_ms=figures["p99_us"] / 1000,
         failed=figures["failed"] + figures["non2xx"],
+        closed=figures["closed"],
         cpu_ms=cpu_ms_per_request(busy, llama, wrk_ms, requests),
     )
 
@@ -182,6 +184,10 @@ class Cell:
     @property
     def failed(self) -> int:
         return sum(r.failed for r in self.runs)
+
+    @property
+    def closed(self) -> int:
+        return sum(r.closed for r in self.runs)
 
 
 async def first_token_ms(url: str, body: dict[str, Any], auth: str, count: int) -> float:
@@ -573,9 +579,12 @@ def main() -> int:
                         "p99_ms": cell.p99,
                         "cpu_ms": cell.cpu,
                         "failed": cell.failed,
+                        "closed": cell.closed,
                     }
                     results["cells"].append(row)
                     failed = f"  ({cell.failed} failed)" if cell.failed else ""
+                    if cell.closed:
+                        failed += f"  ({cell.closed} connections closed by the server)"
                     print(f"{workload:<7}{conns:>5} {target:<10}{cell.rps:>8.1f}"
                           f"{row['share']:>7.2f}{cell.p50:>8.2f}{row['added_p50_ms']:>+8.2f}"
                           f"{cell.p99:>8.2f}{cell.cpu:>11.2f}{failed}", flush=True)  # fmt: skip
