@@ -251,6 +251,7 @@ def started(argv: list[str], log: Path, env: dict[str, str] | None = None) -> It
         yield process
     finally:
         if process.poll() is None:
+            os.killpg(process.pid, signal.SIGCONT)  # if it was paused (PAUSED)
             os.killpg(process.pid, signal.SIGINT)
             try:
                 process.wait(120)
@@ -419,7 +420,18 @@ def start_litellm(home: Path, stack: ExitStack, where: dict[str, dict[str, str]]
     process = stack.enter_context(started(argv, home / "litellm.log", env=env))
     url = f"http://127.0.0.1:{port}"
     wait_http(f"{url}/health/liveliness", "litellm", 300, process)
+    PAUSED["litellm"] = process.pid
     return url
+
+
+# Targets whose processes are paused (SIGSTOP) while another one is measured: LiteLLM's proxy
+# keeps busy when idle, which would be counted as every other target's CPU.
+PAUSED: dict[str, int] = {}
+
+
+def measuring(target: str) -> None:
+    for name, group in PAUSED.items():
+        os.killpg(group, signal.SIGCONT if name == target else signal.SIGSTOP)
 
 
 # ------------------------------------------------------------------ cold start
@@ -556,12 +568,14 @@ def main() -> int:
             body = json.dumps(body_for(workload, model, args.max_tokens)).encode()
             for target in names:  # warm each target (connections, the model's cache)
                 url, auth = address(target, path, model)
+                measuring(target)
                 run_wrk(url, body, auth, 1, 1, script)
             for conns in connections:
                 cells = {t: Cell() for t in names}
                 for _ in range(args.rounds):
                     for target in names:
                         url, auth = address(target, path, model)
+                        measuring(target)
                         cells[target].runs.append(
                             run_wrk(url, body, auth, conns, args.seconds, script)
                         )
@@ -591,6 +605,7 @@ def main() -> int:
             if workload == "stream":
                 for target in names:
                     url, auth = address(target, path, model)
+                    measuring(target)
                     results["ttft"][target] = asyncio.run(
                         first_token_ms(url, body_for("stream", model, args.max_tokens), auth, 50)
                     )
@@ -599,6 +614,7 @@ def main() -> int:
                     f"{t} {ms:.2f} ms ({ms - base:+.2f})" for t, ms in results["ttft"].items()
                 ), flush=True)  # fmt: skip
         if "cold" in workloads:
+            measuring("proxifier")
             by_hand, through, phases = [], [], collections.defaultdict(list)
             for _ in range(args.cold_rounds):
                 # A stopped model's next request comes after its idle timeout, not seconds
