@@ -648,14 +648,18 @@ class Proxy:
                 upstream = await self.session.post(
                     url, data=call.raw, headers=headers, timeout=timeout
                 )
-            except aiohttp.ServerDisconnectedError:
-                # llama-server closes a keep-alive connection after 100 requests; a pooled
-                # connection can be closed as we reuse it. A new one is tried once; a server
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                if isinstance(exc, aiohttp.ClientConnectorError):
+                    raise  # no connection at all: not a pooled one gone stale
+                # llama-server closes a connection after a stream, and a keep-alive one after
+                # 100 requests; a pooled connection can be closed as we reuse it (the request
+                # cannot be written, or no answer comes). A new one is tried once; a server
                 # that is really gone refuses it and the client gets 502.
                 upstream = await self.session.post(
                     url, data=call.raw, headers=headers, timeout=timeout
                 )
-        except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as exc:
+        except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError) as exc:
+            # refused, or a fresh connection closed unanswered too
             if call.reused:
                 # A slot held from an earlier request outlived its llama-server (a crash, a
                 # restart, a stop, a lost node): nothing reached the client yet, so the

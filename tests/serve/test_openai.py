@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -126,3 +127,31 @@ def test_a_client_disconnect_releases_the_slot(deployment: Deployment) -> None:
         assert deployment.status("slowstream")["in_flight"] == 1
     # Closed after one event of fifty: the upstream request ends and the lease comes back.
     wait_for(lambda: deployment.status("slowstream")["in_flight"] == 0, timeout=20)
+
+
+def test_streams_and_plain_answers_mixed_on_the_real_server_all_succeed(
+    deployment: Deployment,
+) -> None:
+    """llama-server closes its connection after each stream: the ingress must never send the
+    next request down such a closed pooled connection and fail it (a retry on a fresh one)."""
+    failures: list[str] = []
+
+    def worker(index: int) -> None:
+        with deployment.client() as http:
+            for turn in range(12):
+                body = {
+                    "model": "real",
+                    "messages": [{"role": "user", "content": "hi"}],
+                    "max_tokens": 4,
+                    "stream": (index + turn) % 2 == 0,
+                }
+                reply = http.post("/v1/chat/completions", json=body)
+                if reply.status_code != 200 or '"error"' in reply.text:
+                    failures.append(f"{reply.status_code} {reply.text[:200]}")
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
