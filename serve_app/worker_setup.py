@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 
 from serve_app.hardening import ignore_client_timeout_headers
 
@@ -17,4 +18,7 @@ PRELOADED = ("actors.model_actor",)
 def prepare_worker() -> None:
     ignore_client_timeout_headers()
     for module in PRELOADED:
-        importlib.import_module(module)
+        try:
+            importlib.import_module(module)
+        except Exception as error:  # a hook that raises ends the worker: only speed is lost
+            logging.getLogger("proxifier").warning("could not preload %s: %r", module, error)
