@@ -1343,7 +1343,10 @@ class Controller:
 
     async def _upkeep_once(self) -> None:
         await self._replace_lost()
-        await self._keep_spares()
+        try:
+            await self._keep_spares()
+        except Exception as error:  # a spare is only speed: the rest of the pass goes on
+            self._event("warning", message=f"spare workers: {error!r}")
         running = await self._running()
         for name in idle_stops(running):
             handle = self.handles.get(name)

@@ -126,6 +126,7 @@ class ModelActor:
         # When this start was asked for and placed (wall clock, from the controller), then
         # when this actor came up: the first `ready` event reports each phase of the start.
         self.timeline = {**(timeline or {}), "actor": time.time()}
+        self._started_once = False
         # Run llama-server at -lv 4, whose load log lists the memory it allocated per device,
         # and report that (the controller has no measurement for this file and these flags).
         self.calibrate = calibrate
@@ -563,8 +564,9 @@ class ModelActor:
         return str(self.state)
 
     async def _start_instance(self) -> None:
-        if self.instance > 0:  # a restart: only its own preparation and load count
+        if self._started_once:  # a restart: only its own preparation and load count
             self.timeline = {"actor": time.time()}
+        self._started_once = True
         if self.state != ModelState.STARTING:
             self._set_state(ModelState.STARTING)
         self.stop_reason = None

@@ -56,11 +56,10 @@ class ModelLeases:
 
     def may_wait_locally(self, in_line: int) -> bool:
         """Should a new request wait in this replica's line rather than ask the actor? Only
-        when one of our requests (running, or about to run: waiting at the actor) will free a
-        slot for it, and asking would only queue it (the model is saturated, or ours already
-        wait)."""
-        if self.hold <= 0 or not (self.in_use or self.handing or self.waiting):
-            return False
+        when one of our running requests will free a slot for it, and asking would only queue
+        it (the model is saturated, or ours already wait)."""
+        if self.hold <= 0 or not (self.in_use or self.handing):
+            return False  # none of ours runs: whatever frees comes from the actor, ask it
         return in_line > 0 or self.waiting > 0 or self.saturated
 
     def hands_over(self, granted_at: float, now: float, clean: bool, in_line: int) -> bool:

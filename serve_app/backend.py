@@ -140,7 +140,7 @@ class RayBackend:
                     ),
                     CONTROLLER_WAIT,
                 )
-            except (ray.exceptions.RayError, TimeoutError, ValueError) as error:
+            except (ray.exceptions.RayError, ActorGone, TimeoutError, ValueError) as error:
                 self._controller = None  # look it up again next time
                 if self._config is None:
                     raise Unavailable(
@@ -315,7 +315,8 @@ class RayBackend:
         line = self._lines.get(model)
         if line and any(not waiter.done() for waiter in line):
             entry = HeldLease(handle, lease, granted_at, served, now, clean)
-            if held.hands_over(granted_at, now, clean, len(line)):
+            current = handle is self._handles.get(model)  # not an instance on its way out
+            if current and held.hands_over(granted_at, now, clean, len(line)):
                 waiter = _first_waiting(line)
                 assert waiter is not None
                 held.handing += 1
@@ -351,8 +352,13 @@ class RayBackend:
 
     def answered(self, model: str, queued: bool) -> None:
         """The actor granted a slot at once (`queued` False), or queued the request: whether
-        the model's slots are all taken, as far as this replica knows."""
+        the model's slots are all taken, as far as this replica knows. A slot that was free
+        may not be the only one: the oldest in the line asks the actor too (and, granted at
+        once in turn, wakes the next), until one is queued."""
         self._leases(model).saturated = queued
+        line = self._lines.get(model)
+        if line and not queued:
+            _wake(line, everyone=False)
 
     async def wait_in_line(self, model: str, deadline: float) -> HeldLease | None:
         """A lease one of this replica's requests hands over when it finishes, or None when

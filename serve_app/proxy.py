@@ -104,6 +104,12 @@ def done_with(upstream: aiohttp.ClientResponse) -> None:
 
 # Upstream errors, as aiohttp raises them (its timeouts are also TimeoutError).
 UPSTREAM_ERRORS = (aiohttp.ClientError, TimeoutError)
+# How a connection the server had closed (or never accepted) shows when a request is sent.
+STALE_CONNECTION = (
+    aiohttp.ServerDisconnectedError,
+    aiohttp.ClientOSError,
+    aiohttp.ClientConnectionResetError,
+)
 
 
 class LeaseGuard:
@@ -237,7 +243,8 @@ class Proxy:
         aiohttp, not httpx: a quarter of the CPU per request (scripts/bench_proxy.py)."""
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
+                # Idle connections go before llama-server's own 5 s keep-alive ends them.
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=4),
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=5.0, sock_read=600.0),
                 # Bytes pass through as llama-server sent them: never decoded here, so no
                 # compressed answer is asked for either.
@@ -363,7 +370,7 @@ class Proxy:
                 request.method,
                 f"{where['url']}{path}",
                 params=request.query_params.multi_items(),
-                data=body,
+                data=body or None,  # no body: no Content-Length or Content-Type either
                 headers=headers,
             )
         except TimeoutError:
@@ -648,7 +655,7 @@ class Proxy:
                 upstream = await self.session.post(
                     url, data=call.raw, headers=headers, timeout=timeout
                 )
-            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            except STALE_CONNECTION as exc:
                 if isinstance(exc, aiohttp.ClientConnectorError):
                     raise  # no connection at all: not a pooled one gone stale
                 # llama-server closes a connection after a stream, and a keep-alive one after
@@ -658,7 +665,7 @@ class Proxy:
                 upstream = await self.session.post(
                     url, data=call.raw, headers=headers, timeout=timeout
                 )
-        except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError) as exc:
+        except STALE_CONNECTION as exc:
             # refused, or a fresh connection closed unanswered too
             if call.reused:
                 # A slot held from an earlier request outlived its llama-server (a crash, a

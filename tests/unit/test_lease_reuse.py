@@ -127,7 +127,11 @@ def test_a_request_waits_in_the_replicas_line_only_when_one_of_ours_will_free_a_
     assert leases.may_wait_locally(in_line=2)  # others are already in line: behind them
     leases.in_use.clear()
     leases.waiting = 1
-    assert leases.may_wait_locally(in_line=0)  # ours queued at the actor will run, then hand
+    # Ours queued at the actor but none running (a model still starting): the slots that
+    # free come from the actor, so ask it.
+    assert not leases.may_wait_locally(in_line=0)
+    leases.in_use.add("b")
+    assert leases.may_wait_locally(in_line=0)  # behind ours that wait at the actor
     leases.hold = 0
     assert not leases.may_wait_locally(in_line=2)  # lease_hold 0: every slot goes back
 

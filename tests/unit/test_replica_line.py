@@ -123,3 +123,22 @@ async def test_the_line_wait_ends_at_the_requests_deadline(handle: Handle) -> No
     backend = backend_with(handle)
     running(backend, "a")
     assert await backend.wait_in_line("m", time.time() + 0.01) is None  # the actor says why
+
+
+async def test_a_slot_granted_at_once_sends_the_next_in_line_to_ask_too(handle: Handle) -> None:
+    backend = backend_with(handle)
+    running(backend, "a")
+    first, second = await waiting(backend), await waiting(backend)
+    backend.answered("m", queued=False)  # another request found a free slot at the actor
+    assert await first is None  # so may this one
+    assert not second.done()  # one at a time: the next wakes if this one is granted too
+
+
+async def test_a_lease_of_an_instance_on_its_way_out_is_not_handed_on(handle: Handle) -> None:
+    backend = backend_with(handle)
+    lease = running(backend, "a")
+    line = await waiting(backend)
+    backend._handles["m"] = Handle()  # the model moved to a new instance
+    finish(backend, handle, lease)
+    assert handle.released == [("a", 1)]  # back to the old instance
+    assert await line is None  # and the request asks the current one
