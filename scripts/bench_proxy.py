@@ -607,9 +607,13 @@ def main() -> int:
                 for target in names:
                     url, auth = address(target, path, model)
                     measuring(target)
-                    results["ttft"][target] = first_token_ms(
-                        url, body_for("stream", model, args.max_tokens), auth, 50
-                    )
+                    try:
+                        results["ttft"][target] = first_token_ms(
+                            url, body_for("stream", model, args.max_tokens), auth, 50
+                        )
+                    except (OSError, RuntimeError) as error:  # one target, not the whole run
+                        print(f"time to first token of {target}: {error}", flush=True)
+                        results["ttft"][target] = float("nan")
                 base = results["ttft"]["direct"]
                 print("time to first token, 1 connection: " + ", ".join(
                     f"{t} {ms:.2f} ms ({ms - base:+.2f})" for t, ms in results["ttft"].items()
