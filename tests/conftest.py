@@ -16,12 +16,13 @@ import pytest
 from proxifier.config import ModelConfig, Settings
 from proxifier.llama import LlamaServerNotFound, find_llama_server
 from proxifier.startup import serve_environment
+from serve_app.worker_setup import HOOK as WORKER_SETUP_HOOK
 
 # Ray 2.60 turns token auth on for local clusters; tests run their own cluster without it.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 MakeActor = Callable[..., Any]
-RUNTIME_HOOK = "serve_app.worker_setup.prepare_worker"  # as `proxifier serve` sets it
+RUNTIME_HOOK = WORKER_SETUP_HOOK  # as `proxifier serve` sets it
 
 REPO = Path(__file__).resolve().parent.parent
 FAKE_SERVER = REPO / "tests" / "fakes" / "fake-llama-server"
