@@ -57,6 +57,15 @@ from proxifier.lifecycle import (
     start_phases,
 )
 from proxifier.llama import LlamaServerNotFound, build_argv, find_llama_server, proxifier_home
+from proxifier.model_files import (
+    HfSource,
+    cached_file,
+    describe_progress,
+    fetch,
+    hf_source,
+    hub_message,
+    model_cache,
+)
 from proxifier.slots import Lease, Outcome, SlotQueue
 
 logger = logging.getLogger(__name__)
@@ -161,7 +170,9 @@ class ModelActor:
         self.stop_reason: str | None = None
         self.log_path = proxifier_home() / "logs" / f"{_safe(name)}.log"
         self._start_task: asyncio.Task[None] | None = None
-        self._spawned = asyncio.Event()  # the current start's process runs
+        # The current start is under way: its process runs, or its model file is downloading.
+        self._spawned = asyncio.Event()
+        self.download: dict[str, Any] | None = None  # file, done, total while fetching
         self._key_dir: Path | None = None
         self._key_file: Path | None = None
         # Stops and reloads take this lock; starts triggered by requests do not need it.
@@ -584,6 +595,12 @@ class ModelActor:
             if problem is not None:
                 self._fail(problem)
                 return
+            model_file = model_file_for(self.model, self.base_dir)
+            source = hf_source(self.model.hf_repo, self.model.hf_file)
+            if source is not None:
+                model_file = await self._download(source)
+                if model_file is None:
+                    return
             self.instance += 1
             instance = self.instance
             host = await asyncio.to_thread(_bind_host)
@@ -592,7 +609,7 @@ class ModelActor:
             argv = build_argv(
                 self.model,
                 binary=binary,
-                model_file=str(model_file_for(self.model, self.base_dir)),
+                model_file=str(model_file),
                 host=host,
                 port=port,
                 api_key_file=str(self._write_key(api_key)),
@@ -653,6 +670,38 @@ class ModelActor:
         )
         self._grant(self.slots.open(instance, now))
         self._tasks.keep(asyncio.create_task(self._watch(process, instance)))
+
+    async def _download(self, source: HfSource) -> Path | None:
+        """The model's file from Hugging Face, fetched once per node into its cache; None
+        (the model failed, with the Hub's reason) when it cannot be had."""
+        cache = model_cache(self.settings.model_cache)
+        found = await asyncio.to_thread(cached_file, source, cache)
+        if found is not None:
+            return found
+        began = time.time()
+        self.timeline["download"] = began
+        self.download = {"file": source.label, "done": 0, "total": None}
+        self._event("downloading", file=source.label, cache=str(cache))
+        self._spawned.set()  # a download may take minutes: the next model need not wait
+
+        watching = True  # a cancelled start leaves the thread to finish; it reports no more
+
+        def progress(done: int, total: int | None) -> None:  # called from the download thread
+            if watching:
+                self.download = {"file": source.label, "done": done, "total": total}
+
+        try:
+            path = await asyncio.to_thread(fetch, source, cache, self.model.env, progress)
+        except Exception as exc:  # the Hub's errors, the network's, a full disk
+            self._fail(f"could not fetch {source.label} from Hugging Face: {hub_message(exc)}")
+            return None
+        finally:
+            watching = False
+            self.download = None
+        self.timeline["downloaded"] = time.time()
+        size = path.stat().st_size
+        self._event("downloaded", file=source.label, bytes=size, seconds=time.time() - began)
+        return path
 
     async def _wait_ready(self, process: asyncio.subprocess.Process, url: str) -> str | None:
         """Poll /health until 200 while watching the process; a reason when it never gets there."""
@@ -1064,6 +1113,12 @@ class ModelActor:
             "gpu_ids": [str(g) for g in ray.get_gpu_ids()] if ray.is_initialized() else [],
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "log_tail": self._instance_log(20),
+            "download": self.download,
+            "progress": (
+                describe_progress(self.download["done"], self.download["total"])
+                if self.download
+                else None
+            ),
         }
 
 

@@ -102,7 +102,7 @@ def _status_rows(models: list[dict[str, Any]]) -> list[list[str]]:
         rows.append(
             [
                 m["name"],
-                m["state"],
+                f"{m['state']} ({m['progress']})" if m.get("progress") else m["state"],
                 str(m["priority"]),
                 m["resource_group"],
                 where,

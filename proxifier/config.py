@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from proxifier.llama import additional_args_conflicts
+from proxifier.model_files import HF_REPO, cached_file, hf_source, model_cache
 
 Permission = Literal["admin", "models", "config", "read"]
 PERMISSIONS: tuple[str, ...] = ("admin", "models", "config", "read")
@@ -142,6 +143,9 @@ ALLOWED: dict[str, str] = {
     "lease_hold": "a number of seconds from 0 to 5 (0 = every slot goes back at once)",
     "aliases": "a list of names",
     "model_path": "a path to a .gguf file",
+    "hf_repo": "a Hugging Face repository owner/name, optionally :TAG (a quantisation)",
+    "hf_file": "a file of the hf_repo repository, such as model-Q4_K_M.gguf",
+    "model_cache": "a folder on each node for downloaded models ($VARS and ~ expanded there)",
     "host": "a host name or IP address to bind",
     "auth_file": "a path to auth.yaml, relative to models.yaml",
     "enabled": "true or false",
@@ -204,6 +208,8 @@ class Settings(BaseModel):
     upstream_timeout: float = Field(600.0, gt=0)
     queue: QueueSettings = QueueSettings()
     auth_file: str | None = None
+    # Where each node keeps models fetched from Hugging Face (None: ~/.cache/proxifier/models).
+    model_cache: str | None = None
 
     @field_validator("max_body_size", mode="before")
     @classmethod
@@ -217,6 +223,9 @@ class ModelConfig(BaseModel):
     model_config = _STRICT
 
     model_path: str | None = None
+    # Or fetched from Hugging Face on the node the model runs on (DESIGN: model files).
+    hf_repo: str | None = Field(None, pattern=HF_REPO.pattern)
+    hf_file: str | None = Field(None, min_length=1)
     port: int | None = Field(None, ge=1024, le=65535)
     priority: int = Field(5, ge=1, le=10)
     resource_group: str = Field("default", min_length=1)
@@ -298,7 +307,13 @@ class ModelsConfig(BaseModel):
     base_dir: Path = Field(default=Path("."), exclude=True)
 
     def model_file(self, name: str) -> Path | None:
-        return model_file_for(self.models[name], self.base_dir)
+        """The model's file on this machine: its path, or its downloaded copy if this node
+        has one (None when it is fetched elsewhere or not yet)."""
+        model = self.models[name]
+        source = hf_source(model.hf_repo, model.hf_file)
+        if source is not None:
+            return cached_file(source, model_cache(self.settings.model_cache))
+        return model_file_for(model, self.base_dir)
 
     def auth_path(self) -> Path | None:
         auth = self.settings.auth_file
@@ -596,6 +611,19 @@ def validate_models(data: object, *, file: str, base_dir: Path = Path(".")) -> M
     return ModelsConfig(settings=settings, models=models, base_dir=base_dir)
 
 
+def _source_problems(raw: dict[str, Any]) -> list[tuple[str, str]]:
+    """Where the model file comes from: a path, or a Hugging Face repository, not both."""
+    path, repo, file = raw.get("model_path"), raw.get("hf_repo"), raw.get("hf_file")
+    problems = []
+    if path is not None and repo is not None:
+        problems.append(("hf_repo", "set either model_path or hf_repo, not both"))
+    if file is not None and repo is None:
+        problems.append(("hf_file", "needs hf_repo (the repository the file is in)"))
+    if isinstance(repo, str) and ":" in repo and file is not None:
+        problems.append(("hf_file", f"hf_repo {repo!r} names a tag already; set one of them"))
+    return problems
+
+
 def _cross_model_issues(
     raw_models: dict[str, dict[str, Any]], settings: Settings, file: str
 ) -> list[ConfigIssue]:
@@ -628,6 +656,7 @@ def _cross_model_issues(
                 )
             else:
                 ports[port] = name
+        issues += [ConfigIssue(file, where, f, why) for f, why in _source_problems(raw)]
         args = raw.get("additional_args")
         if isinstance(args, str):
             try:
@@ -777,7 +806,9 @@ def load_auth_config(path: str | Path) -> AuthConfig:
 def model_path_warnings(config: ModelsConfig, file: str) -> list[ConfigIssue]:
     """Warnings for models whose file is absent: fine at load, an error when the model starts."""
     warnings: list[ConfigIssue] = []
-    for name in config.models:
+    for name, model in config.models.items():
+        if model.hf_repo:
+            continue  # fetched where it runs
         where = f"model '{name}'"
         path = config.model_file(name)
         if path is None:
@@ -811,9 +842,11 @@ def model_file_for(model: ModelConfig, base_dir: Path) -> Path | None:
 
 def model_start_problem_for(name: str, model: ModelConfig, base_dir: Path) -> str | None:
     """Why this model cannot start on this node, or None: checked right before starting it."""
+    if model.hf_repo:
+        return None  # fetched on the node before it starts; a failed download says why
     path = model_file_for(model, base_dir)
     if path is None:
-        return f"model '{name}' has no model_path; set it in models.yaml"
+        return f"model '{name}' has no model_path or hf_repo; set one in models.yaml"
     if not path.is_file():
         return f"model '{name}': model_path {str(path)!r} does not exist"
     return None

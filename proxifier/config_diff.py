@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from proxifier.config import ModelsConfig, effective
+from proxifier.config import ModelsConfig, effective, model_file_for
 
 # A change to any of these means a new llama-server process (its command line, binary,
 # environment or placement changes).
 RESTART_FIELDS: frozenset[str] = frozenset(
     {
         "model_path",
+        "hf_repo",
+        "hf_file",
         "llama_server",
         "additional_args",
         "context_length",
@@ -94,8 +96,8 @@ def diff_models(old: ModelsConfig, new: ModelsConfig) -> ModelsDiff:
         before = effective(old.models[name], old.settings)
         after = effective(new.models[name], new.settings)
         # A relative path means a different file when models.yaml moved.
-        before["model_path"] = old.model_file(name)
-        after["model_path"] = new.model_file(name)
+        before["model_path"] = model_file_for(old.models[name], old.base_dir)
+        after["model_path"] = model_file_for(new.models[name], new.base_dir)
         changed = sorted(key for key in after if before.get(key) != after[key])
         needs_restart = [key for key in changed if key in RESTART_FIELDS]
         applies_live = [key for key in changed if key in LIVE_FIELDS]

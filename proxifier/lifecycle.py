@@ -74,7 +74,8 @@ def start_phases(timeline: dict[str, float], spawned: float, ready: float) -> di
     """Seconds each phase of a start took, in order, for those this start went through:
     `decide` (asked for until placed by the controller), `actor` (placed until its actor ran),
     `prepare` (until llama-server was spawned: the call to start, the actor's own checks, the
-    port, the key; a restart begins here), `load` (spawned until /health first answered 200)."""
+    port, the key; a restart begins here), `download` (fetching its file from Hugging Face, when
+    this node had no copy), `load` (spawned until /health first answered 200)."""
     marks = [
         ("decide", "wanted", "placed"),
         ("actor", "placed", "actor"),
@@ -86,5 +87,11 @@ def start_phases(timeline: dict[str, float], spawned: float, ready: float) -> di
         stop = spawned if end is None else timeline.get(end)
         if start is not None and stop is not None:
             phases[phase] = round(max(0.0, stop - start), 4)
+    began, fetched = timeline.get("download"), timeline.get("downloaded")
+    if began is not None and fetched is not None:  # a model file fetched from Hugging Face
+        took = max(0.0, fetched - began)
+        phases["download"] = round(took, 4)
+        if "prepare" in phases:
+            phases["prepare"] = round(max(0.0, phases["prepare"] - took), 4)
     phases["load"] = round(max(0.0, ready - spawned), 4)
     return phases

@@ -74,6 +74,23 @@ def real_server() -> str:
 
 
 @pytest.fixture(scope="session")
+def hub(tiny_model: Path) -> Iterator[Any]:
+    """A local Hugging Face Hub stand-in (tests/fakes/hub.py) with the tiny model in two
+    quantisations' names: models point HF_ENDPOINT at its `url`. The Q8_0 one is padded to
+    24 MiB (trailing bytes a GGUF reader ignores): huggingface_hub reports progress per 10 MiB
+    it reads, so a held download shows some."""
+    from tests.fakes.hub import Repo, running_hub
+
+    data = tiny_model.read_bytes()
+    padded = data + bytes(24 * 1024**2 - len(data))
+    with running_hub() as stand_in:
+        stand_in.repos["proxifier-tests/tiny-GGUF"] = Repo(
+            {"tiny-Q4_K_M.gguf": data, "tiny-Q8_0.gguf": padded, "README.md": b"# tiny\n"}
+        )
+        yield stand_in
+
+
+@pytest.fixture(scope="session")
 def proxifier_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """PROXIFIER_HOME for the actors of the test cluster (their llama-server logs go there)."""
     return tmp_path_factory.mktemp("proxifier-home")

@@ -215,7 +215,9 @@ function renderModels() {
   const body = $("#models tbody");
   body.replaceChildren(...state.models.map((m) => el("tr", { "data-model": m.name },
     el("td", {}, m.name),
-    el("td", {}, el("span", { class: `state state-${m.state}`, "data-state": m.state }, m.state)),
+    el("td", {}, el("span", { class: `state state-${m.state}`, "data-state": m.state }, m.state),
+      // a model fetched from Hugging Face: how far its download has come
+      m.progress ? el("span", { class: "progress" }, ` ${m.progress}`) : ""),
     el("td", {}, m.priority),
     el("td", {}, m.resource_group),
     el("td", {}, m.node_id ? m.node_id.slice(0, 8) : "-"),

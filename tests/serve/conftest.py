@@ -29,12 +29,18 @@ class Deployment:
         return httpx.get(f"{self.url}/admin/models/{model}/status", timeout=30).json()
 
 
-def models_config(fake: Path, real: str, tiny: Path) -> dict[str, Any]:
+def models_config(fake: Path, real: str, tiny: Path, hub_url: str, cache: Path) -> dict[str, Any]:
     def fake_model(**fields: Any) -> dict[str, Any]:
         return {"model_path": str(tiny), "llama_server": str(fake), "num_gpus": 0, **fields}
 
+    def from_hub(repo: str, **fields: Any) -> dict[str, Any]:
+        model = fake_model(hf_repo=repo, env={"HF_ENDPOINT": hub_url}, **fields)
+        del model["model_path"]
+        return model
+
     return {
         "settings": {
+            "model_cache": str(cache),
             "max_body_size": "64KiB",
             "body_timeout": 3,
             "queue": {"keepalive_interval": 0.5},
@@ -79,6 +85,9 @@ def models_config(fake: Path, real: str, tiny: Path) -> dict[str, Any]:
             "broken": fake_model(env={"FAKE_LLAMA_FAIL_LOAD": "error: corrupt model (fake)"}),
             "qwen-32b": fake_model(resource_group="production", priority=8),
             "model-name": fake_model(resource_group="development", priority=3),
+            "hf": from_hub("proxifier-tests/tiny-GGUF", hf_file="tiny-Q8_0.gguf"),
+            "hf-tagged": from_hub("proxifier-tests/tiny-GGUF:Q4_K_M"),
+            "hf-missing": from_hub("proxifier-tests/no-such-repo", hf_file="model.gguf"),
         },
     }
 
@@ -89,10 +98,13 @@ def deployment(
     fake_server: Path,
     real_server: str,
     tiny_model: Path,
+    hub: Any,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Deployment]:
-    path = tmp_path_factory.mktemp("serve") / "models.yaml"
-    path.write_text(yaml.safe_dump(models_config(fake_server, real_server, tiny_model)))
+    folder = tmp_path_factory.mktemp("serve")
+    path = folder / "models.yaml"
+    config = models_config(fake_server, real_server, tiny_model, hub.url, folder / "model-cache")
+    path.write_text(yaml.safe_dump(config))
     with deployed(proxifier_home, path, replicas=2, ready="chat") as (url, controller):
         yield Deployment(url, controller, path)
 

@@ -79,6 +79,7 @@ def test_unknown_key_far_from_any_lists_what_is_allowed() -> None:
     (message,) = model_errors({"chat": {"colour": "blue"}})
     assert message.startswith(
         "models.yaml: model 'chat': field 'colour': unknown field; allowed fields are model_path, "
+        "hf_repo, hf_file, "
         "port, priority, resource_group,"
     )
 
@@ -274,7 +275,9 @@ def test_missing_model_file_warns_at_load_and_fails_at_start(tmp_path: Path) -> 
     assert model_start_problem(config, "a") == (
         f"model 'a': model_path '{tmp_path / 'weights/a.gguf'}' does not exist"
     )
-    assert model_start_problem(config, "b") == "model 'b' has no model_path; set it in models.yaml"
+    assert model_start_problem(config, "b") == (
+        "model 'b' has no model_path or hf_repo; set one in models.yaml"
+    )
     (tmp_path / "weights").mkdir()
     (tmp_path / "weights" / "a.gguf").write_bytes(b"GGUF")
     assert model_start_problem(config, "a") is None

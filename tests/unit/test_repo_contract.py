@@ -45,10 +45,12 @@ def test_test_command_sets_up_everything(repo: Path) -> None:
 
 def test_readme_yaml_examples_load(repo: Path) -> None:
     blocks = re.findall(r"```yaml\n(.*?)```", (repo / "README.md").read_text(), re.S)
-    assert len(blocks) == 2
+    assert len(blocks) == 3
     models = validate_models(yaml.safe_load(blocks[0]), file="README models.yaml")
     assert models.models["chat"].aliases == ["gpt-4o-mini"]
-    auth = validate_auth(yaml.safe_load(blocks[1]), file="README auth.yaml")
+    hub = validate_models(yaml.safe_load(blocks[1]), file="README Hugging Face models")
+    assert hub.models["gemma"].hf_repo == "ggml-org/gemma-3-1b-it-GGUF:Q4_K_M"
+    auth = validate_auth(yaml.safe_load(blocks[2]), file="README auth.yaml")
     assert auth.api_keys["ops"].models == ["qwen-*"]
 
 
