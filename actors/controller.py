@@ -343,13 +343,17 @@ class Controller:
     def resolve(self, name: str) -> str:
         return self._resolve(name)
 
-    async def start_model(self, name: str) -> dict[str, Any]:
-        """An admin start: place the model, start it (skipping a failure cooldown), wait."""
+    async def start_model(self, name: str, wait: bool = True) -> dict[str, Any]:
+        """An admin start: place the model, start it (skipping a failure cooldown), and wait
+        until it is ready; without `wait`, only until its start is under way."""
         model = self._resolve(name)
         deadline = time.time() + self.config.settings.placement_timeout
         self.placement_failures.pop(model, None)  # an admin start skips a failure's cooldown
         handle = await self._ensure_actor(model, deadline)
-        return await call(handle.start.remote(force=True))
+        if wait:
+            return await call(handle.start.remote(force=True))
+        await call(handle.launch.remote(force=True))
+        return await call(handle.stats.remote())
 
     async def stop_model(self, name: str, force: bool = False) -> dict[str, Any]:
         """An admin stop. A preloaded model only stops with `force`."""

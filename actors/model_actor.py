@@ -558,15 +558,17 @@ class ModelActor:
             self._start_task = asyncio.create_task(self._start_instance())
         return self._start_task
 
-    async def launch(self) -> str:
-        """Start llama-server like `start`, but answer as soon as its process runs (or the
-        start ended), not when it has loaded: the controller starts models in priority order
-        this way while their loads overlap. Returns the state."""
+    async def launch(self, force: bool = False) -> str:
+        """Start llama-server like `start`, but answer as soon as its process runs, its file
+        downloads, or the start ended, not when it has loaded: the controller starts models in
+        priority order this way while their loads overlap. `force` (an admin start) skips a
+        failure's cooldown. Returns the state."""
         self._ensure_background()
         async with self._lock:
             if self.retired or self.state == ModelState.READY:
                 return str(self.state)
-            if self.state == ModelState.FAILED and self.failed_until > time.time():
+            cooling = self.state == ModelState.FAILED and self.failed_until > time.time()
+            if cooling and not force:
                 return str(self.state)
             task = self._ensure_starting()
         spawned = asyncio.ensure_future(self._spawned.wait())

@@ -8,6 +8,7 @@ import json
 import os
 import secrets
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from proxifier.config import (
     validate_auth,
 )
 from proxifier.config_diff import diff_models
+from proxifier.console import start_line
 from proxifier.gpu_inventory import memory_gib_text, ray_start_flags
 
 DEFAULT_MODELS = "configs/models.yaml"
@@ -116,14 +118,82 @@ def _status_rows(models: list[dict[str, Any]]) -> list[list[str]]:
     return rows
 
 
+def _status_text(admin: Admin) -> str:
+    health = admin.call("GET", "/health")
+    models = admin.call("GET", "/admin/models/status")["models"]
+    head = f"{admin.url}: {health['status']}, controller {health['controller']}"
+    return f"{head}\n{table(_status_rows(models))}"
+
+
+CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear the screen: how `watch` and `top` redraw
+
+
+def _watch_status(admin: Admin, interval: float, count: int) -> int:
+    """`status --watch`: the status table redrawn every `interval` s, with the time, until
+    Ctrl-C (or `count` draws). A server that stops answering is shown, not fatal."""
+    drawn = 0
+    try:
+        while True:
+            try:
+                text = _status_text(admin)
+            except AdminError as error:
+                text = f"error: {error}"
+            stamp = time.strftime("%H:%M:%S")
+            print(f"{CLEAR}every {interval:g}s, {stamp} (Ctrl-C quits)\n{text}", flush=True)
+            drawn += 1
+            if count and drawn >= count:
+                return 0
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        return 0
+
+
+def _start(admin: Admin, model: str, wait: bool) -> int:
+    """`proxifier start`: start the model, then follow its status with one progress line
+    (redrawn in place on a terminal, printed when it changes otherwise) until it is ready
+    or failed."""
+    began = time.monotonic()
+    answer = admin.call("POST", f"/admin/models/{model}/start", wait="false")
+    name = answer["model"]
+    if not wait:
+        print(f"{name}: {answer['state']}")
+        return 0
+    live = sys.stdout.isatty()
+    shown, shown_at = "", 0.0
+    try:
+        while True:
+            status = admin.call("GET", f"/admin/models/{name}/status")
+            now = time.monotonic()
+            line = start_line(name, status, now - began)
+            kind = start_line(name, {**status, "progress": bool(status.get("progress"))}, 0)
+            done = status["state"] in ("ready", "failed", "stopped")
+            if live:
+                print(f"\r\x1b[K{line}", end="\n" if done else "", flush=True)
+            elif kind != shown or done or now - shown_at >= 5:
+                print(line, flush=True)
+                shown, shown_at = kind, now
+            if status["state"] == "ready":
+                return 0
+            if status["state"] in ("failed", "stopped"):
+                rest = (status.get("last_error") or "").strip().splitlines()[1:]
+                for more in rest:  # the log lines that say why
+                    print(f"  {more}", file=sys.stderr)
+                return 1
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        print(f"\nstopped waiting; {name} goes on starting (proxifier status shows it)")
+        return 130
+
+
 def run_admin(args: argparse.Namespace) -> int:
     admin = Admin(args.url, args.key)
     try:
         if args.command == "status":
-            health = admin.call("GET", "/health")
-            models = admin.call("GET", "/admin/models/status")["models"]
-            print(f"{admin.url}: {health['status']}, controller {health['controller']}")
-            print(table(_status_rows(models)))
+            if args.watch:
+                return _watch_status(admin, args.interval, args.count)
+            print(_status_text(admin))
+        elif args.command == "start":
+            return _start(admin, args.model, wait=not args.no_wait)
         elif args.command == "models":
             listed = admin.call("GET", "/v1/models")["data"]
             rows = [["MODEL", "STATE", "PRIORITY", "GROUP", "ALIASES"]]
@@ -138,7 +208,7 @@ def run_admin(args: argparse.Namespace) -> int:
                 for m in listed
             ]
             print(table(rows))
-        elif args.command in ("start", "stop", "reload"):
+        elif args.command in ("stop", "reload"):
             if args.command == "reload" and args.model is None:
                 answer = admin.call("POST", "/admin/config/reload")
                 print("\n".join(answer["changes"]) or "no changes")
@@ -367,6 +437,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="haproxy",
         help="Serve's HTTP front: HAProxy (default, faster) or Serve's Python proxy",
     )
+    serve.add_argument(
+        "--verbose",
+        action="store_true",
+        help="print Ray's, Serve's and HAProxy's logs here too (else only in their log files)",
+    )
 
     def admin_parser(name: str, help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text)
@@ -395,9 +470,16 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "node", help="the `ray start` flags that declare this host's GPUs (count, memory, type)"
     )
-    admin_parser("status", "every model's state, where it runs, its GPU and memory, its load")
+    status = admin_parser(
+        "status", "every model's state, where it runs, its GPU and memory, its load"
+    )
+    status.add_argument("--watch", action="store_true", help="redraw until Ctrl-C, like top")
+    status.add_argument("--interval", type=float, default=2.0, help="seconds between redraws")
+    status.add_argument("--count", type=int, default=0, help="with --watch: stop after N draws")
     admin_parser("models", "the models clients can ask for")
-    admin_parser("start", "start a model").add_argument("model")
+    start = admin_parser("start", "start a model and wait until it is ready, showing progress")
+    start.add_argument("model")
+    start.add_argument("--no-wait", action="store_true", help="return once its start is under way")
     stop = admin_parser("stop", "stop a model")
     stop.add_argument("model")
     stop.add_argument("--force", action="store_true", help="also stop a preloaded model")
@@ -432,6 +514,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.replicas,
             args.insecure,
             args.ingress,
+            args.verbose,
         )
     if args.command == "group" and args.action != "status" and not args.group:
         print("error: group start|stop needs a GROUP", file=sys.stderr)

@@ -223,7 +223,7 @@ class ModelConfig(BaseModel):
     model_config = _STRICT
 
     model_path: str | None = None
-    # Or fetched from Hugging Face on the node the model runs on (DESIGN: model files).
+    # Or fetched from Hugging Face on the node the model runs on (README: Models from Hugging Face).
     hf_repo: str | None = Field(None, pattern=HF_REPO.pattern)
     hf_file: str | None = Field(None, min_length=1)
     port: int | None = Field(None, ge=1024, le=65535)

@@ -178,8 +178,12 @@ def build_api(backend: RayBackend, bound_host: str | None = None) -> FastAPI:
         return {"models": [s for s in statuses if allowed is None or s["name"] in allowed]}
 
     @app.post("/admin/models/{model}/start")
-    async def start_model(model: str, request: Request) -> dict[str, Any]:
-        stats = await ask(ctl().start_model.remote(await visible(request, model)))
+    async def start_model(
+        model: str, request: Request, wait: Annotated[bool, Query()] = True
+    ) -> dict[str, Any]:
+        # wait=false: answer once it is placed and its start is under way (a client then
+        # follows its status: `proxifier start` shows the download and the load that way).
+        stats = await ask(ctl().start_model.remote(await visible(request, model), wait))
         return {"model": stats["name"], "state": stats["state"], "status": stats}
 
     @app.post("/admin/models/{model}/stop")

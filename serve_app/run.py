@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import os
 import signal
 import sys
@@ -19,6 +20,8 @@ from proxifier.config import (
     load_models_config,
     model_path_warnings,
 )
+from proxifier.console import RAY_LOGGERS, event_line
+from proxifier.llama import proxifier_home
 from proxifier.startup import (
     HAPROXY_SIDE_PORTS,
     answers,
@@ -51,6 +54,7 @@ def serve_forever(
     replicas: int,
     insecure: bool,
     ingress: str = "haproxy",
+    verbose: bool = False,
 ) -> int:
     try:
         models = load_models_config(config)
@@ -80,13 +84,24 @@ def serve_forever(
     from actors.controller import get_controller
     from serve_app.app import APP_NAME, build_app
 
+    if not verbose:
+        # The console is the product's: Ray's and Serve's INFO lines (route tables, ports,
+        # HAProxy reloads) stay in their log files, which are named below.
+        for name in RAY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
+
     # Every worker of this job, Serve's HTTP proxy included, ignores the timeout headers
     # clients could otherwise set (serve_app/hardening.py), and has a model actor's code
     # loaded before it becomes one (serve_app/worker_setup.py).
     serve_env = serve_environment(haproxy=ingress == "haproxy")
     os.environ.update(serve_env)
     runtime_env: dict[str, Any] = {"worker_process_setup_hook": HOOK, "env_vars": serve_env}
-    job = {"namespace": "proxifier", "runtime_env": runtime_env}
+    job: dict[str, Any] = {
+        "namespace": "proxifier",
+        "runtime_env": runtime_env,
+        "log_to_driver": verbose,  # the workers' output, Serve's and HAProxy's included
+        "logging_level": logging.INFO if verbose else logging.WARNING,
+    }
     ports = [port, *(HAPROXY_SIDE_PORTS if ingress == "haproxy" else ())]
     taken = taken_ports(host, ports)
     if taken:
@@ -147,12 +162,43 @@ def serve_forever(
         say(f"\nLLM Proxifier is serving {url}/v1 (admin: {url}/admin, docs: {url}/docs)")
         _print_models(ray.get(controller.status.remote(), timeout=60))
         _print_examples(url, models)
+        say(
+            f"\nLogs: Ray, Serve and HAProxy in {_ray_logs()}; llama-server in "
+            f"{proxifier_home() / 'logs'}" + ("" if verbose else " (--verbose prints Ray's here)")
+        )
         say("\nCtrl-C stops the server and every model it started.")
-        while not stop.wait(0.5):
-            pass
+        _follow_events(controller, stop)
     finally:
         _shutdown(started_local)
     return 0
+
+
+def _follow_events(controller: Any, stop: threading.Event) -> None:
+    """Print the controller's events an operator wants (ready, failed, downloads, reloads)
+    as they happen, until `stop`. A slow or restarting controller only delays them."""
+    import ray
+
+    seq = -1  # from the start: a preloaded model may have loaded before the table above
+    while not stop.wait(1.0):
+        try:
+            events = ray.get(controller.events_since.remote(seq), timeout=30)
+        except Exception:  # the controller restarts or is busy: try again
+            continue
+        for event in events:
+            seq = max(seq, event["seq"])
+            line = event_line(event)
+            if line is not None:
+                say(line)
+
+
+def _ray_logs() -> str:
+    """This node's Ray log folder (where Serve's and HAProxy's logs are too)."""
+    try:
+        from ray._private.worker import _global_node
+
+        return str(Path(_global_node.get_logs_dir_path()))
+    except Exception:  # a Ray without the private accessor: its usual place
+        return str(Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray" / "session_latest" / "logs")
 
 
 def _shutdown(started_local: bool) -> None:

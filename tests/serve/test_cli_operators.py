@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
-from proxifier.cli import main
+from proxifier.cli import CLEAR, main
+from tests.helpers import wait_for
 from tests.serve.conftest import Deployment
 
 
@@ -48,7 +51,8 @@ def test_models(deployment: Deployment, capsys) -> None:
 
 
 def test_start_stop_and_refusal(deployment: Deployment, capsys) -> None:
-    assert run(deployment, capsys, "start", "qwen-32b")[:2] == (0, "qwen-32b: ready\n")
+    code, out, _ = run(deployment, capsys, "start", "qwen-32b")
+    assert code == 0 and re.fullmatch(r"qwen-32b: ready in \d+\.\d s", out.splitlines()[-1])
     assert run(deployment, capsys, "stop", "qwen-32b")[:2] == (0, "qwen-32b: stopped\n")
     code, _, err = run(deployment, capsys, "stop", "chat")
     assert code == 1
@@ -81,3 +85,37 @@ def test_an_unreachable_server_is_a_clear_error(capsys) -> None:
     assert code == 1
     assert err.startswith("error: cannot reach http://127.0.0.1:9")
     assert "is `proxifier serve` running there?" in err
+
+
+def test_start_follows_the_load_until_ready(deployment: Deployment, capsys) -> None:
+    run(deployment, capsys, "stop", "loading")  # its fake llama-server loads for 3 s
+    code, out, err = run(deployment, capsys, "start", "loading")
+    lines = out.splitlines()
+    assert code == 0, err
+    assert re.fullmatch(r"loading: loading \(\d+ s\)", lines[0])  # printed as it changes
+    assert re.fullmatch(r"loading: ready in \d+\.\d s", lines[-1])
+    assert deployment.status("loading")["state"] == "ready"
+
+
+def test_start_without_waiting_and_a_start_that_fails(deployment: Deployment, capsys) -> None:
+    run(deployment, capsys, "stop", "loading")
+    assert run(deployment, capsys, "start", "loading", "--no-wait")[:2] == (
+        0,
+        "loading: starting\n",
+    )
+    wait_for(lambda: deployment.status("loading")["state"] == "ready", timeout=60)
+    code, out, err = run(deployment, capsys, "start", "broken")
+    assert code == 1
+    assert out.splitlines()[-1].startswith("broken: failed: model 'broken' failed: llama-server")
+    assert "  error: corrupt model (fake)" in err.splitlines()  # its log's lines say why
+
+
+def test_status_watch_redraws(deployment: Deployment, capsys) -> None:
+    code, out, _ = run(deployment, capsys, "status", "--watch", "--interval", "0.1", "--count", "2")
+    frames = out.split(CLEAR)[1:]
+    assert code == 0 and len(frames) == 2
+    for frame in frames:
+        lines = frame.splitlines()
+        assert re.fullmatch(r"every 0.1s, \d\d:\d\d:\d\d \(Ctrl-C quits\)", lines[0])
+        assert lines[1] == f"{deployment.url}: ok, controller reachable"
+        assert lines[2].split()[:2] == ["MODEL", "STATE"]

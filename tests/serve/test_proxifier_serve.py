@@ -4,6 +4,7 @@ with SIGINT. Nothing it started may remain: no Ray process, no llama-server."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -81,6 +82,13 @@ def test_serve_then_ctrl_c_leaves_nothing_behind(
         assert "but nothing answers there" in text and "starting a local Ray cluster" in text
         assert f"LLM Proxifier is serving {url}/v1" in text
         assert "chat" in text and f"curl {url}/v1/chat/completions" in text
+        # A quiet console: the product's lines, Ray's in the files it names.
+        logs = re.search(r"Logs: Ray, Serve and HAProxy in (\S+); llama-server in (\S+) ", text)
+        assert logs and Path(logs[1]).is_dir(), text
+        assert logs[2] == str(tmp_path / "logs")
+        while "chat: ready (loaded in" not in log.read_text():  # the event, as it happens
+            assert server.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
         reply = httpx.post(
             f"{url}/v1/chat/completions",
             json={"model": "chat", "messages": [{"role": "user", "content": "hi"}]},
@@ -95,7 +103,10 @@ def test_serve_then_ctrl_c_leaves_nothing_behind(
     finally:
         if server.poll() is None:
             server.kill()
-    assert "stopped" in log.read_text()
+    text = log.read_text()
+    assert "stopped" in text
+    for noise in ("INFO", "(ServeController", "(ServeReplica", "(ProxyActor", "raylet"):
+        assert noise not in text, text
     assert wait_gone(llama_pid)
     for pid in ray_pids:
         assert wait_gone(pid, timeout=30), psutil.Process(pid).cmdline()
