@@ -123,3 +123,16 @@ def test_a_download_is_its_own_phase_of_a_start() -> None:
         "download": 5.0,
         "load": 0.5,
     }
+
+
+def test_a_private_repository_reads_the_token_from_the_models_env(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    with running_hub() as hub:
+        hub.repos["o/private"] = Repo({"m.gguf": tiny_model.read_bytes()}, token="hf_secret")
+        source, env = hf_source("o/private", "m.gguf"), {"HF_ENDPOINT": hub.url}
+        with pytest.raises(Exception) as refused:
+            fetch(source, tmp_path, env, lambda d, t: None)
+        assert hub_message(refused.value).startswith("401 Client Error")
+        path = fetch(source, tmp_path, {**env, "HF_TOKEN": "hf_secret"}, lambda d, t: None)
+        assert path.read_bytes() == tiny_model.read_bytes()
