@@ -3,6 +3,7 @@ the controller and the ingress together (`proxifier serve` and `serve run` both 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from serve_app.backend import RayBackend
 log = logging.getLogger("proxifier")
 
 APP_NAME = "proxifier"
+# The folder holding serve_app/: the repository for a checkout or an editable install.
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 @serve.deployment(
@@ -34,15 +37,35 @@ class Ingress:
 
     def __init__(self, bound_host: str | None = None) -> None:
         self.bound_host = bound_host  # the address `proxifier serve` bound (else settings.host)
+        # The controller stops the models when this application is deleted (serve shutdown).
+        with contextlib.suppress(Exception):
+            get_controller().serve_app.remote(serve.get_replica_context().app_name)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_api(RayBackend(), bound_host=self.bound_host)
 
 
+def config_path(config: str | Path) -> Path:
+    """The models.yaml a `config` argument names. A relative path is taken from the current
+    folder when the file is there (`serve run` from any folder, as the user means it), else
+    from the project root: `serve deploy` builds the app in a Ray worker whose folder is
+    wherever the raylet started, not where the Serve config was written, and a runtime_env
+    `working_dir` cannot fix that (`serve deploy` accepts only remote URIs there). Neither
+    holding it: the current folder's path, so the error names what was asked for."""
+    path = Path(config).expanduser()
+    if path.is_absolute():
+        return path
+    here = path.resolve()
+    if here.is_file():
+        return here
+    in_project = PROJECT_ROOT / path
+    return in_project if in_project.is_file() else here
+
+
 def ensure_controller(config: str | Path) -> Any:
     """The running controller, or a new one for `config` (validated first: a bad file fails
     here with every error, before anything starts)."""
-    path = Path(config).resolve()
+    path = config_path(config).resolve()
     load_models_config(path)
     try:
         controller = get_controller()
@@ -57,7 +80,8 @@ def ensure_controller(config: str | Path) -> Any:
 
 
 def build_app(args: dict[str, Any]) -> Application:
-    """Serve application builder. args: `config` (models.yaml), `replicas` (default 1)."""
+    """Serve application builder. args: `config` (models.yaml; a relative one: config_path),
+    `replicas` (default 1)."""
     controller = ensure_controller(args.get("config", "configs/models.yaml"))
     controller.boot.remote()  # auto-start and preload models; the app does not wait for loads
     replicas = int(args.get("replicas", 1))
