@@ -34,7 +34,7 @@ from actors.model_actor import (
     create_model_actor,
     model_of,
 )
-from actors.ray_glue import Background, call, cluster_gpus, cluster_nodes
+from actors.ray_glue import Background, call, cluster_gpus, cluster_nodes, serve_applications
 from actors.warm_workers import prestart
 from proxifier.config import (
     AuthConfig,
@@ -58,6 +58,7 @@ from proxifier.errors import (
 from proxifier.gguf_facts import GgufError, GgufFacts, read_facts
 from proxifier.gpu_inventory import declared_gpu_memory
 from proxifier.gpu_memory import PROCESS_OVERHEAD, calibration_key, estimate
+from proxifier.lifecycle import serve_apps_gone
 from proxifier.metrics import LOAD_BUCKETS, Histogram
 from proxifier.placement import NodeView, actor_options, cpu_fallback_warning, demand
 from proxifier.planning import (
@@ -89,6 +90,7 @@ PROBE_RETRY = 300.0  # seconds before a node whose GPU size is unknown is probed
 STATS_WAIT = 2.0  # seconds a pass waits for a model's facts before it counts it as starting
 
 
+SERVE_WATCH_INTERVAL = 2.0  # seconds between looks at whether the Serve application still exists
 SPARE_AFTER = 30.0  # seconds after a model actor took a node's spare worker, a new one starts
 SPARE_DELAY = 5.0  # ... or this long after that model became ready (or failed), if sooner
 
@@ -235,6 +237,10 @@ class Controller:
         self._wake = asyncio.Event()
         self._reconciler: asyncio.Task[None] | None = None
         self._upkeep: asyncio.Task[None] | None = None
+        # Serve applications whose ingress replicas use this controller: when they are all
+        # deleted, the models stop and the controller goes (serve deploy/shutdown, KubeRay).
+        self.serve_apps: set[str] = set()
+        self._serve_watch: asyncio.Task[None] | None = None
         self._orphans: list[tuple[str, Any]] = []
         # Finished async (respond-async) results of model actors that were stopped since.
         self.results: dict[str, dict[str, Any]] = {}
@@ -684,6 +690,31 @@ class Controller:
 
     def ping(self) -> str:
         return "pong"
+
+    def serve_app(self, name: str) -> None:
+        """An ingress replica of Serve application `name` started and uses this controller."""
+        self.serve_apps.add(name)
+        if self._serve_watch is None or self._serve_watch.done():
+            self._serve_watch = asyncio.ensure_future(self._watch_serve())
+            self._serve_watch.add_done_callback(_observed)
+
+    async def _watch_serve(self) -> None:
+        """Stop every model and end this controller once the Serve applications it serves
+        are gone: nothing else would stop llama-server after `serve shutdown`. Gone is what
+        Serve itself says (seen twice in a row), never a silence: a Serve that does not
+        answer may be restarting."""
+        gone_in_a_row = 0
+        while gone_in_a_row < 2:
+            await asyncio.sleep(SERVE_WATCH_INTERVAL)
+            try:
+                statuses = await serve_applications()
+            except Exception:  # Serve restarting or busy: not known to be gone
+                continue
+            gone = serve_apps_gone(self.serve_apps, statuses)
+            gone_in_a_row = gone_in_a_row + 1 if gone else 0
+        self._event("serve_app_deleted", applications=sorted(self.serve_apps))
+        await self.shutdown()
+        ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
 
     def pid(self) -> int:
         """The controller's process id: it changes when Ray restarts the controller."""

@@ -83,3 +83,19 @@ def cluster_nodes() -> list[NodeView]:
 
 def cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0))
+
+
+async def serve_applications(wait: float = 10.0) -> dict[str, str] | None:
+    """Serve's applications on this cluster and their statuses (RUNNING, DEPLOYING, DELETING,
+    ...), or None when Serve does not run here at all. Raises when Serve exists but does not
+    answer within `wait` (it may be restarting): not knowing is not "gone"."""
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    try:
+        controller = await asyncio.to_thread(
+            ray.get_actor, SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE
+        )
+    except ValueError:  # no such actor: Serve was shut down (or never started)
+        return None
+    details = await asyncio.wait_for(controller.get_serve_instance_details.remote(), wait)
+    return {name: app.get("status", "") for name, app in details.get("applications", {}).items()}

@@ -95,3 +95,14 @@ def start_phases(timeline: dict[str, float], spawned: float, ready: float) -> di
             phases["prepare"] = round(max(0.0, phases["prepare"] - took), 4)
     phases["load"] = round(max(0.0, ready - spawned), 4)
     return phases
+
+
+def serve_apps_gone(watched: set[str], statuses: dict[str, str] | None) -> bool:
+    """Whether every Serve application whose ingress uses this controller has been deleted
+    (or Serve itself shut down): `serve shutdown`, `serve delete`, a Ctrl-C of `serve run`.
+    `statuses`: Serve's applications by name, None when Serve no longer runs."""
+    if not watched:
+        return False
+    if statuses is None:
+        return True
+    return all(statuses.get(app) in (None, "DELETING") for app in watched)

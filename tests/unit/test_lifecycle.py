@@ -12,6 +12,7 @@ from proxifier.lifecycle import (
     RestartBudget,
     check_transition,
     health_poll_delays,
+    serve_apps_gone,
     start_phases,
 )
 
@@ -91,3 +92,14 @@ def test_a_start_reports_each_phase_it_went_through() -> None:
     }
     # A restart of a running actor is only its own preparation and load.
     assert start_phases({"actor": 5.0}, spawned=5.5, ready=7.0) == {"prepare": 0.5, "load": 1.5}
+
+
+def test_the_models_go_when_every_serve_application_using_them_is_deleted() -> None:
+    watched = {"proxifier"}
+    assert serve_apps_gone(watched, None)  # serve shutdown: Serve itself is gone
+    assert serve_apps_gone(watched, {"other": "RUNNING"})  # serve delete proxifier
+    assert serve_apps_gone(watched, {"proxifier": "DELETING"})
+    assert not serve_apps_gone(watched, {"proxifier": "RUNNING"})
+    assert not serve_apps_gone(watched, {"proxifier": "DEPLOYING"})  # a redeploy
+    assert not serve_apps_gone({"a", "b"}, {"b": "RUNNING"})
+    assert not serve_apps_gone(set(), None)  # no ingress ever used it (tests, `proxifier serve`)
