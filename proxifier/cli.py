@@ -29,6 +29,7 @@ from proxifier.config import (
 from proxifier.config_diff import diff_models
 from proxifier.console import start_line
 from proxifier.gpu_inventory import memory_gib_text, ray_start_flags
+from proxifier.model_files import hf_source
 
 DEFAULT_MODELS = "configs/models.yaml"
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -271,7 +272,8 @@ def _model_line(config: ModelsConfig, name: str) -> str:
         if getattr(model, flag)
     ]
     port = str(model.port) if model.port is not None else "auto"
-    path = model.model_path or "-"
+    source = hf_source(model.hf_repo, model.hf_file)
+    path = model.model_path or (f"hf:{source.label}" if source else "-")
     parts = [
         f"{name:<24}",
         f"priority {model.priority:<2}",
