@@ -15,6 +15,7 @@ import yaml
 from tests.conftest import deployed
 
 EVIL = "<img src=x onerror=alert(1)>"
+HUB_REPO, HUB_FILE = "proxifier-tests/tiny-GGUF", "tiny-Q8_0.gguf"  # tests/conftest.py's hub
 ADMIN_KEY = "k-admin"
 CHROMIUM_ARGS = [
     "--headless=new",
@@ -43,6 +44,7 @@ def dashboard_url(
     proxifier_home: Path,
     fake_server: Path,
     tiny_model: Path,
+    hub: Any,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[str]:
     folder = tmp_path_factory.mktemp("browser")
@@ -60,13 +62,22 @@ def dashboard_url(
     (folder / "models.yaml").write_text(
         yaml.safe_dump(
             {
-                "settings": {"auth_file": "auth.yaml"},
+                "settings": {"auth_file": "auth.yaml", "model_cache": str(folder / "cache")},
                 "models": {
                     "chat": {**fake, "preload": True, "priority": 9, "resource_group": "prod"},
                     "idle": {**fake, "priority": 4, "resource_group": "dev"},
                     EVIL: {**fake, "priority": 1, "resource_group": "dev"},
                     # Loads for a minute: requests queue for it (the queue monitor's test).
                     "slow": {**fake, "priority": 1, "env": {"FAKE_LLAMA_LOAD_DELAY": "60"}},
+                    # Fetched from the local Hub stand-in (its download shows in the row).
+                    "hub": {
+                        "llama_server": str(fake_server),
+                        "num_gpus": 0,
+                        "priority": 1,
+                        "hf_repo": HUB_REPO,
+                        "hf_file": HUB_FILE,
+                        "env": {"HF_ENDPOINT": hub.url},
+                    },
                 },
             }
         )

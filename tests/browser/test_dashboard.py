@@ -3,12 +3,13 @@ asks for a key and refuses a wrong one, and shows hostile names as text."""
 
 from __future__ import annotations
 
+import re
 import threading
 from typing import Any
 
 import httpx
 
-from tests.browser.conftest import ADMIN_KEY, EVIL, screenshot
+from tests.browser.conftest import ADMIN_KEY, EVIL, HUB_FILE, HUB_REPO, screenshot
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
@@ -28,7 +29,7 @@ def row_state(page: Any, model: str) -> str:
 def test_the_page_loads_clean_and_lists_every_model(page: Any, dashboard_url: str) -> None:
     logged_in(page, dashboard_url)
     names = page.locator("#models tbody tr td:first-child").all_inner_texts()
-    assert names == ["chat", "idle", EVIL, "slow"]  # by priority, then name, as listed
+    assert names == ["chat", "idle", EVIL, "hub", "slow"]  # by priority, then name, as listed
     assert row_state(page, "chat") == "ready"
     assert page.console_errors == []
     path = screenshot(page, "overview")
@@ -128,4 +129,23 @@ def test_the_queue_monitor_plots_a_queue_as_it_builds(page: Any, dashboard_url: 
     page.wait_for_function(
         f"document.querySelector(\"{chart}\")?.textContent.includes('now: 0 queued')"
     )
+    assert page.console_errors == []
+
+
+def test_a_download_shows_its_progress_in_the_models_row(
+    page: Any, dashboard_url: str, hub: Any
+) -> None:
+    logged_in(page, dashboard_url)
+    gate = hub.hold(HUB_REPO, HUB_FILE)  # half the file, then wait for the test
+    try:
+        page.click("button[data-do='start'][data-model='hub']")
+        progress = page.locator("tr[data-model='hub'] .progress")
+        progress.wait_for(timeout=30_000)
+        assert re.fullmatch(r" downloading \d+\.\d/24\.0 MiB", progress.inner_text())
+        assert row_state(page, "hub") == "starting"
+        screenshot(page, "download")
+    finally:
+        gate.set()
+    page.wait_for_selector("tr[data-model='hub'] [data-state='ready']", timeout=30_000)
+    assert page.locator("tr[data-model='hub'] .progress").count() == 0
     assert page.console_errors == []
