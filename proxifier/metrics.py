@@ -26,6 +26,9 @@ METRICS: dict[str, str] = {
     "proxifier_model_load_seconds": "time from starting llama-server to its first 200 on /health",
     "proxifier_model_restarts_total": "crash restarts of the model's llama-server",
     "proxifier_evictions_total": "models stopped to make room or for idleness, by reason",
+    "proxifier_rate_limited_total": (
+        "requests refused with 429 by an API key's rate limit (auth.yaml rate_limits), by key"
+    ),
     "proxifier_model_gpu_memory_bytes": (
         "GPU memory of the model by kind: estimated from its GGUF, measured on its last"
         " calibrated load (with the per-process overhead), configured (`gpu_memory`)"
@@ -81,6 +84,8 @@ class RequestMetrics:
 
     requests: dict[tuple[str, str], int] = field(default_factory=dict)
     waits: dict[str, Histogram] = field(default_factory=dict)
+    # Refused by the gate before a model is known: by the key's name, not by model.
+    limited: dict[str, int] = field(default_factory=dict)
 
     def answered(self, model: str, status: int) -> None:
         key = (model, str(status))
@@ -89,10 +94,14 @@ class RequestMetrics:
     def waited(self, model: str, seconds: float) -> None:
         self.waits.setdefault(model, Histogram(QUEUE_WAIT_BUCKETS)).observe(seconds)
 
+    def rate_limited(self, key: str) -> None:
+        self.limited[key] = self.limited.get(key, 0) + 1
+
     def snapshot(self) -> dict[str, Any]:
         return {
             "requests": [[m, s, n] for (m, s), n in self.requests.items()],
             "waits": {m: h.to_dict() for m, h in self.waits.items()},
+            "limited": dict(self.limited),
         }
 
 
@@ -101,6 +110,8 @@ def merge_snapshots(snapshots: list[dict[str, Any]]) -> RequestMetrics:
     for snapshot in snapshots:
         for model, status, count in snapshot["requests"]:
             total.requests[(model, status)] = total.requests.get((model, status), 0) + count
+        for key, count in snapshot.get("limited", {}).items():  # absent from older replicas
+            total.limited[key] = total.limited.get(key, 0) + count
         for model, data in snapshot["waits"].items():
             histogram = Histogram.from_dict(QUEUE_WAIT_BUCKETS, data)
             if model in total.waits:

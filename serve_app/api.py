@@ -75,7 +75,7 @@ def build_api(backend: RayBackend, bound_host: str | None = None) -> FastAPI:
     proxy = Proxy(backend, metrics)
     # Innermost: behind the gate; its errors answered by the handlers installed above.
     app.add_middleware(InferenceFastPath, proxy=proxy, handlers=app.exception_handlers)
-    app.add_middleware(Security, backend=backend, bound_host=bound_host)
+    app.add_middleware(Security, backend=backend, bound_host=bound_host, metrics=metrics)
     app.add_middleware(BodyDeadline, backend=backend)
     app.add_middleware(LeaseGuard, backend=backend)  # outermost: it outlives every other layer
 

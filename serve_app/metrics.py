@@ -50,6 +50,9 @@ class ReplicaMetrics:
             assert self._ray is not None
             self._ray[1].observe(seconds, tags={"model": model})
 
+    def rate_limited(self, key: str) -> None:
+        self.local.rate_limited(key)
+
     def start_flushing(self, controller: Any) -> None:
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.get_running_loop().create_task(self._flush(controller))
@@ -139,6 +142,12 @@ class _Snapshot:
         for model, histogram in sorted(requests.waits.items()):
             waits.add_metric([model], histogram.cumulative(), sum_value=histogram.total)
         yield waits
+        limited = CounterMetricFamily(
+            "proxifier_rate_limited", METRICS["proxifier_rate_limited_total"], labels=["key"]
+        )
+        for key, count in sorted(requests.limited.items()):
+            limited.add_metric([key], count)
+        yield limited
         loads = HistogramMetricFamily(
             "proxifier_model_load_seconds",
             METRICS["proxifier_model_load_seconds"],

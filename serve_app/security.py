@@ -18,6 +18,7 @@ from proxifier.config import AuthConfig
 from proxifier.endpoints import error_shape
 from serve_app.backend import RayBackend
 from serve_app.http_errors import error_body
+from serve_app.metrics import ReplicaMetrics
 
 CALLER = "proxifier.caller"  # where the authenticated key is left in the ASGI scope
 
@@ -27,10 +28,17 @@ def caller_of(scope: Scope) -> Caller | None:
 
 
 class Security:
-    def __init__(self, app: ASGIApp, backend: RayBackend, bound_host: str | None = None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        backend: RayBackend,
+        bound_host: str | None = None,
+        metrics: ReplicaMetrics | None = None,
+    ) -> None:
         self.app = app
         self.backend = backend
         self.bound_host = bound_host
+        self.metrics = metrics  # counts rate-limit refusals (they never reach the proxy)
         self._cors: tuple[tuple[str, ...], ASGIApp] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -121,6 +129,9 @@ class Security:
                 "X-RateLimit-Reset": str(math.ceil(reset)),
             }
             if not allowed:
+                if self.metrics is not None:
+                    self.metrics.rate_limited(caller.name)
+                    self.metrics.start_flushing(self.backend.controller)
                 retry = str(max(1, math.ceil(reset)))
                 await _refuse(
                     scope,

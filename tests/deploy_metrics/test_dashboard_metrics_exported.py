@@ -48,7 +48,7 @@ ADDED_BY_PROMETHEUS = frozenset({"ray_io_cluster", "job", "instance"})
 # Ray exports what was recorded about every 10 s (README); a loaded 2-core machine is slower.
 RAY_EXPORT_WAIT = 120.0
 PRODUCT_WAIT = 60.0  # replicas push their counters to the controller every 2 s
-# What the rate-limit panel charts: Serve's ingress counting a 429 of the product's app.
+# Serve's ingress counting a 429 of the product's app (the "Ray export" row's errors).
 REJECTED = re.compile(
     r'^ray_serve_num_http_requests_total\{(?=[^}]*application="proxifier")'
     r'(?=[^}]*status_code="429")',
@@ -145,6 +145,7 @@ def scrapes(url: str) -> Scrapes:
             and 'proxifier_requests_total{model="chat",status="200"}' in text
             and 'proxifier_requests_total{model="crashy",status="502"}' in text
             and 'proxifier_evictions_total{reason="idle"}' in text
+            and 'proxifier_rate_limited_total{key="burst"} 1.0' in text
         )
 
     # On a timeout the tests below say what is missing, which a bare TimeoutError would not.
@@ -159,7 +160,7 @@ def scrapes(url: str) -> Scrapes:
     def ray_exported() -> bool:
         nonlocal ray, ray_text
         ray, ray_text = ray_export()
-        # The 429 too: the rate-limit panel reads that series.
+        # The 429 too: Serve's own counter of the product's app has it.
         return ray_names <= set(by_series(ray)) and REJECTED.search(ray_text) is not None
 
     with contextlib.suppress(TimeoutError):
@@ -229,8 +230,10 @@ def test_the_sources_are_the_ones_the_panels_name(scrapes: Scrapes) -> None:
 
 
 def test_a_rate_limit_rejection_reaches_the_rate_limit_panel(scrapes: Scrapes) -> None:
-    # The gate refuses it before the proxy, so proxifier_requests_total never counts it: the
-    # panel reads Serve's ingress counter, which must have the 429 with the product's app.
+    # The gate refuses it before the proxy (proxifier_requests_total never counts it): the
+    # panel reads the product's own counter, by key; Serve's ingress counts it too.
+    limited = scrapes.product["proxifier_rate_limited_total"]
+    assert limited.labels == {"key"}
     assert REJECTED.search(scrapes.ray_text), "no 429 of app 'proxifier' in Ray's export"
 
 
