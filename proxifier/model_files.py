@@ -77,15 +77,38 @@ def model_cache(configured: str | None) -> Path:
 
 
 def cached_file(source: HfSource, cache: Path) -> Path | None:
-    """The file, when this node already has it (no network)."""
+    """The file, when this node already has it (no network: a node that cannot reach the Hub
+    still starts a model it has fetched before)."""
     if source.file is None:
-        return None
+        return _cached_for_tag(source, cache) if source.tag else None
     from huggingface_hub import try_to_load_from_cache
 
     found = try_to_load_from_cache(
         source.repo, source.file, cache_dir=cache, revision=source.revision
     )
     return Path(found) if isinstance(found, str) else None
+
+
+def _cached_for_tag(source: HfSource, cache: Path) -> Path | None:
+    """The file a tag names among this node's cached files of the repository's revision."""
+    from huggingface_hub import scan_cache_dir
+
+    try:
+        info = scan_cache_dir(cache)
+    except Exception:  # no cache folder yet, or one huggingface_hub cannot read
+        return None
+    for repo in info.repos:
+        if repo.repo_id != source.repo or repo.repo_type != "model":
+            continue
+        for revision in repo.revisions:
+            if (source.revision or "main") not in revision.refs:
+                continue
+            files = {f.file_name: f.file_path for f in revision.files}
+            try:
+                return Path(files[choose_gguf(list(files), source.tag, source.repo)])
+            except FileNotFoundError:
+                return None
+    return None
 
 
 def hub_options(env: dict[str, str]) -> dict[str, Any]:

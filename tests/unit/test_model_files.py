@@ -106,6 +106,11 @@ def test_a_download_reports_progress_and_a_second_one_is_not_needed(
         assert seen[0] == (0, len(data)) and seen[-1] == (len(data), len(data))
         assert cached_file(hf_source("o/r", "m-Q8_0.gguf"), tmp_path) == path
         assert cached_file(hf_source("o/r", "other.gguf"), tmp_path) is None
+        # A tag finds its file among this node's copies, with no call to the Hub.
+        assert cached_file(hf_source("o/r:Q8_0", None), tmp_path) == path
+        assert cached_file(hf_source("o/r:Q4_K_M", None), tmp_path) is None
+        assert cached_file(hf_source("o/other:Q8_0", None), tmp_path) is None
+        assert cached_file(hf_source("o/r:Q8_0", None), tmp_path / "nothing-here") is None
         with pytest.raises(Exception) as missing:
             fetch(hf_source("o/none", "m.gguf"), tmp_path, env, lambda d, t: None)
         message = hub_message(missing.value)
