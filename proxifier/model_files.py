@@ -90,25 +90,22 @@ def cached_file(source: HfSource, cache: Path) -> Path | None:
 
 
 def _cached_for_tag(source: HfSource, cache: Path) -> Path | None:
-    """The file a tag names among this node's cached files of the repository's revision."""
-    from huggingface_hub import scan_cache_dir
+    """The file a tag names among this node's copies of the repository's revision: the
+    Hugging Face cache layout (refs/<revision> names the snapshot), read without a scan of the
+    whole cache, since the controller asks this on status calls."""
+    from huggingface_hub.file_download import repo_folder_name
 
+    folder = cache / repo_folder_name(repo_id=source.repo, repo_type="model")
     try:
-        info = scan_cache_dir(cache)
-    except Exception:  # no cache folder yet, or one huggingface_hub cannot read
+        commit = (folder / "refs" / (source.revision or "main")).read_text().strip()
+    except OSError:
         return None
-    for repo in info.repos:
-        if repo.repo_id != source.repo or repo.repo_type != "model":
-            continue
-        for revision in repo.revisions:
-            if (source.revision or "main") not in revision.refs:
-                continue
-            files = {f.file_name: f.file_path for f in revision.files}
-            try:
-                return Path(files[choose_gguf(list(files), source.tag, source.repo)])
-            except FileNotFoundError:
-                return None
-    return None
+    snapshot = folder / "snapshots" / commit
+    files = {p.relative_to(snapshot).as_posix(): p for p in snapshot.rglob("*") if p.is_file()}
+    try:
+        return files[choose_gguf(list(files), source.tag, source.repo)]
+    except FileNotFoundError:
+        return None
 
 
 def hub_options(env: dict[str, str]) -> dict[str, Any]:
