@@ -692,7 +692,10 @@ class Controller:
         return "pong"
 
     def serve_app(self, name: str) -> None:
-        """An ingress replica of Serve application `name` started and uses this controller."""
+        """An ingress replica of Serve application `name` uses this controller (said at its start
+        and at each of its health checks)."""
+        if name not in self.serve_apps:
+            self._event("serve_app_watched", application=name)
         self.serve_apps.add(name)
         if self._serve_watch is None or self._serve_watch.done():
             self._serve_watch = asyncio.ensure_future(self._watch_serve())

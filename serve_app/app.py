@@ -37,8 +37,16 @@ class Ingress:
 
     def __init__(self, bound_host: str | None = None) -> None:
         self.bound_host = bound_host  # the address `proxifier serve` bound (else settings.host)
+        self._tell_controller()
+
+    def check_health(self) -> None:
+        """Serve's periodic health check (health_check_period_s): it also tells the controller
+        again which application this is, so one that Ray restarted knows what to watch."""
+        self._tell_controller()
+
+    def _tell_controller(self) -> None:
         # The controller stops the models when this application is deleted (serve shutdown).
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception):  # never fails the replica or its health check
             get_controller().serve_app.remote(serve.get_replica_context().app_name)
 
     def __serve_build_asgi_app__(self) -> FastAPI:

@@ -35,6 +35,32 @@ from tests.helpers import free_port, wait_gone
 pytestmark = pytest.mark.e2e
 
 BIN = Path(sys.executable).parent  # the venv's `ray` and `serve`
+# Kill the proxifier controller the way a crash would (Ray restarts it), then wait until the
+# new one runs and has heard again, from the ingress's health checks, which app it serves.
+RESTART_CONTROLLER = """
+import sys, time
+import ray
+ray.init(address=sys.argv[1], namespace="proxifier", log_to_driver=False)
+from actors.controller import get_controller
+controller = get_controller()
+before = ray.get(controller.pid.remote(), timeout=60)
+ray.kill(controller, no_restart=False)
+deadline = time.monotonic() + 120
+while time.monotonic() < deadline:
+    try:
+        if ray.get(controller.pid.remote(), timeout=10) != before:
+            break
+    except Exception:
+        pass
+    time.sleep(0.2)
+while time.monotonic() < deadline:
+    events = ray.get(controller.events_since.remote(), timeout=30)
+    watched = [e["application"] for e in events if e["kind"] == "serve_app_watched"]
+    if watched:
+        print("WATCHED " + " ".join(watched), flush=True)
+        break
+    time.sleep(0.2)
+"""
 HI = {"model": "tiny-chat", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8}
 STARTUP = 120.0  # seconds: `ray start` takes ~7 s on a quiet 2-core machine, far more on a busy one
 
@@ -45,11 +71,23 @@ class Head:
     dashboard: str
     env: dict[str, str]
     log: Path
+    gcs: str  # host:port, for a Python driver
 
     def processes(self) -> list[psutil.Process]:
         """Every process of this cluster: `ray start` leads a session of its own, and Ray's
         daemons, workers (each its own process group), HAProxy and llama-server stay in it."""
         return session_processes(self.process.pid)
+
+    def python(self, code: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+        """A short driver on this cluster: `code` gets the GCS address as sys.argv[1]."""
+        return subprocess.run(
+            [sys.executable, "-c", code, self.gcs],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=self.env,
+            cwd=REPO,
+        )
 
     def cli(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
         done = subprocess.run(
@@ -178,7 +216,7 @@ def head(tmp_path: Path, real_server: str, tiny_model: Path) -> Iterator[Head]:
             return answers(f"{dashboard}/api/serve/applications/")
 
         until(ready, timeout=STARTUP)
-        yield Head(process, dashboard, env, log)
+        yield Head(process, dashboard, env, log, f"127.0.0.1:{ports['--port']}")
     finally:
         stop_session(process)
         shutil.rmtree(temp, ignore_errors=True)
@@ -239,6 +277,10 @@ def test_serve_deploy_of_the_checked_in_config(head: Head, tmp_path: Path) -> No
 
     started = llama_servers(head)
     assert model_status(url, "tiny-chat")["pid"] in started
+    # Ray restarts a controller that died; the new one must know again what to watch (the
+    # replicas say it at their health checks), or the shutdown below would leave the models.
+    restarted = head.python(RESTART_CONTROLLER)
+    assert "WATCHED proxifier" in restarted.stdout, restarted.stdout + restarted.stderr
     shutdown = head.cli("shutdown", "-y")  # exits 0 even when it fails: read what it said
     assert "Sent shutdown request" in shutdown.stdout + shutdown.stderr
     until(lambda: not answers(f"{url}/health"), timeout=60)
