@@ -83,10 +83,13 @@ def cached_file(source: HfSource, cache: Path) -> Path | None:
         return _cached_for_tag(source, cache) if source.tag else None
     from huggingface_hub import try_to_load_from_cache
 
-    found = try_to_load_from_cache(
-        source.repo, source.file, cache_dir=cache, revision=source.revision
-    )
-    return Path(found) if isinstance(found, str) else None
+    found = [
+        try_to_load_from_cache(source.repo, part, cache_dir=cache, revision=source.revision)
+        for part in split_parts(source.file)
+    ]
+    if not all(isinstance(path, str) for path in found):
+        return None  # not here, or a split model with a part missing
+    return Path(str(found[0]))
 
 
 def _cached_for_tag(source: HfSource, cache: Path) -> Path | None:
@@ -103,9 +106,10 @@ def _cached_for_tag(source: HfSource, cache: Path) -> Path | None:
     snapshot = folder / "snapshots" / commit
     files = {p.relative_to(snapshot).as_posix(): p for p in snapshot.rglob("*") if p.is_file()}
     try:
-        return files[choose_gguf(list(files), source.tag, source.repo)]
+        first = choose_gguf(list(files), source.tag, source.repo)
     except FileNotFoundError:
         return None
+    return files[first] if all(part in files for part in split_parts(first)) else None
 
 
 def hub_options(env: dict[str, str]) -> dict[str, Any]:
@@ -124,9 +128,10 @@ Progress = Callable[[int, int | None], None]
 
 def fetch(source: HfSource, cache: Path, env: dict[str, str], progress: Progress) -> Path:
     """Download the model file into `cache` (blocking: run it in a thread) and return its
-    path; `progress(done, total)` as bytes arrive. Raises huggingface_hub's errors, whose
-    messages are the Hub's own."""
-    from huggingface_hub import HfApi, hf_hub_download
+    path; `progress(done, total)` as bytes arrive. A split model comes with all its parts,
+    into the same snapshot folder (llama-server finds them beside the first). Raises
+    huggingface_hub's errors, whose messages are the Hub's own."""
+    from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_download, hf_hub_url
     from tqdm.auto import tqdm
 
     options = hub_options(env)
@@ -136,6 +141,16 @@ def fetch(source: HfSource, cache: Path, env: dict[str, str], progress: Progress
             source.repo, revision=source.revision
         )
         file = choose_gguf([s.rfilename for s in info.siblings or []], source.tag, source.repo)
+    parts = split_parts(file)
+    sizes = [0] * len(parts)
+    if len(parts) > 1:  # the whole size first, so the progress counts to the end
+        for i, part in enumerate(parts):
+            url = hf_hub_url(
+                source.repo, part, revision=source.revision, endpoint=options.get("endpoint")
+            )
+            meta = get_hf_file_metadata(url, token=options.get("token"))
+            sizes[i] = meta.size or 0
+    done_before = 0  # bytes of the parts already fetched
 
     class Reporter(tqdm):  # type: ignore[misc]
         """huggingface_hub's progress bar, told to report instead of draw."""
@@ -143,22 +158,43 @@ def fetch(source: HfSource, cache: Path, env: dict[str, str], progress: Progress
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             kwargs["disable"] = True  # no bar in the actor's log
             super().__init__(*args, **kwargs)
-            progress(int(self.n or 0), self.total)
+            self.report()
 
         def update(self, n: float | None = 1) -> bool | None:
             self.n += n or 0  # a disabled tqdm would not count
-            progress(int(self.n), self.total)
+            self.report()
             return None
 
-    path = hf_hub_download(
-        source.repo,
-        file,
-        revision=source.revision,
-        cache_dir=cache,
-        tqdm_class=Reporter,
-        **options,
-    )
-    return Path(path)
+        def report(self) -> None:
+            total = sum(sizes) if len(parts) > 1 else self.total
+            progress(done_before + int(self.n or 0), total)
+
+    paths = []
+    for part, size in zip(parts, sizes, strict=True):
+        path = hf_hub_download(
+            source.repo,
+            part,
+            revision=source.revision,
+            cache_dir=cache,
+            tqdm_class=Reporter,
+            **options,
+        )
+        paths.append(Path(path))
+        done_before += size
+    return paths[0]
+
+
+SPLIT = re.compile(r"^(?P<stem>.*)-00001-of-(?P<count>\d{5})\.gguf$")
+
+
+def split_parts(file: str) -> list[str]:
+    """Every part of a split GGUF named by its first part (`x-00001-of-00003.gguf`), in order;
+    any other file alone."""
+    match = SPLIT.match(file)
+    if match is None:
+        return [file]
+    count = int(match["count"])
+    return [f"{match['stem']}-{i:05d}-of-{count:05d}.gguf" for i in range(1, count + 1)]
 
 
 def hub_message(error: BaseException) -> str:

@@ -18,6 +18,7 @@ from proxifier.model_files import (
     hub_message,
     hub_options,
     model_cache,
+    split_parts,
 )
 from tests.fakes.hub import Repo, running_hub
 
@@ -141,3 +142,22 @@ def test_a_private_repository_reads_the_token_from_the_models_env(
         assert hub_message(refused.value).startswith("401 Client Error")
         path = fetch(source, tmp_path, {**env, "HF_TOKEN": "hf_secret"}, lambda d, t: None)
         assert path.read_bytes() == tiny_model.read_bytes()
+
+
+def test_a_split_model_comes_with_all_its_parts(tmp_path: Path) -> None:
+    first, second = b"GGUF" + bytes(3000), bytes(5000)
+    names = ["big-Q6_K-00001-of-00002.gguf", "big-Q6_K-00002-of-00002.gguf"]
+    assert split_parts(names[0]) == names and split_parts("x-Q8_0.gguf") == ["x-Q8_0.gguf"]
+    with running_hub() as hub:
+        hub.repos["o/big"] = Repo({names[0]: first, names[1]: second, "README.md": b"x"})
+        seen: list[tuple[int, int | None]] = []
+        env = {"HF_ENDPOINT": hub.url}
+        path = fetch(hf_source("o/big:Q6_K", None), tmp_path, env, lambda d, t: seen.append((d, t)))
+        assert path.name == names[0] and (path.parent / names[1]).read_bytes() == second
+        assert hub.downloads == [("o/big", names[0]), ("o/big", names[1])]
+        assert {t for _, t in seen} == {8004} and seen[-1] == (8004, 8004)  # both parts' size
+        assert cached_file(hf_source("o/big", names[0]), tmp_path) == path
+        assert cached_file(hf_source("o/big:Q6_K", None), tmp_path) == path
+        (path.parent / names[1]).unlink()  # a part missing: not a usable copy
+        assert cached_file(hf_source("o/big", names[0]), tmp_path) is None
+        assert cached_file(hf_source("o/big:Q6_K", None), tmp_path) is None
