@@ -160,13 +160,15 @@ def _start(admin: Admin, model: str, wait: bool) -> int:
         print(f"{name}: {answer['state']}")
         return 0
     live = sys.stdout.isatty()
-    shown, shown_at = "", 0.0
+    shown: tuple[Any, ...] | None = None
+    shown_at = 0.0
     try:
         while True:
             status = admin.call("GET", f"/admin/models/{name}/status")
             now = time.monotonic()
             line = start_line(name, status, now - began)
-            kind = start_line(name, {**status, "progress": bool(status.get("progress"))}, 0)
+            # What the line says, without its running numbers: printed when that changes.
+            kind = (status["state"], bool(status.get("progress")), status.get("waiting_for"))
             done = status["state"] in ("ready", "failed", "stopped")
             if live:
                 print(f"\r\x1b[K{line}", end="\n" if done else "", flush=True)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from proxifier.model_files import unit_for
+
 # Ray's and Serve's loggers in the driver; at WARNING unless --verbose.
 RAY_LOGGERS = ("ray", "ray.serve", "ray.data", "ray.train", "ray.tune")
 
@@ -15,10 +17,10 @@ def _first_line(text: object) -> str:
 
 
 def _size(value: float) -> str:
-    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
-        if value >= scale:
-            return f"{value / scale:.1f} {unit}"
-    return f"{value:.0f} B"
+    if value < 1024:
+        return f"{value:.0f} B"
+    unit, scale = unit_for(value)
+    return f"{value / scale:.1f} {unit}"
 
 
 def event_line(event: dict[str, Any]) -> str | None:

@@ -18,6 +18,9 @@ from proxifier.llama import proxifier_home
 HF_REPO = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?")
 # what llama.cpp's -hf picks when a repository holds several quantisations and none is named
 DEFAULT_QUANT = "Q4_K_M"
+# one part of a split GGUF: `name-00002-of-00003.gguf`
+PART = re.compile(r"^(?P<stem>.*)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$")
+UNITS = (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024))
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,7 @@ def choose_gguf(files: list[str], tag: str | None, repo: str) -> str:
     (`-00001-of-00003.gguf`) are named by their first part; multimodal projectors are never
     the model. A clear error names what the repository has."""
     ggufs = sorted(f for f in files if f.lower().endswith(".gguf") and "mmproj" not in f.lower())
-    firsts = [f for f in ggufs if not re.search(r"-\d{5}-of-\d{5}\.gguf$", f) or "-00001-of-" in f]
+    firsts = [f for f in ggufs if split_parts(f)[0] == f]  # whole files, and first parts
     if not firsts:
         raise FileNotFoundError(f"the Hugging Face repository {repo!r} has no .gguf file")
     if tag is None and len(firsts) == 1:
@@ -184,13 +187,10 @@ def fetch(source: HfSource, cache: Path, env: dict[str, str], progress: Progress
     return paths[0]
 
 
-SPLIT = re.compile(r"^(?P<stem>.*)-00001-of-(?P<count>\d{5})\.gguf$")
-
-
 def split_parts(file: str) -> list[str]:
-    """Every part of a split GGUF named by its first part (`x-00001-of-00003.gguf`), in order;
+    """Every part of the split GGUF a part belongs to (`x-00002-of-00003.gguf`), in order;
     any other file alone."""
-    match = SPLIT.match(file)
+    match = PART.match(file)
     if match is None:
         return [file]
     count = int(match["count"])
@@ -212,12 +212,14 @@ def hub_message(error: BaseException) -> str:
     return message
 
 
+def unit_for(size: float) -> tuple[str, int]:
+    """The largest binary unit there is at least one of in `size` (KiB at the least)."""
+    return next(((unit, scale) for unit, scale in UNITS if size >= scale), UNITS[-1])
+
+
 def describe_progress(done: int, total: int | None) -> str:
     """'downloading 1.2/4.7 GiB' in the unit the total needs."""
-    size = total or done
-    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
-        if size >= scale or unit == "KiB":
-            break
+    unit, scale = unit_for(total or done)
     shown = f"{done / scale:.1f}"
     if total:
         return f"downloading {shown}/{total / scale:.1f} {unit}"

@@ -21,6 +21,8 @@ import aiohttp
 import ray
 from ray import serve
 
+from serve_app.proxy import STALE_CONNECTION  # what a pooled connection llama-server closed raises
+
 Scope = dict[str, Any]
 
 
@@ -54,11 +56,7 @@ def forwarder(upstreams: dict[str, dict[str, str]]) -> Any:
         url = f"{where['url']}{path}"
         try:
             answer = await session.post(url, data=body, headers=headers)
-        except (
-            aiohttp.ServerDisconnectedError,
-            aiohttp.ClientOSError,
-            aiohttp.ClientConnectionResetError,
-        ):
+        except STALE_CONNECTION:
             # llama-server closes a connection after each stream; the pool finds out on reuse
             answer = await session.post(url, data=body, headers=headers)
         async with answer:
