@@ -7,7 +7,7 @@ from typing import Any
 
 import ray
 
-from actors.model_actor import cluster_singleton_options
+from actors.model import cluster_singleton_options
 from proxifier.auth import SlidingWindow
 
 RATE_LIMITER_NAME = "proxifier:ratelimiter"

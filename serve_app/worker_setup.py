@@ -12,7 +12,7 @@ HOOK = "serve_app.worker_setup.prepare_worker"
 # Imported ahead of need: a spare worker (actors/warm_workers.py) that becomes a model actor
 # then runs its start at once instead of first importing these (~0.2 s on 2 cores). Most of
 # the job's workers (the ingress, the controller, model actors) import them anyway.
-PRELOADED = ("actors.model_actor",)
+PRELOADED = ("actors.model",)
 
 
 def prepare_worker() -> None:

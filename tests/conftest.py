@@ -137,7 +137,7 @@ def make_actor(ray_cluster: Path, fake_server: Path, tiny_model: Path) -> Iterat
     """make_actor(env=..., settings=..., options=..., **model fields) -> actor handle."""
     import ray
 
-    from actors.model_actor import create_model_actor
+    from actors.model import create_model_actor
 
     created = []
 

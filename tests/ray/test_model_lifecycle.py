@@ -171,7 +171,7 @@ def test_no_orphan_after_ray_shutdown(fake_server: Path, tiny_model: Path, tmp_p
     script = textwrap.dedent(
         f"""
         import os, ray
-        from actors.model_actor import create_model_actor
+        from actors.model import create_model_actor
         from proxifier.config import ModelConfig, Settings
         ray.init(address="local", num_cpus=1, include_dashboard=False,
                  runtime_env={{"env_vars": {{"PROXIFIER_HOME": {str(tmp_path)!r}}}}})

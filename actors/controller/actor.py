@@ -28,7 +28,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from actors.config_files import ConfigFiles
 from actors.events import EventFeed
 from actors.gpu_probe import node_gpus
-from actors.model_actor import (
+from actors.model import (
     NAMESPACE,
     cluster_singleton_options,
     create_model_actor,
