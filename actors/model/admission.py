@@ -61,9 +61,7 @@ class Admission:
         event: Callable[..., None],
         sweep: Callable[[float], None],
     ) -> None:
-        self.name = name
-        self.model = model
-        self.settings = settings
+        self.name, self.model, self.settings = name, model, settings
         self._instance = instance
         self._event = event
         self._sweep = sweep  # more to drop at each upkeep round (old job results)

@@ -61,9 +61,7 @@ class Instance:
         event: Callable[..., None],
         slots: SlotHooks,
     ) -> None:
-        self.name = name
-        self.model = model
-        self.settings = settings
+        self.name, self.model, self.settings = name, model, settings
         self.base_dir = base_dir
         self.timeline = timeline
         self._started_once = False

@@ -47,8 +47,7 @@ class Jobs:
         http: Callable[[], httpx.AsyncClient],
         where: Callable[[str], dict[str, Any]],
     ) -> None:
-        self.name = name
-        self.settings = settings
+        self.name, self.settings = name, settings
         self._acquire = acquire
         self._release = release
         self._http = http
