@@ -1,7 +1,10 @@
 """One model instance as a Ray actor: its llama-server, its slots and queue, its async jobs.
 
 The controller creates and kills these; the ingress asks them for slots. Nothing here imports
-the controller or the ingress.
+the controller or the ingress. `actor` (the facade) imports every other module of the package,
+so importing `actors.model` (a spare worker preloads it) loads all of them:
+`instance` and `llama_process` (the llama-server), `admission` (slots, queue, leases), `jobs`
+(respond-async), `event_log`, `stats`, `instance_files`.
 """
 
 from actors.model.actor import (
