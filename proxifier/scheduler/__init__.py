@@ -1,0 +1,50 @@
+"""Which model runs where: one pass over the cluster's facts that returns what to do.
+
+The controller gathers the facts (each node's totals, free amounts and labels, the models whose
+actors exist, the models that must run and have none) and applies the actions; this package only
+decides (DESIGN §3.1). It is pure, with no Ray and no clock (`now` comes in), so every rule is a
+unit test, a pass is cheap enough to rerun on every change, and the same facts always give the
+same actions.
+
+A pass handles the demand in order (priority, then the oldest waiting request) and each decision
+consumes what it takes, so two models never get the same free GPU, a victim is never stopped
+twice, and a burst of starts never overruns `max_running_models`.
+
+`decide` is the one door. Its parts, each calling only those after it (DESIGN §12): decision
+(the pass loop), counts (placement by amounts), memory (placement by GPU memory), victims (whom
+to stop), explain (the reason texts), state (the pass's working tables), gpus (GPU arithmetic),
+facts (what a pass is told, and the rules every part shares), actions (what it answers).
+"""
+
+from proxifier.scheduler.actions import Action, Evict, Fail, Place, Wait
+from proxifier.scheduler.decision import decide
+from proxifier.scheduler.facts import (
+    EPSILON,
+    Limits,
+    Node,
+    Resident,
+    Want,
+    demand_order,
+    fits,
+    labels_match,
+)
+from proxifier.scheduler.gpus import GIB, gpu_fraction
+
+__all__ = [
+    "EPSILON",
+    "GIB",
+    "Action",
+    "Evict",
+    "Fail",
+    "Limits",
+    "Node",
+    "Place",
+    "Resident",
+    "Wait",
+    "Want",
+    "decide",
+    "demand_order",
+    "fits",
+    "gpu_fraction",
+    "labels_match",
+]
