@@ -308,7 +308,7 @@ def test_env_names_must_be_variable_names() -> None:
 
 
 def test_auth_yaml_shown_with_keys_redacted_in_any_style() -> None:
-    from actors.config_files import redact_keys
+    from actors.controller.config_files import redact_keys
 
     text = (
         "# keys below\n"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from actors.config_files import RESTORE_JOURNAL, ConfigFiles
+from actors.controller.config_files import RESTORE_JOURNAL, ConfigFiles
 from proxifier.config import ConfigError
 
 OLD_MODELS = "settings: {auth_file: auth.yaml}\nmodels: {old: {}}\n"

@@ -1,10 +1,14 @@
-"""The controller's lifecycle event feed (`/admin/events`, the dashboard): numbered, bounded."""
+"""The controller's lifecycle event feed (`/admin/events`, the dashboard): numbered, bounded;
+and the controller's actor name, where model actors send their events. Nothing else.
+"""
 
 from __future__ import annotations
 
 import time
 from collections import deque
 from typing import Any
+
+CONTROLLER_NAME = "proxifier:controller"
 
 
 class EventFeed:

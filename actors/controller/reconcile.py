@@ -1,0 +1,411 @@
+"""The reconcile pass: the models wanted and their waiters; one pass at a time, facts ->
+`proxifier.scheduler.decide` -> apply (evict, place pinned to a node, wait, fail); a reload's
+actions. It decides nothing itself (the scheduler and planners do) and writes the registry only
+through its methods.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from actors.controller.events import CONTROLLER_NAME
+from actors.controller.facts import READ_WAIT, Facts, observed
+from actors.controller.registry import Registry
+from actors.model import create_model_actor
+from actors.ray_glue import Background, cluster_nodes
+from proxifier.config import ModelsConfig
+from proxifier.config_diff import ModelsDiff
+from proxifier.errors import ModelFailed, ModelNotFound, ProxifierError, QueueTimeout, Unavailable
+from proxifier.placement import actor_options, cpu_fallback_warning
+from proxifier.planning import ReloadPlan
+from proxifier.scheduler import Evict, Fail, Limits, Place, Wait, decide
+
+RECONCILE_TICK = 1.0  # seconds between passes while a model waits (nothing else woke one)
+
+
+@dataclass
+class Wanted:
+    """A model that must run: the requests (or admin calls) waiting for its actor."""
+
+    future: asyncio.Future[Any]
+    since: float  # its oldest waiting request: demand order among equal priorities
+    waiters: int = 0
+    keep: bool = False  # stays wanted with nobody waiting (boot, admin start, preload)
+    reason: str = "waiting for the scheduler's next pass"
+
+
+def not_found_message(config: ModelsConfig, name: str) -> str:
+    available = ", ".join(sorted(config.models)) or "none"
+    return f"The model '{name}' does not exist. Available models: {available}"
+
+
+async def start_in_turn(handles: list[Any]) -> None:
+    """Start llama-server on each actor placed in one pass, in the pass's order (priority):
+    each once the one before it exists, so higher priorities start first; loads overlap."""
+    for handle in handles:
+        with contextlib.suppress(ray.exceptions.RayError):
+            await handle.launch.remote()
+
+
+class Reconciler:
+    """The wanted models, and the loop that places them (DESIGN §3)."""
+
+    def __init__(
+        self,
+        config: Callable[[], ModelsConfig],
+        registry: Registry,
+        facts: Facts,
+        event: Callable[..., Any],
+        wake: asyncio.Event,
+        background: Background,
+        took_spare: Callable[[str], None],
+    ) -> None:
+        self._config = config
+        self.registry = registry
+        self.facts = facts
+        self._event = event
+        self._wake = wake
+        self.background = background
+        self._took_spare = took_spare  # a new actor likely took its node's spare worker
+        self.wants: dict[str, Wanted] = {}  # models that must run and have no actor yet
+        self._reconciler: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------ waiting for a model
+    async def ensure_actor(self, name: str, deadline: float | None = None) -> Any:
+        """The model's actor, once the scheduler has placed it. Until `deadline` (wall clock)
+        the caller waits while the model waits for room; then it is told what the model waits
+        for. A model no node could ever hold fails at once (and for `cooldown` after)."""
+        handle = self.registry.handles.get(name)
+        if handle is not None:
+            return handle
+        failure = self.registry.placement_failures.get(name)
+        if failure is not None and time.time() - failure[0] < self._config().settings.cooldown:
+            raise ModelFailed(failure[1], retry_after=self._config().settings.cooldown)
+        wanted = self.want(name)
+        wanted.waiters += 1
+        try:
+            remaining = None if deadline is None else max(0.0, deadline - time.time())
+            return await asyncio.wait_for(asyncio.shield(wanted.future), remaining)
+        except TimeoutError:
+            raise QueueTimeout(
+                f"model '{name}' could not be placed in time: {wanted.reason}",
+                retry_after=self._config().settings.queue.queue_timeout,
+            ) from None
+        finally:
+            wanted.waiters -= 1
+            if wanted.waiters == 0 and not wanted.keep and self.wants.get(name) is wanted:
+                del self.wants[name]  # nobody waits for it any more
+
+    def want(self, name: str, keep: bool = False) -> Wanted:
+        """Ask the scheduler to place `name` (it must run); `keep`: until placed or failed,
+        even with no request waiting (boot, admin starts, preload)."""
+        wanted = self.wants.get(name)
+        if wanted is None or wanted.future.done():
+            wanted = Wanted(asyncio.get_running_loop().create_future(), time.time())
+            wanted.future.add_done_callback(observed)
+            self.wants[name] = wanted
+        wanted.keep = wanted.keep or keep
+        self.ensure_running()
+        self._wake.set()
+        return wanted
+
+    async def await_placed(self, names: list[str]) -> list[dict[str, Any]]:
+        """Ask for every one of `names` at once (the scheduler orders them by priority) and
+        report, within placement_timeout, which were placed and why the others were not."""
+        wanted = {name: self.want(name, keep=True) for name in names}
+        timeout = self._config().settings.placement_timeout
+        pending = [w.future for w in wanted.values() if not w.future.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=timeout)  # waits; never cancels them
+        results = []
+        for name, entry in wanted.items():
+            if name in self.registry.handles:
+                results.append({"model": name, "placed": True})
+            elif entry.future.done() and entry.future.exception() is not None:
+                error = entry.future.exception()
+                message = error.message if isinstance(error, ProxifierError) else str(error)
+                results.append({"model": name, "placed": False, "error": message})
+            else:
+                results.append({"model": name, "placed": False, "error": entry.reason})
+        return results
+
+    async def start_in_order(self, names: list[str]) -> list[dict[str, Any]]:
+        """Place every model (the scheduler goes by priority) and start each placed one."""
+        for name in names:
+            self.registry.placement_failures.pop(name, None)  # an explicit start skips a cooldown
+        results = await self.await_placed(names)
+        handles = self.registry.handles
+        placed = [handles[r["model"]] for r in results if r["model"] in handles]
+        self.background.keep(asyncio.create_task(start_in_turn(placed)))
+        return results
+
+    def stop(self) -> None:
+        """The server shuts down: no more passes, and every waiter is told so."""
+        if self._reconciler is not None:
+            self._reconciler.cancel()
+        for entry in self.wants.values():
+            if not entry.future.done():
+                entry.future.set_exception(Unavailable("the server is shutting down"))
+        self.wants.clear()
+
+    # ------------------------------------------------------------------ the pass
+    def ensure_running(self) -> None:
+        if self._reconciler is None or self._reconciler.done():
+            self._reconciler = asyncio.create_task(self._reconcile_forever())
+
+    async def _reconcile_forever(self) -> None:
+        """One pass at a time: on every change (a model wanted, stopped, evicted, lost; a
+        reload) and every second while something waits (nodes join, models go idle)."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), RECONCILE_TICK)
+            self._wake.clear()
+            if not self.wants:
+                continue
+            try:
+                await self._reconcile_once()
+            except Exception as error:  # a bad pass must not end the loop
+                self._event("scheduler_error", error=repr(error))
+
+    async def _reconcile_once(self) -> None:
+        registry = self.registry
+        for name in [n for n in self.wants if n not in self._config().models]:
+            message = not_found_message(self._config(), name)
+            self.wants.pop(name).future.set_exception(ModelNotFound(message))
+        for name in [n for n in self.wants if n in registry.handles]:
+            self.wants.pop(name).future.set_result(registry.handles[name])
+        cooling = self._cooling_down()
+        for name in cooling & set(self.wants):
+            self.wants[name].reason = (
+                "cooling down after a failure: " + registry.placement_failures[name][1]
+            )
+        if not set(self.wants) - cooling:
+            return
+        gpus, residents, nodes = await self.facts.gather()
+        sized = any(node.gpu_memory > 0 for node in nodes)
+        # A snapshot: the awaits below let requests add wants, or drop theirs, meanwhile.
+        wants = [
+            await self.facts.want_for(name, gpus, entry.since, sized=sized)
+            for name, entry in list(self.wants.items())
+            if name not in cooling and name in self._config().models
+        ]
+        settings = self._config().settings
+        limits = Limits(settings.max_running_models, settings.min_residency, settings.placement)
+        actions = decide(nodes, residents, wants, limits, time.time())
+        blocked: set[str] = set()  # an eviction was refused: its model waits for the next pass
+        placed: list[Any] = []
+        for action in actions:
+            if isinstance(action, Evict):
+                if action.for_model in blocked:
+                    continue
+                registry.explain(
+                    action.for_model,
+                    "evicting",
+                    f"stopping '{action.victim}' ({action.reason}) to make room",
+                )
+                if not await self._evict(action.victim, action.for_model, action.reason):
+                    blocked.add(action.for_model)
+            elif isinstance(action, Place):
+                if action.model not in blocked and action.model in self.wants:
+                    placed.append(
+                        await self._create(action.model, action.node_id, gpus, action.gpus)
+                    )
+            elif isinstance(action, Wait):
+                if action.model in self.wants:
+                    self.wants[action.model].reason = action.reason
+                    registry.explain(action.model, "waiting", action.reason)
+            elif isinstance(action, Fail):
+                entry = self.wants.pop(action.model, None)
+                registry.placement_failures[action.model] = (time.time(), action.reason)
+                registry.explain(action.model, "failed", action.reason)
+                self._event("failed", model=action.model, reason=action.reason)
+                if entry is not None:
+                    entry.future.set_exception(
+                        ModelFailed(action.reason, retry_after=self._config().settings.cooldown)
+                    )
+
+        if placed:
+            self.background.keep(asyncio.create_task(start_in_turn(placed)))
+
+    def _cooling_down(self) -> set[str]:
+        cooldown = self._config().settings.cooldown
+        now = time.time()
+        failures = self.registry.placement_failures
+        return {n for n, (at, _) in failures.items() if now - at < cooldown}
+
+    async def _create(
+        self, name: str, node_id: str, gpus: float, num_gpus: float | None = None
+    ) -> Any:
+        """Create the model's actor on the node the scheduler chose, register it, and hand it
+        to everyone waiting (`start_in_turn` starts llama-server)."""
+        handle, options = await self._new_instance(name, node_id, gpus, num_gpus)
+        self.registry.register(name, handle, options, node_id)
+        self.registry.explain(name, "placed", f"placed on node {node_id}")
+        entry = self.wants.pop(name, None)
+        if entry is not None:
+            entry.future.set_result(handle)
+        return handle
+
+    async def _new_instance(
+        self, name: str, node_id: str, gpus: float, num_gpus: float | None = None
+    ) -> tuple[Any, dict[str, Any]]:
+        """A new actor for the model's current config, pinned to `node_id` (Ray never second-
+        guesses the scheduler), under a name of its own generation."""
+        model = self._config().models[name]
+        warning = cpu_fallback_warning(name, model, gpus)
+        if warning:
+            self._event("warning", model=name, message=warning)
+        options = actor_options(model, gpus)
+        if num_gpus is not None:  # placed by GPU memory: its share of one GPU, or whole GPUs
+            options["num_gpus"] = num_gpus
+        pinned = {k: v for k, v in options.items() if k != "label_selector"}
+        key = (await self.facts.memory_of(name))["calibration_key"]
+        calibrate = self.facts.calibrate(name, key)
+        wanted = self.wants.get(name)
+        timeline = {"placed": time.time()}
+        if wanted is not None:
+            timeline["wanted"] = wanted.since
+        config = self._config()
+        handle = create_model_actor(
+            name,
+            model,
+            config.settings,
+            config.base_dir,
+            events_to=CONTROLLER_NAME,
+            calibrate=calibrate,
+            timeline=timeline,
+            generation=uuid.uuid4().hex[:8],
+            lifetime="detached",
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+            **pinned,
+        )
+        self._event("placed", model=name, node_id=node_id, options=options)
+        # This actor likely took the node's spare worker. The next one starts once this
+        # model has loaded: a worker's start-up would take CPU from the load.
+        self._took_spare(node_id)
+        return handle, options
+
+    async def _evict(self, victim: str, for_model: str, reason: str) -> bool:
+        """Ask the victim to stop (it refuses when busy); on yes, free its resources."""
+        handle = self.registry.handles.get(victim)
+        if handle is None:
+            return False
+        if not await self.registry.stop_if_idle(victim, handle, f"evicted for '{for_model}'"):
+            return False
+        self.registry.count_eviction(reason)
+        self._event("evicted", model=victim, for_model=for_model, reason=reason)
+        return True
+
+    # ------------------------------------------------------------------ reload
+    async def apply(self, diff: ModelsDiff, plan: ReloadPlan, new: ModelsConfig) -> dict[str, Any]:
+        """A reload's actions, once `new` is the config in force."""
+        registry = self.registry
+        # A model placed by GPU memory whose new settings need another share (a longer
+        # context, another cache type, another file) needs a new actor, not just a restart.
+        sizes = self.facts.sizes(cluster_nodes()) if plan.restart else {}
+        for name in [n for n in plan.restart if await self.facts.share_changed(n, sizes)]:
+            plan.restart.remove(name)
+            plan.recreate.append(name)
+        for name in plan.drain:
+            handle = registry.handles[name]
+            registry.unregister(name, handle)  # no new request reaches it
+            self.background.keep(asyncio.create_task(registry.retire(name, handle)))
+        replacing = {name: await self._replace(name) for name in plan.recreate}
+        reloads = [
+            registry.handles[name].reload.remote(new.models[name], new.settings)
+            for name in plan.restart + plan.live
+        ]
+        if diff.settings:  # settings defaults reach every running model
+            reloads += [
+                registry.handles[n].reload.remote(new.models[n], new.settings)
+                for n in registry.handles
+                if n not in plan.restart + plan.live
+            ]
+        await asyncio.gather(*reloads, return_exceptions=True)
+        started = await self.start_in_order(plan.start)
+        self._event("config_reloaded", changes=diff.summary(), replacing=replacing)
+        return {"changes": diff.summary(), "started": started, "replacing": replacing}
+
+    async def _replace(self, name: str) -> str:
+        """A placement field of a running model changed: it needs a new actor. Where the new
+        instance fits beside the old one, it starts first and takes over once it is ready,
+        the old one then finishing what it has (blue/green); else the old one leaves the
+        registry and drains while the scheduler places the new one (its queue is served).
+        Returns which of the two it does."""
+        registry = self.registry
+        old = registry.handles[name]
+        gpus, residents, nodes = await self.facts.gather()
+        settings = self._config().settings
+        limit = settings.max_running_models + 1 if settings.max_running_models else 0
+        sized = any(node.gpu_memory > 0 for node in nodes)
+        beside = await self.facts.want_for(name, gpus, 0.0, as_name=f"{name}@next", sized=sized)
+        limits = Limits(limit, settings.min_residency, settings.placement)
+        actions = decide(nodes, residents, [beside], limits, 0.0)
+        if len(actions) == 1 and isinstance(actions[0], Place):
+            node_id = actions[0].node_id
+            new, options = await self._new_instance(name, node_id, gpus, actions[0].gpus)
+            registry.pending[name] = (new, options, node_id)
+            self.background.keep(asyncio.create_task(registry.take_over(name, old, new)))
+            return "blue/green"
+        registry.unregister(name, old)  # requests from now on wait for the new instance
+        self.background.keep(asyncio.create_task(registry.retire(name, old)))
+        self.want(name, keep=True)
+        return "stop, then start"
+
+    # ------------------------------------------------------------------ what it says
+    async def status_of(self, name: str) -> dict[str, Any]:
+        registry = self.registry
+        model = self._config().models[name]
+        entry: dict[str, Any] = {
+            "name": name,
+            "priority": model.priority,
+            "resource_group": model.resource_group,
+            "preload": model.preload,
+            "auto_start": model.auto_start,
+            "aliases": list(model.aliases),
+            "state": "stopped",
+        }
+        handle = registry.handles.get(name)
+        if handle is not None:
+            try:
+                entry.update(await handle.stats.remote())
+            except ray.exceptions.RayActorError as error:
+                entry.update(state="failed", last_error=f"model actor died: {error}")
+        elif name in registry.placement_failures:
+            entry.update(state="failed", last_error=registry.placement_failures[name][1])
+        elif name in registry.retiring:
+            entry.update(state="stopping")  # out of the registry; its actor still stops
+        if name in registry.pending:
+            entry["replacing"] = True  # a new instance loads and takes over when ready
+        if name in self.wants:
+            entry["waiting_for"] = self.wants[name].reason  # not placed yet: why
+        if name in self._config().models:  # a reload may have removed it meanwhile
+            memory = await self.facts.memory_of(name, READ_WAIT)
+            memory.pop("calibration_key", None)
+            options = registry.options.get(name)
+            if options is not None and handle is not None:
+                memory["num_gpus"] = options.get("num_gpus", 0)
+            entry["gpu_memory"] = memory
+        return entry
+
+    async def explain(self, model: str) -> dict[str, Any]:
+        """The scheduler's last decision about a model and why (placed where, waiting for
+        what, failed because), with where it runs now."""
+        status = await self.status_of(model)
+        last = self.registry.decisions.get(model)
+        return {
+            "model": model,
+            "state": status["state"],
+            "node_id": status.get("node_id") or self.registry.nodes_of.get(model),
+            "waiting": model in self.wants,
+            "last_decision": last,
+        }
