@@ -21,7 +21,7 @@ import aiohttp
 import ray
 from ray import serve
 
-from serve_app.proxy import STALE_CONNECTION  # what a pooled connection llama-server closed raises
+from serve_app.relay import STALE_CONNECTION  # what a pooled connection llama-server closed raises
 
 Scope = dict[str, Any]
 

@@ -18,12 +18,14 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response
 from proxifier.auth import ADMIN, Caller, may_use_model
 from proxifier.endpoints import ENDPOINTS, STORED_RESPONSES, Endpoint
 from proxifier.errors import NotFound
-from serve_app.backend import RayBackend
+from serve_app.admit import LeaseGuard
 from serve_app.dashboard import install_dashboard
 from serve_app.fast_path import InferenceFastPath
+from serve_app.gate import check_model_access
 from serve_app.http_errors import error_response, install_error_handlers
 from serve_app.metrics import ReplicaMetrics, render
-from serve_app.proxy import LeaseGuard, Proxy, check_model_access
+from serve_app.proxy import Proxy
+from serve_app.replica_slots import RayBackend
 from serve_app.security import BodyDeadline, Security, caller_of
 
 

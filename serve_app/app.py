@@ -16,7 +16,7 @@ from ray.serve import Application
 from actors.controller import create_controller, get_controller
 from proxifier.config import load_models_config
 from serve_app.api import build_api
-from serve_app.backend import RayBackend
+from serve_app.replica_slots import RayBackend
 
 log = logging.getLogger("proxifier")
 

@@ -16,7 +16,7 @@ from proxifier.auth import Caller, Denied, authorize, identify, is_public, prese
 from proxifier.browser_guard import browser_refusal
 from proxifier.config import AuthConfig
 from proxifier.endpoints import error_shape
-from serve_app.backend import RayBackend
+from serve_app.backend import Cluster
 from serve_app.http_errors import error_body
 from serve_app.metrics import ReplicaMetrics
 
@@ -31,7 +31,7 @@ class Security:
     def __init__(
         self,
         app: ASGIApp,
-        backend: RayBackend,
+        backend: Cluster,
         bound_host: str | None = None,
         metrics: ReplicaMetrics | None = None,
     ) -> None:
@@ -180,7 +180,7 @@ class BodyDeadline:
     """A request body must arrive within `settings.body_timeout` seconds of the request: a
     client that trickles it (slowloris) gets 408 and its place is freed."""
 
-    def __init__(self, app: ASGIApp, backend: RayBackend) -> None:
+    def __init__(self, app: ASGIApp, backend: Cluster) -> None:
         self.app = app
         self.backend = backend
 

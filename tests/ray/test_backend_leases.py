@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from serve_app.backend import RayBackend
+from serve_app.replica_slots import RayBackend
 from tests.conftest import MakeActor
 
 

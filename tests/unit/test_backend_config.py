@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 from proxifier.config import AUTH_DISABLED
-from serve_app.backend import CONFIG_STALE, CONFIG_TTL, RayBackend
+from serve_app.backend import CONFIG_STALE, CONFIG_TTL
+from serve_app.replica_slots import RayBackend
 
 pytestmark = pytest.mark.asyncio
 

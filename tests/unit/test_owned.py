@@ -4,7 +4,7 @@ ends goes back exactly once, and a slot or place that arrives after it ended goe
 
 from __future__ import annotations
 
-from serve_app.backend import Owned
+from serve_app.call import Owned
 
 
 def test_what_is_left_goes_back_once_when_the_request_ends() -> None:

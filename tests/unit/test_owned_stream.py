@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 from starlette.requests import ClientDisconnect
 
-from serve_app.proxy import Call, OwnedStream
+from serve_app.call import Call
+from serve_app.relay import OwnedStream
 
 SCOPE = {"type": "http", "asgi": {"spec_version": "2.4"}, "method": "POST", "path": "/"}
 

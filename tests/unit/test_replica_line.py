@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from serve_app.backend import RayBackend
+from serve_app.replica_slots import RayBackend
 
 pytestmark = pytest.mark.asyncio
 

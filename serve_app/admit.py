@@ -1,0 +1,283 @@
+"""Admission: one object per inference request (`Admission`) that owns its slot, or its place in
+a queue, from the gate to the last byte and gives it back whatever happens; `LeaseGuard` makes
+sure of that at the ASGI edge. It applies the replica's lease rules (serve_app.replica_slots,
+proxifier.lease_reuse); it may not read request bodies or touch upstream bytes (serve_app.relay).
+
+Every request ends in one named `Outcome`: how its slot came, or that it errored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import time
+from typing import Any
+
+from fastapi.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from proxifier.errors import ProxifierError, Unavailable
+from serve_app.backend import ATTEMPTS
+from serve_app.call import MOVED, Call, Owned
+from serve_app.gate import Inbound
+from serve_app.relay import OwnedStream, Relay, StaleLease
+from serve_app.replica_slots import RayBackend
+
+QUICK_ANSWER = 1.0  # seconds a queued stream waits before it commits to a 200 and keep-alives
+LEASES = "proxifier.leases"  # where LeaseGuard leaves a request's Owned in the ASGI scope
+
+
+class Outcome(enum.Enum):
+    HELD = "held"  # on a slot this replica held: taken over, or handed over in its line
+    GRANTED = "granted"  # the model actor granted a slot at once
+    QUEUED = "queued"  # it waited in the model's queue for its slot
+    ACCEPTED = "accepted"  # answered 202: the model actor runs it from its queue
+    ERRORED = "errored"  # an error answered it before its answer began
+
+
+class LeaseGuard:
+    """ASGI middleware: every request owns its slots through one `Owned`, and whatever it
+    still holds when the app returns (the answer sent, an error, the client gone at any
+    moment) goes back then, whichever path inside forgot it."""
+
+    def __init__(self, app: ASGIApp, backend: RayBackend) -> None:
+        self.app, self.slots = app, backend
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        owned = self.slots.open_request()
+        scope[LEASES] = owned
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.slots.close_request(owned)
+
+
+class Requeue(Exception):
+    """The model instance a request waited for was retired or went away before granting it a
+    slot: the request starts over with the instance the controller has now."""
+
+
+def owned_by(scope: Scope) -> Owned:
+    """The request's slots ledger, which LeaseGuard left in its scope."""
+    owned = scope.get(LEASES)
+    assert isinstance(owned, Owned), "the app must run behind LeaseGuard"
+    return owned
+
+
+class Admission:
+    """One inference request's owner: it gets the request a slot (a held one, one handed over
+    in the replica's line, one the actor grants at once or after a wait in its queue) and
+    gives it back when the relay is done, or the request's place in the queue when it ends
+    first. `call`: the request's state now (a new one when a stale held slot starts it over)."""
+
+    def __init__(self, slots: RayBackend, relay: Relay, inbound: Inbound, owned: Owned) -> None:
+        self.slots, self.relay, self.inbound = slots, relay, inbound
+        self.outcome: Outcome | None = None
+        self.call = self._call(owned)
+
+    def _call(self, owned: Owned) -> Call:
+        inbound = self.inbound
+        call = Call(
+            inbound.model,
+            inbound.endpoint,
+            inbound.raw,
+            inbound.request_id,
+            inbound.arrived,
+            owned=owned,
+        )
+        call.deadline, call.arrived_at = inbound.deadline, inbound.arrived_at
+        return call
+
+    async def serve(self, choice: Any) -> Response:
+        """The request's answer, on `choice` (the instance serve_app.route picked) if a slot
+        this replica holds there serves it, else on the instance the actor call reaches."""
+        inbound, slots, relay = self.inbound, self.slots, self.relay
+        model, deadline, stream = inbound.model, inbound.deadline, inbound.stream
+        call = self.call
+        try:
+            # A slot this replica holds from its last request, or one that a request of this
+            # replica hands over as it finishes: no actor call at all.
+            held = slots.take_over(model, choice)
+            if held is None and not inbound.respond_async:
+                held = await slots.wait_in_line(model, deadline)
+            if held is not None:
+                self._own(call.take_over(held), held.handle, held.lease)
+                self.outcome = Outcome.HELD
+                with contextlib.suppress(StaleLease):
+                    return await relay.forward(self, call, held.lease, stream)
+                call = self.call = self._call(call.owned)
+            if inbound.respond_async:
+                caller = inbound.caller
+                call.handle, answer = await slots.on_model(
+                    model,
+                    deadline,
+                    lambda h: h.enqueue_or_submit.remote(
+                        call.request_id,
+                        call.path,
+                        inbound.payload,
+                        deadline,
+                        inbound.arrived_at,
+                        slots.take_releases(model, h),
+                        holder=slots.holder,
+                        owner=caller.name if caller is not None else None,
+                    ),
+                    lambda h, lease: self._own(call, h, lease),
+                )
+                if "queued" in answer:
+                    slots.joined_queue(model)  # the actor runs it; we only take note
+                    slots.left_queue(model)
+                    self.outcome = Outcome.ACCEPTED
+                    return relay.accepted(model, answer["queued"])
+                self.outcome = Outcome.GRANTED
+                return await relay.forward(self, call, answer["lease"], stream)
+            for _ in range(ATTEMPTS):
+                answer = await self.enqueue(call)
+                if "queued" not in answer:
+                    self.outcome = Outcome.GRANTED
+                    return await relay.forward(self, call, answer["lease"], stream)
+                call.queued = True
+                self.outcome = Outcome.QUEUED
+                with contextlib.suppress(Requeue):
+                    if stream:
+                        return await self.stream_when_granted(
+                            call, answer["queued"], inbound.keepalive
+                        )
+                    return await relay.forward(self, call, await self.wait_lease(call), stream)
+            raise Unavailable(
+                f"model '{model}' kept stopping while the request waited; try again",
+                retry_after=1,
+            )
+        except ProxifierError as error:
+            self.outcome = Outcome.ERRORED
+            relay.metrics.answered(model, error.status)
+            raise
+
+    async def enqueue(self, call: Call) -> dict[str, Any]:
+        """Ask the model's current instance for a slot: a lease, or a place in its queue."""
+        call.handle, answer = await self.slots.on_model(
+            call.model,
+            call.deadline,
+            lambda h: h.enqueue.remote(
+                call.request_id,
+                call.deadline,
+                call.arrived_at,
+                self.slots.take_releases(call.model, h),
+                holder=self.slots.holder,
+            ),
+            lambda h, lease: self._own(call, h, lease),
+            lambda h: self._queued(call, h),
+        )
+        self.slots.answered(call.model, queued="queued" in answer)
+        return answer
+
+    def moved(self, call: Call) -> Requeue:
+        """The instance the request waited for is gone: forget it, so the next try asks the
+        controller (which places a fresh one)."""
+        call.owned.left(call.request_id)
+        self.slots.forget(call.model, call.handle, moved=True)
+        return Requeue()
+
+    async def stream_when_granted(
+        self, call: Call, queued: dict[str, Any], keepalive: float
+    ) -> Response:
+        """A streaming request that must wait. A quick answer (a lease, or a failure) still
+        gets a plain HTTP status; only a longer wait becomes a stream of keep-alive comments."""
+        ref = call.handle.wait_lease.remote(call.request_id)
+        waiting = self.waiting(call, ref)
+        try:
+            done, _ = await asyncio.wait({waiting}, timeout=QUICK_ANSWER)
+        except asyncio.CancelledError:
+            self.abandon(call, waiting)
+            raise
+        if done:
+            try:
+                lease = waiting.result()
+            except MOVED:
+                raise self.moved(call) from None
+            return await self.relay.forward(self, call, lease, stream=True)
+
+        async def unstarted() -> None:
+            self.abandon(call, waiting)
+
+        body = self.relay.queued_stream(self, call, queued, waiting, keepalive)
+        return OwnedStream(body, call, unstarted)
+
+    async def wait_lease(self, call: Call) -> dict[str, Any]:
+        """Wait in the queue; a client that goes away takes its place (or slot) back."""
+        ref = call.handle.wait_lease.remote(call.request_id)
+        waiting = self.waiting(call, ref)
+        try:
+            return await waiting
+        except asyncio.CancelledError:
+            self.abandon(call, waiting)
+            raise
+        except MOVED:
+            raise self.moved(call) from None
+
+    def abandon(self, call: Call, waiting: asyncio.Future[Any]) -> None:
+        """The client went away while its request waited: give back its place in the queue,
+        or the slot, when the lease had already come and nobody will use it."""
+        if waiting.done() and not waiting.cancelled() and waiting.exception() is None:
+            self.release(call, waiting.result(), count=False)
+            return
+        # The actor gives the place back, or the slot if it grants it first. A lease already
+        # on its way still reaches `waiting`, which hands it to the request's Owned: that one
+        # is closed (or closes with the request), so the slot goes straight back.
+        call.owned.left(call.request_id)()
+
+    def waiting(self, call: Call, ref: Any) -> asyncio.Future[Any]:
+        """The wait for a lease, during which this replica holds no slot of the model (it
+        must not serve a newcomer ahead of the queue)."""
+        self.slots.joined_queue(call.model)
+        future = asyncio.ensure_future(
+            self.slots.leased(call.handle, ref, lambda h, lease: self._own(call, h, lease))
+        )
+        future.add_done_callback(lambda _: self.slots.left_queue(call.model))
+        future.add_done_callback(lambda _: call.owned.left(call.request_id))
+        return future
+
+    def _queued(self, call: Call, handle: Any) -> None:
+        """The request waits in the queue: should it end before its wait does (its client
+        gone before or while it waits), its place, or the slot just granted to it, goes back."""
+        call.handle = handle
+        call.owned.queued(
+            call.request_id, lambda: self.slots.fire(handle.abandon.remote(call.request_id))
+        )
+
+    def _own(self, call: Call, handle: Any, lease: dict[str, Any]) -> None:
+        """The request got a slot: from now on it is the request's to give back."""
+        call.handle = handle
+        self.slots.using(call.model, lease["lease_id"])
+        call.owned.add(lease["lease_id"], handle, lambda: self.release(call, lease, count=False))
+
+    async def wait_again(self, call: Call) -> asyncio.Future[Any]:
+        """After a move: a slot at once (as a finished future) or a new wait in the queue."""
+        answer = await self.enqueue(call)
+        if "queued" in answer:
+            return self.waiting(call, call.handle.wait_lease.remote(call.request_id))
+        granted: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        granted.set_result(answer["lease"])
+        return granted
+
+    def release(
+        self, call: Call, lease: dict[str, Any], *, clean: bool = False, count: bool = True
+    ) -> None:
+        """The request is over: the backend holds the lease for the next request (when it
+        ended cleanly) or gives it back (proxifier.lease_reuse). `count`: whether this
+        request counts as served on it (not when it never reached llama-server). Only the
+        first release of a lease counts; later ones (the guard's) do nothing."""
+        if not call.owned.drop(lease["lease_id"]):
+            return
+        self.slots.finish(
+            call.model,
+            call.handle,
+            lease,
+            granted_at=call.granted_at if call.granted_at is not None else time.monotonic(),
+            served=call.served + (1 if count else 0),
+            from_queue=call.queued,
+            clean=clean,
+        )
