@@ -27,21 +27,12 @@ from proxifier.config import (
     validate_auth,
 )
 from proxifier.config_diff import diff_models
-from proxifier.console import start_line
+from proxifier.console import start_line, table
 from proxifier.gpu_inventory import memory_gib_text, ray_start_flags
 from proxifier.model_files import hf_source
 
 DEFAULT_MODELS = "configs/models.yaml"
 DEFAULT_URL = "http://127.0.0.1:8000"
-
-
-def table(rows: list[list[str]]) -> str:
-    """Rows as aligned columns (the first row is the header)."""
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        for row in rows
-    )
 
 
 class AdminError(Exception):

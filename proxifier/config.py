@@ -25,7 +25,7 @@ from pydantic import (
     field_validator,
 )
 
-from proxifier.llama import additional_args_conflicts
+from proxifier.llama_flags import additional_args_conflicts
 from proxifier.model_files import HF_REPO, cached_file, hf_source, model_cache
 
 Permission = Literal["admin", "models", "config", "read"]
