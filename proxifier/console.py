@@ -7,6 +7,16 @@ from typing import Any
 
 from proxifier.model_files import unit_for
 
+
+def table(rows: list[list[str]]) -> str:
+    """Rows as aligned columns (the first row is the header)."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
+
+
 # Ray's and Serve's loggers in the driver; at WARNING unless --verbose.
 RAY_LOGGERS = ("ray", "ray.serve", "ray.data", "ray.train", "ray.tune")
 

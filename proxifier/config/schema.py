@@ -1,0 +1,252 @@
+"""The configuration schema: settings, models, API keys and auth (pydantic models).
+Pure: no I/O; reads only `values` and the Hugging Face name rules in `proxifier.model_files`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shlex
+from datetime import datetime
+from pathlib import Path
+from typing import Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+)
+
+from proxifier.config.values import _STRICT, Permission, parse_expiry, parse_size, resolve_path
+from proxifier.model_files import HF_REPO, cached_file, hf_source, model_cache
+
+
+class QueueSettings(BaseModel):
+    """Queue defaults for every model (DESIGN §5)."""
+
+    model_config = _STRICT
+
+    max_queue_size: int = Field(100, ge=1)
+    queue_timeout: float = Field(30.0, gt=0)
+    cleanup_interval: float = Field(10.0, gt=0)
+    respond_async: bool = False
+    keepalive_interval: float = Field(3.0, gt=0)
+    lease_hold: float = Field(0.05, ge=0, le=5)
+
+
+class Settings(BaseModel):
+    """The `settings:` block of models.yaml: server-wide values and per-model defaults."""
+
+    model_config = _STRICT
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    idle_timeout: float = Field(300.0, ge=0)
+    cleanup_interval: float = Field(30.0, gt=0)
+    max_running_models: int = Field(0, ge=0)
+    # Models placed by GPU memory: fill the fullest GPU they fit on, or the emptiest.
+    placement: Literal["binpack", "spread"] = "binpack"
+    llama_server: str | None = None
+    startup_timeout: float = Field(300.0, gt=0)
+    stop_grace: float = Field(10.0, ge=0)
+    placement_timeout: float = Field(60.0, gt=0)
+    max_restarts: int = Field(3, ge=0)
+    restart_window: float = Field(300.0, gt=0)
+    cooldown: float = Field(60.0, ge=0)
+    max_lease_time: float = Field(3600.0, gt=0)
+    # A slot an ingress replica holds stays taken only while the replica renews it (every
+    # lease_ttl/6 s): a replica that died, or bookkeeping that lost a slot, gives it back this fast.
+    lease_ttl: float = Field(6.0, ge=1)
+    min_residency: float = Field(10.0, ge=0)
+    result_ttl: float = Field(600.0, gt=0)
+    max_body_size: int = 10 * 1000**2
+    body_timeout: float = Field(30.0, gt=0)
+    upstream_timeout: float = Field(600.0, gt=0)
+    queue: QueueSettings = QueueSettings()
+    auth_file: str | None = None
+    # Where each node keeps models fetched from Hugging Face (None: ~/.cache/proxifier/models).
+    model_cache: str | None = None
+
+    @field_validator("max_body_size", mode="before")
+    @classmethod
+    def _size(cls, value: object) -> int:
+        return parse_size(value)
+
+
+class ModelConfig(BaseModel):
+    """One entry of the `models:` mapping. `None` means "use the settings default"."""
+
+    model_config = _STRICT
+
+    model_path: str | None = None
+    # Or fetched from Hugging Face on the node the model runs on (README: Models from Hugging Face).
+    hf_repo: str | None = Field(None, pattern=HF_REPO.pattern)
+    hf_file: str | None = Field(None, min_length=1)
+    port: int | None = Field(None, ge=1024, le=65535)
+    priority: int = Field(5, ge=1, le=10)
+    resource_group: str = Field("default", min_length=1)
+    auto_start: bool = False
+    preload: bool = False
+    gpu_layers: int | None = Field(None, ge=-1)
+    context_length: int | None = Field(None, ge=1)
+    threads: int | None = Field(None, ge=1)
+    parallel: int = Field(4, ge=1)
+    chat_template: str | None = None
+    embeddings: bool = False
+    reranking: bool = False  # llama-server --reranking: /v1/rerank with the rank pooling it needs
+    additional_args: list[str] = []
+    env: dict[str, str] = {}
+    llama_server: str | None = None
+    num_gpus: float | None = Field(None, ge=0)
+    # GPU memory the model needs (bytes, or "12GiB"): overrides the estimate from its GGUF.
+    gpu_memory: int | None = None
+    num_cpus: float = Field(0, ge=0)
+    memory: int | None = None
+    resources: dict[str, float] = {}
+    labels: dict[str, str] = {}
+    idle_timeout: float | None = Field(None, ge=0)
+    max_queue_size: int | None = Field(None, ge=1)
+    queue_timeout: float | None = Field(None, gt=0)
+    startup_timeout: float | None = Field(None, gt=0)
+    upstream_timeout: float | None = Field(None, gt=0)
+    aliases: list[str] = []
+
+    @field_validator("additional_args", mode="before")
+    @classmethod
+    def _split_args(cls, value: object) -> object:
+        if isinstance(value, str):
+            return shlex.split(value)
+        if isinstance(value, list):
+            return [str(item) if isinstance(item, int | float) else item for item in value]
+        return value
+
+    @field_validator("env", mode="before")
+    @classmethod
+    def _env_strings(cls, value: object) -> object:
+        if isinstance(value, dict):
+            return {
+                key: str(item) if isinstance(item, int | float | bool) else item
+                for key, item in value.items()
+            }
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                raise ValueError(f"bad variable name {name!r}")
+        return value
+
+    @field_validator("memory", "gpu_memory", mode="before")
+    @classmethod
+    def _memory(cls, value: object) -> int | None:
+        return None if value is None else parse_size(value)
+
+    @field_validator("resources")
+    @classmethod
+    def _resources(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, quantity in value.items():
+            if quantity < 0:
+                raise ValueError(f"{name} = {quantity}")
+        return value
+
+
+class ModelsConfig(BaseModel):
+    """A whole models.yaml: settings plus every model by name."""
+
+    model_config = _STRICT
+
+    settings: Settings = Settings()
+    models: dict[str, ModelConfig] = {}
+    # Where the file lives: relative model paths and auth_file resolve against it.
+    base_dir: Path = Field(default=Path("."), exclude=True)
+
+    def model_file(self, name: str) -> Path | None:
+        """The model's file on this machine: its path, or its downloaded copy if this node
+        has one (None when it is fetched elsewhere or not yet)."""
+        model = self.models[name]
+        source = hf_source(model.hf_repo, model.hf_file)
+        if source is not None:
+            return cached_file(source, model_cache(self.settings.model_cache))
+        return model_file_for(model, self.base_dir)
+
+    def auth_path(self) -> Path | None:
+        auth = self.settings.auth_file
+        return None if auth is None else resolve_path(self.base_dir, auth)
+
+    def resolve_name(self, name: str) -> str | None:
+        """The model a name or an alias refers to, or None."""
+        if name in self.models:
+            return name
+        for model_name, model in self.models.items():
+            if name in model.aliases:
+                return model_name
+        return None
+
+
+class ApiKeyConfig(BaseModel):
+    """One entry of auth.yaml's `api_keys:`; exactly one of `key` and `key_sha256`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    key: str | None = Field(None, min_length=1, repr=False)
+    key_sha256: str | None = Field(None, repr=False)
+    permissions: list[Permission] = Field(min_length=1)
+    expires: datetime | None = None
+    models: list[str] | None = None
+    description: str | None = None
+
+    @field_validator("key", mode="before")
+    @classmethod
+    def _key_text(cls, value: object) -> object:
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @field_validator("key_sha256")
+    @classmethod
+    def _digest(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", value):
+            raise ValueError("not a SHA-256 digest")
+        return None if value is None else value.lower()
+
+    @field_validator("expires", mode="before")
+    @classmethod
+    def _expires(cls, value: object) -> datetime | None:
+        return parse_expiry(value)
+
+    def digest(self) -> str:
+        """The SHA-256 hex digest the key is checked against."""
+        if self.key_sha256 is not None:
+            return self.key_sha256
+        assert self.key is not None, "validated: key or key_sha256 is set"
+        return hashlib.sha256(self.key.encode()).hexdigest()
+
+
+class AuthConfig(BaseModel):
+    """A whole auth.yaml. A file that exists turns auth on unless it says `enabled: false`."""
+
+    model_config = _STRICT
+
+    enabled: bool = True
+    dashboard_auth_required: bool = True
+    api_keys: dict[str, ApiKeyConfig] = {}
+    rate_limits: dict[str, int] = {}
+    public_endpoints: list[str] = ["/health", "/metrics"]
+    cors_origins: list[str] = []
+
+    @field_validator("rate_limits")
+    @classmethod
+    def _limits(cls, value: dict[str, int]) -> dict[str, int]:
+        for name, limit in value.items():
+            if limit < 1:
+                raise ValueError(f"{name} = {limit}")
+        return value
+
+
+AUTH_DISABLED = AuthConfig(enabled=False)
+
+
+def model_file_for(model: ModelConfig, base_dir: Path) -> Path | None:
+    """The model's .gguf path, relative paths resolved against models.yaml's folder."""
+    return None if model.model_path is None else resolve_path(base_dir, model.model_path)
