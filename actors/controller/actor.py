@@ -1,16 +1,16 @@
 """The controller's actor facade: one detached actor per cluster (DESIGN §3) whose remote methods
-the ingress, the CLI and the tests call; each delegates to a part. It owns the configuration in
-force and the auth keys; it places nothing and holds no model state itself (DESIGN §12).
+the ingress, the CLI and the tests call; each delegates to a part. It places nothing and holds
+no model state itself (DESIGN §12).
 
 The parts: `registry` (model -> instance), `reconcile` (facts -> scheduler -> apply), `facts`
 (nodes, GPUs, GGUF, calibration), `upkeep` (idle stops, preload, spares), `watchers` (auth file,
-Serve applications), `config_files` (the files, backups, the accepted copy), `events`.
+Serve applications), `configuration` (the config in force, auth keys, reloads, backups, over
+`config_files`), `views` (status, explain, listings), `events`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import time
 from pathlib import Path
@@ -18,86 +18,23 @@ from typing import Any
 
 import ray
 
-from actors.controller.config_files import ConfigFiles
+from actors.controller import views
+from actors.controller.configuration import Configuration
 from actors.controller.events import CONTROLLER_NAME, EventFeed
 from actors.controller.facts import Facts
 from actors.controller.reconcile import Reconciler, not_found_message
 from actors.controller.registry import Registry
 from actors.controller.upkeep import Spares, Upkeep, preloaded
+from actors.controller.views import among, by_priority
 from actors.controller.watchers import ServeWatcher, watch_auth_file
 from actors.model import NAMESPACE, cluster_singleton_options
 from actors.ray_glue import Background, call
-from proxifier.config import (
-    AuthConfig,
-    ConfigError,
-    ModelsConfig,
-    parse_yaml_text,
-    validate_auth,
-)
-from proxifier.config_diff import diff_models
-from proxifier.endpoints import capabilities
+from proxifier.config import AuthConfig, ModelsConfig
 from proxifier.errors import ModelNotFound, NotFound, Refused
 from proxifier.metrics import LOAD_BUCKETS, Histogram
-from proxifier.planning import group_members, group_stop_plan, reload_plan, startup_order
+from proxifier.planning import group_members, group_stop_plan, startup_order
 
 __all__ = ["CONTROLLER_NAME", "Controller", "create_controller", "get_controller"]
-
-
-def _among(names: list[str], only: list[str] | None) -> list[str]:
-    """`names` (in their order) that are in `only`; all of them when `only` is None."""
-    return names if only is None else [n for n in names if n in only]
-
-
-def _by_priority(config: ModelsConfig) -> list[str]:
-    return sorted(config.models, key=lambda n: (-config.models[n].priority, n))
-
-
-def _groups_view(
-    config: ModelsConfig,
-    statuses: dict[str, dict[str, Any]],
-    groups: list[str],
-    only: list[str] | None,
-) -> dict[str, Any]:
-    view: dict[str, Any] = {}
-    for group in groups:
-        members = _among(group_members(config.models, group), only)
-        entries = [
-            {
-                "name": n,
-                "state": statuses[n]["state"],
-                "priority": config.models[n].priority,
-                "preload": config.models[n].preload,
-            }
-            for n in members
-        ]
-        running = sum(1 for e in entries if e["state"] in ("ready", "starting", "restarting"))
-        view[group] = {"members": entries, "running": running, "total": len(entries)}
-    return view
-
-
-def _models_view(
-    config: ModelsConfig,
-    registered_at: dict[str, int],
-    statuses: list[dict[str, Any]],
-    fim: list[bool | None],
-) -> list[dict[str, Any]]:
-    models = config.models  # read once: a reload may land between the caller's awaits
-    return [
-        {
-            "id": status["name"],
-            "object": "model",
-            "created": registered_at.get(status["name"], 0),
-            "owned_by": "proxifier",
-            "state": status["state"],
-            "priority": status["priority"],
-            "resource_group": status["resource_group"],
-            "aliases": status["aliases"],
-            "capabilities": [str(c) for c in capabilities(models[status["name"]], infill)]
-            if status["name"] in models
-            else [],
-        }
-        for status, infill in zip(statuses, fim, strict=True)
-    ]
 
 
 class Controller:
@@ -106,20 +43,16 @@ class Controller:
     async def __init__(self, models_path: str, auth_path: str | None = None) -> None:
         # async: Ray runs it on the actor's event loop, so the loops start here, also when
         # Ray restarts a controller that died (DESIGN §11).
-        self.models_path = Path(models_path).resolve()
-        self.files = ConfigFiles(self.models_path, Path(auth_path).resolve() if auth_path else None)
         self.feed = EventFeed()
         self.background = Background()
         self.spares = Spares(self.background)
-        # A restarted controller goes on with the configuration it last accepted, not with
-        # whatever is on disk now (an edit not reloaded yet, or a bad file). A first start
-        # reads the files; one that does not load fails the actor's creation (`proxifier serve`
-        # validates first).
-        finished = self.files.finish_restore()  # one a crash interrupted, before reading
-        if finished is not None:
-            self._event("config_restored", id=finished, completed_after_restart=True)
-        self.config, self.auth = self._accepted_or_files(read_files=finished is not None)
-        self.auth_version = 0
+        self.configuration = Configuration(
+            Path(models_path).resolve(),
+            Path(auth_path).resolve() if auth_path else None,
+            self._event,
+            lambda: self.registry.handles,
+            lambda diff, plan, new: self.reconcile.apply(diff, plan, new),
+        )
         wake = asyncio.Event()
         self.registry = Registry(self._event, wake.set, self.background)
         self.facts = Facts(
@@ -143,10 +76,10 @@ class Controller:
             self._event,
             self.background,
         )
+        self.viewed = views.Viewed(
+            lambda: self.config, self.registry, self.facts, self.reconcile.wants
+        )
         self.serve_watcher = ServeWatcher(self.shutdown, self._event)
-        # When each model first appeared: /v1/models' stable `created`.
-        now = int(time.time())
-        self.registered_at: dict[str, int] = dict.fromkeys(self.config.models, now)
         self.replica_metrics: dict[str, tuple[float, dict[str, Any]]] = {}
         self.load_seconds: dict[str, Histogram] = {}
         for name in self.config.models:  # read now, so a first status finds them
@@ -157,45 +90,16 @@ class Controller:
         self._ensure_upkeep()
         self.reconcile.ensure_running()
 
-    # ------------------------------------------------------------------ the accepted config
-    def _accepted_or_files(self, read_files: bool = False) -> tuple[ModelsConfig, AuthConfig]:
-        restarted = ray.is_initialized() and (
-            ray.get_runtime_context().was_current_actor_reconstructed
-        )
-        stored = self.files.accepted() if restarted and not read_files else None
-        if stored is None:
-            config = self.files.load_models()
-            auth = self.files.load_auth(config)
-            self._accept(config)
-            return config, auth
-        config = self.files.models_from_text(stored["models"], str(self.models_path))
-        try:
-            auth = self.files.load_auth(config)  # auth.yaml applies as it changes on disk
-        except ConfigError as error:
-            if stored.get("auth") is None:
-                raise
-            auth = validate_auth(parse_yaml_text(stored["auth"], "auth"), file="accepted auth")
-            self._event("config_rejected", file="auth.yaml", errors=[str(i) for i in error.issues])
-        self._event("config_restored_after_restart", models_path=str(self.models_path))
-        return config, auth
-
-    def _accept(self, config: ModelsConfig) -> None:
-        with contextlib.suppress(Exception):  # no store (no Ray): a restart reads the files
-            self.files.accept(config)
-
-    def _set_auth(self, auth: AuthConfig) -> None:
-        self.auth, self.auth_version = auth, self.auth_version + 1
-
     def _ensure_upkeep(self) -> None:
         if self.upkeep.ensure():
             self.background.keep(
                 asyncio.create_task(
                     watch_auth_file(
-                        self.files,
+                        self.configuration.files,
                         lambda: self.config,
-                        lambda: self.auth,
-                        self._set_auth,
-                        self._accept,
+                        lambda: self.configuration.auth,
+                        self.configuration.set_auth,
+                        self.configuration.accept,
                         self._event,
                     )
                 )
@@ -252,11 +156,11 @@ class Controller:
         return {"model": model, "state": "stopped"}
 
     async def model_status(self, name: str) -> dict[str, Any]:
-        return await self.reconcile.status_of(self._resolve(name))
+        return await self._status_of(self._resolve(name))
 
     async def status(self) -> list[dict[str, Any]]:
-        names = _by_priority(self.config)
-        return list(await asyncio.gather(*(self.reconcile.status_of(n) for n in names)))
+        names = by_priority(self.config)
+        return list(await asyncio.gather(*(self._status_of(n) for n in names)))
 
     async def model_logs(self, name: str, lines: int = 100) -> list[str]:
         handle = self.registry.handles.get(self._resolve(name))
@@ -264,16 +168,7 @@ class Controller:
 
     async def queue_status(self, name: str | None = None) -> list[dict[str, Any]]:
         handles = self.registry.handles
-        names = [self._resolve(name)] if name else sorted(handles)
-        statuses = []
-        for model in names:
-            handle = handles.get(model)
-            if handle is None:
-                statuses.append({"model": model, "state": "stopped", "depth": 0, "waiting": []})
-            else:
-                with contextlib.suppress(ray.exceptions.RayActorError):
-                    statuses.append(await handle.queue_status.remote())
-        return statuses
+        return await views.queue_status(handles, [self._resolve(name)] if name else sorted(handles))
 
     async def clear_queue(self, name: str) -> dict[str, Any]:
         model = self._resolve(name)
@@ -284,127 +179,83 @@ class Controller:
     async def explain(self, name: str) -> dict[str, Any]:
         """The scheduler's last decision about a model and why (placed where, waiting for
         what, failed because), with where it runs now."""
-        return await self.reconcile.explain(self._resolve(name))
+        return await views.explain(self._resolve(name), self.viewed)
 
     # ------------------------------------------------------------------ groups
     # `only`: the models the caller's API key may use (None: every model). Bulk operations
     # touch, and report, only those; a group none of whose members it may see does not exist.
     async def start_group(self, group: str, only: list[str] | None = None) -> dict[str, Any]:
-        members = _among(group_members(self.config.models, group), only)
+        members = among(group_members(self.config.models, group), only)
         if not members:
             raise NotFound(f"no model is in resource group '{group}'; groups: {self._groups(only)}")
         return {"group": group, "results": await self.reconcile.start_in_order(members)}
 
     async def stop_group(self, group: str, only: list[str] | None = None) -> dict[str, Any]:
         to_stop, kept = group_stop_plan(self.config.models, group)
-        to_stop, kept = _among(to_stop, only), _among(kept, only)
+        to_stop, kept = among(to_stop, only), among(kept, only)
         if not to_stop and not kept:
             raise NotFound(f"no model is in resource group '{group}'; groups: {self._groups(only)}")
         await asyncio.gather(*(self.registry.stop(n, f"group '{group}' stopped") for n in to_stop))
         return {"group": group, "stopped": to_stop, "kept_preloaded": kept}
 
     async def start_all(self, only: list[str] | None = None) -> dict[str, Any]:
-        names = _among(_by_priority(self.config), only)
+        names = among(by_priority(self.config), only)
         return {"results": await self.reconcile.start_in_order(names)}
 
     async def stop_all(self, only: list[str] | None = None) -> dict[str, Any]:
-        names = _among([n for n, m in self.config.models.items() if not m.preload], only)
+        names = among([n for n, m in self.config.models.items() if not m.preload], only)
         await asyncio.gather(*(self.registry.stop(n, "stop-all") for n in names))
-        return {"stopped": sorted(names), "kept_preloaded": _among(preloaded(self.config), only)}
+        return {"stopped": sorted(names), "kept_preloaded": among(preloaded(self.config), only)}
 
     async def groups_status(self, only: list[str] | None = None) -> dict[str, Any]:
         statuses = {s["name"]: s for s in await self.status()}
-        return _groups_view(self.config, statuses, self._groups(only), only)
+        return views.groups_view(self.config, statuses, self._groups(only), only)
 
     # ------------------------------------------------------------------ configuration
+    @property
+    def config(self) -> ModelsConfig:
+        return self.configuration.config
+
     async def reload_config(self) -> dict[str, Any]:
         """Re-read models.yaml and auth.yaml; apply the difference. A bad file changes nothing."""
-        try:
-            new = self.files.load_models()
-            auth = self.files.load_auth(new)
-        except ConfigError as error:
-            self._event("config_rejected", errors=[str(i) for i in error.issues])
-            raise
-        result = await self._apply(new)
-        if auth != self.auth:
-            self.auth = auth
-            self.auth_version += 1
-            result["auth_reloaded"] = True
-        self._accept(new)
-        return result
+        return await self.configuration.reload_config()
 
     async def reload_model(self, name: str) -> dict[str, Any]:
         """Re-read models.yaml and apply only what changed for one model."""
-        new = self.files.load_models()
-        model = self.config.resolve_name(name) or new.resolve_name(name)
-        if model is None:
-            raise ModelNotFound(not_found_message(self.config, name))
-        models = dict(self.config.models)
-        if model in new.models:
-            models[model] = new.models[model]
-        else:
-            models.pop(model)
-        partial = self.config.model_copy(update={"models": models})
-        return await self._apply(partial)
-
-    async def _apply(self, new: ModelsConfig) -> dict[str, Any]:
-        diff = diff_models(self.config, new)
-        plan = reload_plan(diff, new, set(self.registry.handles))
-        self.config = new
-        for name in plan.register:
-            self.registered_at.setdefault(name, int(time.time()))
-        return await self.reconcile.apply(diff, plan, new)
+        return await self.configuration.reload_model(name)
 
     def validate_config(self) -> dict[str, Any]:
         """Validate the files on disk without applying them."""
-        errors: list[str] = []
-        try:
-            new = self.files.load_models()
-        except ConfigError as error:
-            return {"valid": False, "errors": [str(i) for i in error.issues]}
-        try:
-            self.files.load_auth(new)
-        except ConfigError as error:
-            errors = [str(i) for i in error.issues]
-        diff = diff_models(self.config, new)
-        return {"valid": not errors, "errors": errors, "changes": diff.summary()}
+        return self.configuration.validate_config()
 
     def get_auth(self) -> tuple[int, AuthConfig]:
-        return self.auth_version, self.auth
+        return self.configuration.auth_version, self.configuration.auth
 
     def config_files(self) -> dict[str, Any]:
         """The config files as they are on disk, key material in auth.yaml redacted."""
-        return self.files.shown(self.config)
+        return self.configuration.config_files()
 
     def backup_diff(self, backup_id: str) -> dict[str, Any]:
         """What restoring a backup would change, without changing anything."""
-        restored = self.files.backup_models(backup_id)
-        return {"id": backup_id, "changes": diff_models(self.config, restored).summary()}
+        return self.configuration.backup_diff(backup_id)
 
     def get_config(self) -> ModelsConfig:
         return self.config
 
     def config_paths(self) -> dict[str, str | None]:
-        auth = self.files.auth_path(self.config)
-        return {"models": str(self.models_path), "auth": str(auth) if auth else None}
+        return self.configuration.config_paths()
 
     # ------------------------------------------------------------------ backups
     def backup(self, description: str = "") -> dict[str, Any]:
         """Copy the config files into backups/<id>/ with a description; keep the last 20."""
-        meta = self.files.backup(self.config, description)
-        self._event("config_backup", id=meta["id"], description=description)
-        return meta
+        return self.configuration.backup(description)
 
     def list_backups(self) -> list[dict[str, Any]]:
-        return self.files.list_backups()
+        return self.configuration.list_backups()
 
     async def restore(self, backup_id: str) -> dict[str, Any]:
         """Put a backup's files in place (both validated first, modes kept) and apply them."""
-        before = self.files.restore(backup_id, self.config)
-        self._event("config_backup", id=before["id"], description=before["description"])
-        result = await self.reload_config()
-        self._event("config_restored", id=backup_id, previous=before["id"])
-        return {"restored": backup_id, "backup_of_previous": before["id"], **result}
+        return await self.configuration.restore(backup_id)
 
     # ------------------------------------------------------------------ events and cluster
     def job_result(self, request_id: str) -> dict[str, Any]:
@@ -420,7 +271,7 @@ class Controller:
         be asked to do."""
         statuses = await self.status()
         fim = await asyncio.gather(*(self.facts.fill_in_middle(s["name"]) for s in statuses))
-        return _models_view(self.config, self.registered_at, statuses, fim)
+        return views.models_view(self.config, self.configuration.registered_at, statuses, fim)
 
     def report_metrics(self, replica_id: str, snapshot: dict[str, Any]) -> None:
         """Ingress replicas push their cumulative request counters here every few seconds."""
@@ -478,8 +329,10 @@ class Controller:
         return model
 
     def _groups(self, only: list[str] | None = None) -> list[str]:
-        names = _among(list(self.config.models), only)
-        return sorted({self.config.models[n].resource_group for n in names})
+        return views.groups_of(self.config, only)
+
+    async def _status_of(self, name: str) -> dict[str, Any]:
+        return await views.status_of(name, self.viewed)
 
     def _event(self, kind: str, **details: Any) -> None:
         self.feed.add(kind, **details)

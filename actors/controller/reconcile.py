@@ -18,7 +18,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.controller.events import CONTROLLER_NAME
-from actors.controller.facts import READ_WAIT, Facts, observed
+from actors.controller.facts import Facts, observed
 from actors.controller.registry import Registry
 from actors.model import create_model_actor
 from actors.ray_glue import Background, cluster_nodes
@@ -46,6 +46,12 @@ class Wanted:
 def not_found_message(config: ModelsConfig, name: str) -> str:
     available = ", ".join(sorted(config.models)) or "none"
     return f"The model '{name}' does not exist. Available models: {available}"
+
+
+def cooling_down(failures: dict[str, tuple[float, str]], cooldown: float) -> set[str]:
+    """The models whose last placement failed less than `cooldown` seconds ago."""
+    now = time.time()
+    return {n for n, (at, _) in failures.items() if now - at < cooldown}
 
 
 async def start_in_turn(handles: list[Any]) -> None:
@@ -183,7 +189,7 @@ class Reconciler:
             self.wants.pop(name).future.set_exception(ModelNotFound(message))
         for name in [n for n in self.wants if n in registry.handles]:
             self.wants.pop(name).future.set_result(registry.handles[name])
-        cooling = self._cooling_down()
+        cooling = cooling_down(registry.placement_failures, self._config().settings.cooldown)
         for name in cooling & set(self.wants):
             self.wants[name].reason = (
                 "cooling down after a failure: " + registry.placement_failures[name][1]
@@ -235,12 +241,6 @@ class Reconciler:
 
         if placed:
             self.background.keep(asyncio.create_task(start_in_turn(placed)))
-
-    def _cooling_down(self) -> set[str]:
-        cooldown = self._config().settings.cooldown
-        now = time.time()
-        failures = self.registry.placement_failures
-        return {n for n, (at, _) in failures.items() if now - at < cooldown}
 
     async def _create(
         self, name: str, node_id: str, gpus: float, num_gpus: float | None = None
@@ -360,52 +360,3 @@ class Reconciler:
         self.background.keep(asyncio.create_task(registry.retire(name, old)))
         self.want(name, keep=True)
         return "stop, then start"
-
-    # ------------------------------------------------------------------ what it says
-    async def status_of(self, name: str) -> dict[str, Any]:
-        registry = self.registry
-        model = self._config().models[name]
-        entry: dict[str, Any] = {
-            "name": name,
-            "priority": model.priority,
-            "resource_group": model.resource_group,
-            "preload": model.preload,
-            "auto_start": model.auto_start,
-            "aliases": list(model.aliases),
-            "state": "stopped",
-        }
-        handle = registry.handles.get(name)
-        if handle is not None:
-            try:
-                entry.update(await handle.stats.remote())
-            except ray.exceptions.RayActorError as error:
-                entry.update(state="failed", last_error=f"model actor died: {error}")
-        elif name in registry.placement_failures:
-            entry.update(state="failed", last_error=registry.placement_failures[name][1])
-        elif name in registry.retiring:
-            entry.update(state="stopping")  # out of the registry; its actor still stops
-        if name in registry.pending:
-            entry["replacing"] = True  # a new instance loads and takes over when ready
-        if name in self.wants:
-            entry["waiting_for"] = self.wants[name].reason  # not placed yet: why
-        if name in self._config().models:  # a reload may have removed it meanwhile
-            memory = await self.facts.memory_of(name, READ_WAIT)
-            memory.pop("calibration_key", None)
-            options = registry.options.get(name)
-            if options is not None and handle is not None:
-                memory["num_gpus"] = options.get("num_gpus", 0)
-            entry["gpu_memory"] = memory
-        return entry
-
-    async def explain(self, model: str) -> dict[str, Any]:
-        """The scheduler's last decision about a model and why (placed where, waiting for
-        what, failed because), with where it runs now."""
-        status = await self.status_of(model)
-        last = self.registry.decisions.get(model)
-        return {
-            "model": model,
-            "state": status["state"],
-            "node_id": status.get("node_id") or self.registry.nodes_of.get(model),
-            "waiting": model in self.wants,
-            "last_decision": last,
-        }

@@ -1,0 +1,155 @@
+"""The controller's read-only views: a model's status and the scheduler's explanation, the
+groups and /v1/models listings. Plain functions over the parts they are given; they change
+nothing and call only down (registry, facts, the wanted models).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+
+from actors.controller.facts import READ_WAIT, Facts
+from actors.controller.reconcile import Wanted
+from actors.controller.registry import Registry
+from proxifier.config import ModelsConfig
+from proxifier.endpoints import capabilities
+from proxifier.planning import group_members
+
+
+@dataclass(frozen=True)
+class Viewed:
+    """The parts a model's status reads."""
+
+    config: Callable[[], ModelsConfig]
+    registry: Registry
+    facts: Facts
+    wants: dict[str, Wanted]
+
+
+def among(names: list[str], only: list[str] | None) -> list[str]:
+    """`names` (in their order) that are in `only`; all of them when `only` is None."""
+    return names if only is None else [n for n in names if n in only]
+
+
+def by_priority(config: ModelsConfig) -> list[str]:
+    return sorted(config.models, key=lambda n: (-config.models[n].priority, n))
+
+
+def groups_of(config: ModelsConfig, only: list[str] | None = None) -> list[str]:
+    names = among(list(config.models), only)
+    return sorted({config.models[n].resource_group for n in names})
+
+
+def groups_view(
+    config: ModelsConfig,
+    statuses: dict[str, dict[str, Any]],
+    groups: list[str],
+    only: list[str] | None,
+) -> dict[str, Any]:
+    view: dict[str, Any] = {}
+    for group in groups:
+        members = among(group_members(config.models, group), only)
+        entries = [
+            {
+                "name": n,
+                "state": statuses[n]["state"],
+                "priority": config.models[n].priority,
+                "preload": config.models[n].preload,
+            }
+            for n in members
+        ]
+        running = sum(1 for e in entries if e["state"] in ("ready", "starting", "restarting"))
+        view[group] = {"members": entries, "running": running, "total": len(entries)}
+    return view
+
+
+def models_view(
+    config: ModelsConfig,
+    registered_at: dict[str, int],
+    statuses: list[dict[str, Any]],
+    fim: list[bool | None],
+) -> list[dict[str, Any]]:
+    models = config.models  # read once: a reload may land between the caller's awaits
+    return [
+        {
+            "id": status["name"],
+            "object": "model",
+            "created": registered_at.get(status["name"], 0),
+            "owned_by": "proxifier",
+            "state": status["state"],
+            "priority": status["priority"],
+            "resource_group": status["resource_group"],
+            "aliases": status["aliases"],
+            "capabilities": [str(c) for c in capabilities(models[status["name"]], infill)]
+            if status["name"] in models
+            else [],
+        }
+        for status, infill in zip(statuses, fim, strict=True)
+    ]
+
+
+async def queue_status(handles: dict[str, Any], names: list[str]) -> list[dict[str, Any]]:
+    statuses = []
+    for model in names:
+        handle = handles.get(model)
+        if handle is None:
+            statuses.append({"model": model, "state": "stopped", "depth": 0, "waiting": []})
+        else:
+            with contextlib.suppress(ray.exceptions.RayActorError):
+                statuses.append(await handle.queue_status.remote())
+    return statuses
+
+
+async def status_of(name: str, parts: Viewed) -> dict[str, Any]:
+    config, registry, facts, wants = parts.config, parts.registry, parts.facts, parts.wants
+    model = config().models[name]
+    entry: dict[str, Any] = {
+        "name": name,
+        "priority": model.priority,
+        "resource_group": model.resource_group,
+        "preload": model.preload,
+        "auto_start": model.auto_start,
+        "aliases": list(model.aliases),
+        "state": "stopped",
+    }
+    handle = registry.handles.get(name)
+    if handle is not None:
+        try:
+            entry.update(await handle.stats.remote())
+        except ray.exceptions.RayActorError as error:
+            entry.update(state="failed", last_error=f"model actor died: {error}")
+    elif name in registry.placement_failures:
+        entry.update(state="failed", last_error=registry.placement_failures[name][1])
+    elif name in registry.retiring:
+        entry.update(state="stopping")  # out of the registry; its actor still stops
+    if name in registry.pending:
+        entry["replacing"] = True  # a new instance loads and takes over when ready
+    if name in wants:
+        entry["waiting_for"] = wants[name].reason  # not placed yet: why
+    if name in config().models:  # a reload may have removed it meanwhile
+        memory = await facts.memory_of(name, READ_WAIT)
+        memory.pop("calibration_key", None)
+        options = registry.options.get(name)
+        if options is not None and handle is not None:
+            memory["num_gpus"] = options.get("num_gpus", 0)
+        entry["gpu_memory"] = memory
+    return entry
+
+
+async def explain(model: str, parts: Viewed) -> dict[str, Any]:
+    """The scheduler's last decision about a model and why (placed where, waiting for
+    what, failed because), with where it runs now."""
+    status = await status_of(model, parts)
+    registry = parts.registry
+    last = registry.decisions.get(model)
+    return {
+        "model": model,
+        "state": status["state"],
+        "node_id": status.get("node_id") or registry.nodes_of.get(model),
+        "waiting": model in parts.wants,
+        "last_decision": last,
+    }
