@@ -10,8 +10,13 @@ from pydantic import (
     ValidationError,
 )
 
-from proxifier.config.issues import ConfigError, ConfigIssue, _issues_from_validation, _read_yaml
-from proxifier.config.models_check import _check_name
+from proxifier.config.issues import (
+    ConfigError,
+    ConfigIssue,
+    _issues_from_validation,
+    _read_yaml,
+    named_entries,
+)
 from proxifier.config.schema import AUTH_DISABLED, ApiKeyConfig, AuthConfig
 from proxifier.config.values import PROTECTED_PREFIXES
 
@@ -36,12 +41,7 @@ def validate_auth(data: object, *, file: str) -> AuthConfig:
         issues.append(ConfigIssue(file, "", "api_keys", "expected a mapping of key name: settings"))
         raw_keys = {}
     digests: dict[str, str] = {}
-    for name, raw in raw_keys.items():
-        bad_name = _check_name(name, "api key", file)
-        if bad_name:
-            issues.append(bad_name)
-            continue
-        where = f"api key '{name}'"
+    for name, raw, where in named_entries(raw_keys, "api key", file, issues):
         if not isinstance(raw, dict):
             issues.append(ConfigIssue(file, where, "", "expected a mapping of field: value"))
             continue

@@ -6,6 +6,8 @@ reports them with the file, the key and the field. No checks of meaning here: th
 from __future__ import annotations
 
 import difflib
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -144,3 +146,37 @@ def parse_yaml_text(text: str, file: str) -> object:
         place = f"line {mark.line + 1} column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError([ConfigIssue(file, place, "", f"invalid YAML: {problem}")]) from None
+
+
+NAME_RE = re.compile(r"^[^/\x00-\x1f\x7f]+$")
+
+
+def check_name(name: object, what: str, file: str) -> ConfigIssue | None:
+    if (
+        not isinstance(name, str)
+        or not name.strip()
+        or name != name.strip()
+        or not NAME_RE.match(name)
+        or len(name) > 128
+    ):
+        return ConfigIssue(
+            file,
+            f"{what} {_show(name)}",
+            "",
+            "invalid name; expected 1 to 128 characters without '/', control characters "
+            "or leading/trailing spaces",
+        )
+    return None
+
+
+def named_entries(
+    entries: dict[Any, Any], what: str, file: str, issues: list[ConfigIssue]
+) -> Iterator[tuple[str, Any, str]]:
+    """Each (name, value, where) of a mapping of named entries (models, API keys), where the
+    name is valid; a bad name is an issue in `issues` and its entry is passed over."""
+    for name, raw in entries.items():
+        bad_name = check_name(name, what, file)
+        if bad_name:
+            issues.append(bad_name)
+            continue
+        yield name, raw, f"{what} '{name}'"

@@ -5,7 +5,6 @@ aliases, ports, groups); `load_models_config` turns a file into `ModelsConfig` o
 
 from __future__ import annotations
 
-import re
 import shlex
 from pathlib import Path
 from typing import Any
@@ -19,31 +18,12 @@ from proxifier.config.issues import (
     ConfigIssue,
     _issues_from_validation,
     _read_yaml,
-    _show,
     _suggestion,
+    check_name,
+    named_entries,
 )
 from proxifier.config.schema import ModelConfig, ModelsConfig, Settings
 from proxifier.llama_flags import additional_args_conflicts
-
-_NAME_RE = re.compile(r"^[^/\x00-\x1f\x7f]+$")
-
-
-def _check_name(name: object, what: str, file: str) -> ConfigIssue | None:
-    if (
-        not isinstance(name, str)
-        or not name.strip()
-        or name != name.strip()
-        or not _NAME_RE.match(name)
-        or len(name) > 128
-    ):
-        return ConfigIssue(
-            file,
-            f"{what} {_show(name)}",
-            "",
-            "invalid name; expected 1 to 128 characters without '/', control characters "
-            "or leading/trailing spaces",
-        )
-    return None
 
 
 def validate_models(data: object, *, file: str, base_dir: Path = Path(".")) -> ModelsConfig:
@@ -89,12 +69,7 @@ def validate_models(data: object, *, file: str, base_dir: Path = Path(".")) -> M
         issues.append(ConfigIssue(file, "models", "", "expected a mapping of model name: settings"))
         raw_models = {}
     checked: dict[str, dict[str, Any]] = {}
-    for name, raw in raw_models.items():
-        bad_name = _check_name(name, "model", file)
-        if bad_name:
-            issues.append(bad_name)
-            continue
-        where = f"model '{name}'"
+    for name, raw, where in named_entries(raw_models, "model", file, issues):
         if raw is None:
             raw = {}
         if not isinstance(raw, dict):
@@ -195,7 +170,7 @@ def _cross_model_issues(
                     )
                 )
                 continue
-            bad = _check_name(alias, "alias", file)
+            bad = check_name(alias, "alias", file)
             if bad:
                 issues.append(ConfigIssue(file, where, "aliases", bad.message))
             else:
