@@ -1,5 +1,6 @@
 """Finding a node's GPUs and their memory: NVML when nvidia-ml-py is installed, else
-`nvidia-smi`, run on the node itself by a small Ray task pinned there."""
+`nvidia-smi`, run on the node itself by a small Ray task pinned there. It probes and reports,
+parsed by proxifier.gpu_inventory; it decides nothing, calls no actor and no serve_app."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
 """Starting and stopping llama-server processes so that none outlives its actor.
+OS processes, sockets and log files only: no Ray, no config, no model state.
 
 The child stays in the actor's session and process group (Ray kills that group with the actor),
 and it asks the kernel for SIGKILL when the thread that spawned it dies (PR_SET_PDEATHSIG): so

@@ -1,4 +1,7 @@
-"""One actor holds every key's request counters, so limits are exact across ingress replicas."""
+"""One actor holds every key's request counters, so limits are exact across ingress replicas.
+
+It only counts (proxifier.auth decides what a limit is); it never calls another actor or serve_app.
+"""
 
 from __future__ import annotations
 

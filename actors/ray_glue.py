@@ -1,6 +1,7 @@
 """The Ray calls the controller, the model actors and the ingress all make: awaiting an actor's
 answer with its typed error intact, fire-and-forget calls whose failures are still observed, and
-the cluster's nodes as plain data for the scheduler."""
+the cluster's nodes as plain data for the scheduler. No product state and no serve_app: only
+the Ray calls themselves."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
 """A spare Ray worker process on each node, started before a model actor needs one.
+Ray's raylet only, best effort: a failure costs the speed-up, never an actor; no product state.
 
 A new actor takes a new worker process, and starting one (Python, `import ray`, registering
 with the raylet, this job's runtime env) costs ~1.2 s on a 2-core host: more than the tiny

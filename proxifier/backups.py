@@ -1,4 +1,7 @@
-"""Config backup ids: unique even within one second, validated so no id can escape the folder."""
+"""Config backup ids: unique even within one second, validated so no id can escape the folder.
+
+Pure: no I/O (the controller reads and writes the backups).
+"""
 
 from __future__ import annotations
 

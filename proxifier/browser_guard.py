@@ -1,4 +1,7 @@
-"""With API keys off (the demo default), a web page the user happens to open must not drive the
+"""The three browser checks that apply while API keys are off: Host, Origin and Content-Type.
+Pure: headers in, a refusal (status, message, code) or None out.
+
+With API keys off (the demo default), a web page the user happens to open must not drive the
 server from the user's browser. Three checks, as Ollama added after its DNS-rebinding reports:
 
 - Host: only a loopback name or the configured host (a rebound DNS name pointing at 127.0.0.1
@@ -7,8 +10,6 @@ server from the user's browser. Three checks, as Ollama added after its DNS-rebi
   origin, and the configured `cors_origins`, are fine);
 - Content-Type: a POST must be JSON when it says what it is (a cross-site `<form>` can only send
   text/plain, urlencoded or multipart bodies, which need no CORS preflight).
-
-Pure: headers in, a refusal (status, message, code) or None out.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""What changed between two models.yaml configurations, and whether each change needs a restart."""
+"""What changed between two models.yaml configurations, and whether each change needs a restart.
+
+Pure: two loaded configs in, a diff out; no I/O, no Ray.
+"""
 
 from __future__ import annotations
 

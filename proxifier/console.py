@@ -1,5 +1,7 @@
 """What `proxifier serve` and `proxifier start` print: the product's own lines, one per thing
-an operator wants to know, instead of Ray's, Serve's and HAProxy's logs."""
+an operator wants to know, instead of Ray's, Serve's and HAProxy's logs, and aligned tables.
+Pure: facts in, text out; the callers print it.
+"""
 
 from __future__ import annotations
 

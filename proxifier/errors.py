@@ -1,4 +1,5 @@
 """Typed errors that cross from actors to the ingress and become OpenAI-shaped HTTP answers.
+Plain exception classes: no I/O, no imports of the product (every floor may raise them).
 
 Each error knows its HTTP status, its OpenAI `type`, a stable `code` and, when trying again makes
 sense, how many seconds to wait (`retry_after`). They survive pickling (Ray re-raises them in the

@@ -1,5 +1,7 @@
 """What a GGUF file's header says about the model in it, read with llama.cpp's own `gguf`
-package (the header and tensor index only; the weights are never loaded)."""
+package (the header and tensor index only; the weights are never loaded). Its only I/O is
+reading that header; no Ray.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""The model state machine (DESIGN §4), the crash-restart budget and the readiness poll schedule."""
+"""The model state machine (DESIGN §4), the crash-restart budget and the readiness poll schedule.
+
+Pure: no I/O, no clock (callers pass the time), no asyncio.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
 """Metric names, histogram buckets and the plain-data counters replicas and the controller keep.
+Pure: plain dicts and text, no I/O, no Ray, no Prometheus client.
 
 Counters live where events happen (each ingress replica, the controller) as plain dicts; the
 controller sums the replicas' snapshots, and /metrics renders the sum in Prometheus text.

@@ -1,5 +1,6 @@
 """Model files named by a Hugging Face repository instead of a path: which file, where each node
-keeps its copy, and how far a download has come. The fetching itself is huggingface_hub's
+keeps its copy, and how far a download has come. No Ray; the network only through
+huggingface_hub in `fetch`. The fetching itself is huggingface_hub's
 (`hf_hub_download`: resumable, locked against a second download of the same file, verified);
 this module only chooses what to ask it for and reports its progress."""
 

@@ -1,6 +1,6 @@
 """What `proxifier serve` checks before it starts anything: a Ray cluster marked on this machine
-that no longer answers, and ports an earlier instance left taken. Each check answers with a
-message for the operator, never by waiting for something that will not come."""
+that no longer answers, and ports an earlier instance left taken. Local probes only (a marker
+file, a socket, the process table); no Ray imported, never a wait for what will not come."""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""`proxifier serve`: join or start a Ray cluster, deploy the app, wait, and clean up on exit."""
+"""`proxifier serve`: join or start a Ray cluster, deploy the app, wait, and clean up on exit.
+
+The driver only: it builds nothing itself (serve_app.app does) and never imports proxifier.cli.
+"""
 
 from __future__ import annotations
 
