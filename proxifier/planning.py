@@ -1,5 +1,5 @@
 """The controller's decisions as pure functions: start order, groups, eviction, idle stops, and
-what a reload does. Plain data in, plain data out; `actors/controller.py` carries them out."""
+what a reload does. Plain data in, plain data out; `actors/controller/` carries them out."""
 
 from __future__ import annotations
 

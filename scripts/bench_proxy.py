@@ -17,7 +17,7 @@ direct, the latency added, and the CPU per request beyond llama-server: the mach
 hand against a request to a stopped model through the proxifier.
 
 usage: .venv/bin/python scripts/bench_proxy.py [--seconds S] [--rounds R] [--connections 1,8,32]
-            [--workloads json,stream,embed,cold] [--litellm] [--markdown FILE] [--json FILE]
+            [--workloads json,stream,embed,cold] [--litellm] [--json FILE]
 """
 
 from __future__ import annotations
