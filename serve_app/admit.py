@@ -2,15 +2,12 @@
 a queue, from the gate to the last byte and gives it back whatever happens; `LeaseGuard` makes
 sure of that at the ASGI edge. It applies the replica's lease rules (serve_app.replica_slots,
 proxifier.lease_reuse); it may not read request bodies or touch upstream bytes (serve_app.relay).
-
-Every request ends in one named `Outcome`: how its slot came, or that it errored.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import time
 from typing import Any
 
@@ -26,14 +23,6 @@ from serve_app.replica_slots import RayBackend
 
 QUICK_ANSWER = 1.0  # seconds a queued stream waits before it commits to a 200 and keep-alives
 LEASES = "proxifier.leases"  # where LeaseGuard leaves a request's Owned in the ASGI scope
-
-
-class Outcome(enum.Enum):
-    HELD = "held"  # on a slot this replica held: taken over, or handed over in its line
-    GRANTED = "granted"  # the model actor granted a slot at once
-    QUEUED = "queued"  # it waited in the model's queue for its slot
-    ACCEPTED = "accepted"  # answered 202: the model actor runs it from its queue
-    ERRORED = "errored"  # an error answered it before its answer began
 
 
 class LeaseGuard:
@@ -76,7 +65,6 @@ class Admission:
 
     def __init__(self, slots: RayBackend, relay: Relay, inbound: Inbound, owned: Owned) -> None:
         self.slots, self.relay, self.inbound = slots, relay, inbound
-        self.outcome: Outcome | None = None
         self.call = self._call(owned)
 
     def _call(self, owned: Owned) -> Call:
@@ -106,7 +94,6 @@ class Admission:
                 held = await slots.wait_in_line(model, deadline)
             if held is not None:
                 self._own(call.take_over(held), held.handle, held.lease)
-                self.outcome = Outcome.HELD
                 with contextlib.suppress(StaleLease):
                     return await relay.forward(self, call, held.lease, stream)
                 call = self.call = self._call(call.owned)
@@ -130,17 +117,13 @@ class Admission:
                 if "queued" in answer:
                     slots.joined_queue(model)  # the actor runs it; we only take note
                     slots.left_queue(model)
-                    self.outcome = Outcome.ACCEPTED
                     return relay.accepted(model, answer["queued"])
-                self.outcome = Outcome.GRANTED
                 return await relay.forward(self, call, answer["lease"], stream)
             for _ in range(ATTEMPTS):
                 answer = await self.enqueue(call)
                 if "queued" not in answer:
-                    self.outcome = Outcome.GRANTED
                     return await relay.forward(self, call, answer["lease"], stream)
                 call.queued = True
-                self.outcome = Outcome.QUEUED
                 with contextlib.suppress(Requeue):
                     if stream:
                         return await self.stream_when_granted(
@@ -152,7 +135,6 @@ class Admission:
                 retry_after=1,
             )
         except ProxifierError as error:
-            self.outcome = Outcome.ERRORED
             relay.metrics.answered(model, error.status)
             raise
 
