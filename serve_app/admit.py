@@ -1,13 +1,17 @@
 """Admission: one object per inference request (`Admission`) that owns its slot, or its place in
 a queue, from the gate to the last byte and gives it back whatever happens; `LeaseGuard` makes
-sure of that at the ASGI edge. It applies the replica's lease rules (serve_app.replica_slots,
-proxifier.lease_reuse); it may not read request bodies or touch upstream bytes (serve_app.relay).
+sure of that at the ASGI edge. It settles the request's slot first (held, handed over, granted,
+or a place in the queue) and then hands the relay one `Grant`; the relay gives the slot back
+through the grant's `release`, and never calls back here. It applies the replica's lease rules
+(serve_app.replica_slots, proxifier.lease_reuse); it may not read request bodies or touch
+upstream bytes (serve_app.relay).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from typing import Any
 
@@ -16,9 +20,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from proxifier.errors import ProxifierError, Unavailable
 from serve_app.backend import ATTEMPTS
-from serve_app.call import MOVED, Call, Owned
+from serve_app.call import MOVED, Accepted, Call, Grant, Granted, Owned
 from serve_app.gate import Inbound
-from serve_app.relay import OwnedStream, Relay, StaleLease
+from serve_app.relay import Relay, StaleLease
 from serve_app.replica_slots import RayBackend
 
 QUICK_ANSWER = 1.0  # seconds a queued stream waits before it commits to a 200 and keep-alives
@@ -59,84 +63,93 @@ def owned_by(scope: Scope) -> Owned:
 
 class Admission:
     """One inference request's owner: it gets the request a slot (a held one, one handed over
-    in the replica's line, one the actor grants at once or after a wait in its queue) and
-    gives it back when the relay is done, or the request's place in the queue when it ends
-    first. `call`: the request's state now (a new one when a stale held slot starts it over)."""
+    in the replica's line, one the actor grants at once or after a wait in its queue), hands
+    it to the relay, and gives it back when the relay is done, or the request's place in the
+    queue when it ends first."""
 
     def __init__(self, slots: RayBackend, relay: Relay, inbound: Inbound, owned: Owned) -> None:
-        self.slots, self.relay, self.inbound = slots, relay, inbound
-        self.call = self._call(owned)
+        self.slots, self.relay, self.inbound, self.owned = slots, relay, inbound, owned
+        self.choice: Any = None  # the instance serve_app.route picked (None once it moved)
 
-    def _call(self, owned: Owned) -> Call:
-        inbound = self.inbound
+    async def serve(self, choice: Any) -> Response:
+        """The request's answer, on `choice` if a slot this replica holds there serves it,
+        else on the instance the actor call reaches. A held slot that turns out stale (its
+        llama-server restarted or went away) starts the request over, once, through the
+        queue: nothing reached the client yet."""
+        model = self.inbound.model
+        self.choice = choice
+        try:
+            for may_take_over in (True, False):
+                grant = await self.settle(may_take_over)
+                with contextlib.suppress(StaleLease):
+                    return await self.relay.answer(grant)
+            raise Unavailable(f"model '{model}' could not be reached; try again", retry_after=1)
+        except ProxifierError as error:
+            self.relay.metrics.answered(model, error.status)
+            raise
+
+    async def settle(self, may_take_over: bool) -> Grant:
+        """The request's slot, its place in the queue, or (respond-async) its 202."""
+        inbound, slots = self.inbound, self.slots
+        model, deadline = inbound.model, inbound.deadline
         call = Call(
-            inbound.model,
+            model,
             inbound.endpoint,
             inbound.raw,
             inbound.request_id,
             inbound.arrived,
-            owned=owned,
+            owned=self.owned,
+            deadline=deadline,
+            arrived_at=inbound.arrived_at,
+            stream=inbound.stream,
         )
-        call.deadline, call.arrived_at = inbound.deadline, inbound.arrived_at
-        return call
-
-    async def serve(self, choice: Any) -> Response:
-        """The request's answer, on `choice` (the instance serve_app.route picked) if a slot
-        this replica holds there serves it, else on the instance the actor call reaches."""
-        inbound, slots, relay = self.inbound, self.slots, self.relay
-        model, deadline, stream = inbound.model, inbound.deadline, inbound.stream
-        call = self.call
-        try:
+        if may_take_over:
             # A slot this replica holds from its last request, or one that a request of this
             # replica hands over as it finishes: no actor call at all.
-            held = slots.take_over(model, choice)
+            held = slots.take_over(model, self.choice)
             if held is None and not inbound.respond_async:
                 held = await slots.wait_in_line(model, deadline)
             if held is not None:
-                self._own(call.take_over(held), held.handle, held.lease)
-                with contextlib.suppress(StaleLease):
-                    return await relay.forward(self, call, held.lease, stream)
-                call = self.call = self._call(call.owned)
-            if inbound.respond_async:
-                caller = inbound.caller
-                call.handle, answer = await slots.on_model(
-                    model,
-                    deadline,
-                    lambda h: h.enqueue_or_submit.remote(
-                        call.request_id,
-                        call.path,
-                        inbound.payload,
-                        deadline,
-                        inbound.arrived_at,
-                        slots.take_releases(model, h),
-                        holder=slots.holder,
-                        owner=caller.name if caller is not None else None,
-                    ),
-                    lambda h, lease: self._own(call, h, lease),
-                )
-                if "queued" in answer:
-                    slots.joined_queue(model)  # the actor runs it; we only take note
-                    slots.left_queue(model)
-                    return relay.accepted(model, answer["queued"])
-                return await relay.forward(self, call, answer["lease"], stream)
-            for _ in range(ATTEMPTS):
-                answer = await self.enqueue(call)
-                if "queued" not in answer:
-                    return await relay.forward(self, call, answer["lease"], stream)
-                call.queued = True
-                with contextlib.suppress(Requeue):
-                    if stream:
-                        return await self.stream_when_granted(
-                            call, answer["queued"], inbound.keepalive
-                        )
-                    return await relay.forward(self, call, await self.wait_lease(call), stream)
-            raise Unavailable(
-                f"model '{model}' kept stopping while the request waited; try again",
-                retry_after=1,
-            )
-        except ProxifierError as error:
-            relay.metrics.answered(model, error.status)
-            raise
+                return self._own(call.take_over(held), held.handle, held.lease)
+        if inbound.respond_async:
+            return await self.submit(call)
+        for _ in range(ATTEMPTS):
+            answer = await self.enqueue(call)
+            if "queued" not in answer:
+                return self._granted(call, answer["lease"])
+            call.queued = True
+            with contextlib.suppress(Requeue):
+                return await self.wait_granted(call, answer["queued"])
+        raise Unavailable(
+            f"model '{model}' kept stopping while the request waited; try again",
+            retry_after=1,
+        )
+
+    async def submit(self, call: Call) -> Grant:
+        """respond-async: a slot at once, or a place in the queue that the actor runs itself."""
+        inbound, slots = self.inbound, self.slots
+        caller = inbound.caller
+        call.handle, answer = await slots.on_model(
+            call.model,
+            call.deadline,
+            lambda h: h.enqueue_or_submit.remote(
+                call.request_id,
+                call.path,
+                inbound.payload,
+                call.deadline,
+                call.arrived_at,
+                slots.take_releases(call.model, h),
+                holder=slots.holder,
+                owner=caller.name if caller is not None else None,
+            ),
+            lambda h, lease: self._own(call, h, lease),
+            chosen=self.choice,
+        )
+        if "queued" in answer:
+            slots.joined_queue(call.model)  # the actor runs it; we only take note
+            slots.left_queue(call.model)
+            return Accepted(call.model, answer["queued"])
+        return self._granted(call, answer["lease"])
 
     async def enqueue(self, call: Call) -> dict[str, Any]:
         """Ask the model's current instance for a slot: a lease, or a place in its queue."""
@@ -152,53 +165,46 @@ class Admission:
             ),
             lambda h, lease: self._own(call, h, lease),
             lambda h: self._queued(call, h),
+            chosen=self.choice,
         )
         self.slots.answered(call.model, queued="queued" in answer)
         return answer
+
+    async def wait_granted(self, call: Call, queued: dict[str, Any]) -> Grant:
+        """Wait in the queue; a client that goes away takes its place (or slot) back. A
+        stream whose slot does not come quickly commits to a 200 and waits as a stream of
+        keep-alive comments (`QueuedStream`); a quick answer (a slot, or a failure) still gets
+        a plain HTTP status."""
+        waiting = self.waiting(call, call.handle.wait_lease.remote(call.request_id))
+        try:
+            if call.stream:
+                done, _ = await asyncio.wait({waiting}, timeout=QUICK_ANSWER)
+                if not done:
+                    return QueuedStream(self, call, queued, waiting, self.inbound.keepalive)
+            lease = await waiting
+        except asyncio.CancelledError:
+            self.abandon(call, waiting)
+            raise
+        except MOVED:
+            raise self.moved(call) from None
+        return self._granted(call, lease)
 
     def moved(self, call: Call) -> Requeue:
         """The instance the request waited for is gone: forget it, so the next try asks the
         controller (which places a fresh one)."""
         call.owned.left(call.request_id)
         self.slots.forget(call.model, call.handle, moved=True)
+        self.choice = None
         return Requeue()
 
-    async def stream_when_granted(
-        self, call: Call, queued: dict[str, Any], keepalive: float
-    ) -> Response:
-        """A streaming request that must wait. A quick answer (a lease, or a failure) still
-        gets a plain HTTP status; only a longer wait becomes a stream of keep-alive comments."""
-        ref = call.handle.wait_lease.remote(call.request_id)
-        waiting = self.waiting(call, ref)
-        try:
-            done, _ = await asyncio.wait({waiting}, timeout=QUICK_ANSWER)
-        except asyncio.CancelledError:
-            self.abandon(call, waiting)
-            raise
-        if done:
-            try:
-                lease = waiting.result()
-            except MOVED:
-                raise self.moved(call) from None
-            return await self.relay.forward(self, call, lease, stream=True)
-
-        async def unstarted() -> None:
-            self.abandon(call, waiting)
-
-        body = self.relay.queued_stream(self, call, queued, waiting, keepalive)
-        return OwnedStream(body, call, unstarted)
-
-    async def wait_lease(self, call: Call) -> dict[str, Any]:
-        """Wait in the queue; a client that goes away takes its place (or slot) back."""
-        ref = call.handle.wait_lease.remote(call.request_id)
-        waiting = self.waiting(call, ref)
-        try:
-            return await waiting
-        except asyncio.CancelledError:
-            self.abandon(call, waiting)
-            raise
-        except MOVED:
-            raise self.moved(call) from None
+    async def wait_again(self, call: Call) -> asyncio.Future[Any]:
+        """After a move: a slot at once (as a finished future) or a new wait in the queue."""
+        answer = await self.enqueue(call)
+        if "queued" in answer:
+            return self.waiting(call, call.handle.wait_lease.remote(call.request_id))
+        granted: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        granted.set_result(answer["lease"])
+        return granted
 
     def abandon(self, call: Call, waiting: asyncio.Future[Any]) -> None:
         """The client went away while its request waited: give back its place in the queue,
@@ -230,20 +236,15 @@ class Admission:
             call.request_id, lambda: self.slots.fire(handle.abandon.remote(call.request_id))
         )
 
-    def _own(self, call: Call, handle: Any, lease: dict[str, Any]) -> None:
+    def _own(self, call: Call, handle: Any, lease: dict[str, Any]) -> Granted:
         """The request got a slot: from now on it is the request's to give back."""
         call.handle = handle
         self.slots.using(call.model, lease["lease_id"])
         call.owned.add(lease["lease_id"], handle, lambda: self.release(call, lease, count=False))
+        return self._granted(call, lease)
 
-    async def wait_again(self, call: Call) -> asyncio.Future[Any]:
-        """After a move: a slot at once (as a finished future) or a new wait in the queue."""
-        answer = await self.enqueue(call)
-        if "queued" in answer:
-            return self.waiting(call, call.handle.wait_lease.remote(call.request_id))
-        granted: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        granted.set_result(answer["lease"])
-        return granted
+    def _granted(self, call: Call, lease: dict[str, Any]) -> Granted:
+        return Granted(call, lease, functools.partial(self.release, call, lease))
 
     def release(
         self, call: Call, lease: dict[str, Any], *, clean: bool = False, count: bool = True
@@ -263,3 +264,42 @@ class Admission:
             from_queue=call.queued,
             clean=clean,
         )
+
+
+class QueuedStream:
+    """A streaming request's place in the queue (serve_app.call.Waiting), kept open by the
+    relay's keep-alive comments: its slot when it comes, waiting again (up to ATTEMPTS times)
+    for the instance there is now when the one it waited for goes away."""
+
+    def __init__(
+        self,
+        admission: Admission,
+        call: Call,
+        queued: dict[str, Any],
+        waiting: asyncio.Future[Any],
+        keepalive: float,
+    ) -> None:
+        self.admission, self.call, self.queued = admission, call, queued
+        self.waiting, self.keepalive, self.moves = waiting, keepalive, 0
+
+    async def granted(self, timeout: float) -> Granted | None:
+        while True:
+            done, _ = await asyncio.wait({self.waiting}, timeout=timeout)
+            if not done:
+                return None
+            if _moved_away(self.waiting) and self.moves < ATTEMPTS:
+                self.moves += 1
+                self.admission.moved(self.call)
+                self.waiting = await self.admission.wait_again(self.call)
+                continue
+            return self.admission._granted(self.call, self.waiting.result())
+
+    async def position(self) -> dict[str, Any]:
+        return await self.call.handle.queue_position.remote(self.call.request_id)
+
+    def abandon(self) -> None:
+        self.admission.abandon(self.call, self.waiting)
+
+
+def _moved_away(waiting: asyncio.Future[Any]) -> bool:
+    return not waiting.cancelled() and isinstance(waiting.exception(), MOVED)

@@ -15,13 +15,12 @@ from typing import Annotated, Any
 from fastapi import Body, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 
-from proxifier.auth import ADMIN, Caller, may_use_model
+from proxifier.auth import ADMIN, Caller, check_model_access, may_use_model
 from proxifier.endpoints import ENDPOINTS, STORED_RESPONSES, Endpoint
 from proxifier.errors import NotFound
 from serve_app.admit import LeaseGuard
 from serve_app.dashboard import install_dashboard
 from serve_app.fast_path import InferenceFastPath
-from serve_app.gate import check_model_access
 from serve_app.http_errors import error_response, install_error_handlers
 from serve_app.metrics import ReplicaMetrics, render
 from serve_app.proxy import Proxy
@@ -165,10 +164,7 @@ def build_api(backend: RayBackend, bound_host: str | None = None) -> FastAPI:
     # it is 403, the 404 for an unknown name lists only its models, and bulk operations and
     # listings leave the others out.
     async def visible(request: Request, model: str) -> str:
-        caller = caller_of(request.scope)
-        name = await backend.resolve(model, caller)
-        check_model_access(caller, name)
-        return name
+        return await backend.resolve(model, caller_of(request.scope))
 
     async def only(request: Request) -> list[str] | None:
         return await backend.visible_models(caller_of(request.scope))

@@ -17,10 +17,10 @@ import ray
 from actors.controller import get_controller
 from actors.rate_limiter import get_or_create_rate_limiter
 from actors.ray_glue import Background, call
-from proxifier.auth import ADMIN, Caller, may_use_model
+from proxifier.auth import ADMIN, Caller, check_model_access, may_use_model
 from proxifier.config import AuthConfig, ModelsConfig
 from proxifier.errors import ActorGone, ModelNotFound, ModelRetired, Unavailable
-from serve_app.route import Snapshot, route
+from serve_app.route import Snapshot
 
 CONFIG_TTL = 1.0  # seconds a replica trusts its copy of the config (reloads show up this fast)
 CONFIG_STALE = 2.0  # ... and uses it while a fresh one comes (never longer: revoked keys)
@@ -97,15 +97,23 @@ class Cluster:
         return self._auth[1]
 
     async def resolve(self, name: str, caller: Caller | None = None) -> str:
-        """The configured model a name or alias means; 404 otherwise, listing the models the
-        caller's key may use (not the others)."""
+        """The configured model a name or alias means, if the caller's key may use it: 404
+        otherwise, listing the models the key may use (not the others); 403 for a model
+        outside its allow-list."""
         config = await self.config()
         model = config.resolve_name(name)
         if model is None:
             visible = [m for m in config.models if caller is None or may_use_model(caller, m)]
             available = ", ".join(sorted(visible)) or "none"
             raise ModelNotFound(f"The model '{name}' does not exist. Available models: {available}")
+        check_model_access(caller, model)
         return model
+
+    async def find(self, name: str, caller: Caller | None) -> tuple[str, Snapshot]:
+        """The model `name` means for this caller (as `resolve`), and the instances of it this
+        replica knows, for serve_app.route to choose from."""
+        model = await self.resolve(name, caller)
+        return model, self.snapshot(model)
 
     async def visible_models(self, caller: Caller | None) -> list[str] | None:
         """The models the caller's key may use; None when it may use every model."""
@@ -121,15 +129,18 @@ class Cluster:
         call: Callable[[Any], Awaitable[Any]],
         got_lease: Callable[[Any, dict[str, Any]], None] | None = None,
         got_place: Callable[[Any], None] | None = None,
+        chosen: Any = None,
     ) -> tuple[Any, Any]:
-        """Run `call(handle)` on the model's actor; when the actor is retiring or gone, ask the
-        controller for the current one and try again. Returns (handle, result).
+        """Run `call(handle)` on the model's actor (`chosen`, the instance serve_app.route
+        picked; else the one this replica knows, else the controller's); when the actor is
+        retiring or gone, ask the controller for the current one and try again. Returns
+        (handle, result).
         `got_lease(handle, lease)` runs as soon as an answer with a lease arrives, even when
         the caller was cancelled meanwhile (its client went away): the slot is never lost;
         `got_place(handle)` likewise when the answer is a place in the queue."""
         last_error: Exception | None = None
         for _ in range(ATTEMPTS):
-            handle = route(self.snapshot(model))
+            handle = chosen if chosen is not None else self._handles.get(model)
             if handle is None:
                 # An actor that retired or died is named, so the controller checks it and
                 # places a fresh one rather than handing the same one out again.
@@ -143,7 +154,7 @@ class Cluster:
                 return handle, await self.leased(handle, call(handle), got_lease, got_place)
             except (ModelRetired, ActorGone, ray.exceptions.RayActorError) as error:
                 self.forget(model, handle, moved=True)
-                last_error = error
+                chosen, last_error = None, error
         raise Unavailable(
             f"model '{model}' kept moving while the request was placed ({last_error}); try again",
             retry_after=1,

@@ -1,14 +1,16 @@
-"""One inference request's state on its way (`Call`) and the ledger of the slots it holds
-(`Owned`): plain data and bookkeeping; no I/O, no actor calls, no clock.
+"""One inference request's state on its way (`Call`), the ledger of the slots it holds
+(`Owned`), and what admission hands the relay (`Grant`: a slot, a place in a queue, or a 202):
+plain data and bookkeeping; no I/O, no actor calls, no clock.
 
-`serve_app.admit` owns both for the request's whole life; the relay only reads and marks them.
+`serve_app.admit` owns these for the request's whole life; the relay only reads and marks them,
+and gives a slot back through the `Release` it was handed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from proxifier.endpoints import Endpoint, Shape
 from proxifier.errors import ActorGone, ModelRetired
@@ -79,6 +81,7 @@ class Call:
     granted_at: float | None = None  # monotonic, when its lease was granted
     served: int = 0  # requests the lease served before this one
     streaming: bool = False  # its response body has started (OwnedStream)
+    stream: bool = False  # an SSE answer was asked for
     deadline: float = 0.0  # wall clock: when it must have been answered (queue_timeout)
     arrived_at: float = 0.0  # wall clock, for the actor's honest wait times
     owned: Owned = field(default_factory=Owned)  # the slots the request holds (LeaseGuard)
@@ -95,3 +98,48 @@ class Call:
         self.handle, self.granted_at, self.served = held.handle, held.granted_at, held.served
         self.reused = True
         return self
+
+
+class Release(Protocol):
+    """Gives a granted slot back, once: `clean`, the request ended cleanly (the slot may serve
+    the next one); `count`, it reached llama-server (it counts as served on the slot)."""
+
+    def __call__(self, *, clean: bool = False, count: bool = True) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Granted:
+    """A slot the request owns: what the relay sends on, and how it gives the slot back."""
+
+    call: Call
+    lease: dict[str, Any]  # the llama-server's url and key, and the lease's id
+    release: Release
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """A place in the model's queue, answered 202 (respond-async): the actor runs it."""
+
+    model: str
+    queued: dict[str, Any]  # request_id, position, model_state
+
+
+class Waiting(Protocol):
+    """A streaming request's place in the queue, which the relay keeps open with SSE comments
+    until its slot comes."""
+
+    call: Call
+    queued: dict[str, Any]  # its first position and the model's state
+    keepalive: float  # seconds between comments
+
+    async def granted(self, timeout: float) -> Granted | None:
+        """Its slot, or None when none came within `timeout` (it still waits)."""
+
+    async def position(self) -> dict[str, Any]:
+        """Where it stands now: position and model_state."""
+
+    def abandon(self) -> None:
+        """Its client went away: the place, or a slot already granted, goes back."""
+
+
+Grant = Granted | Accepted | Waiting

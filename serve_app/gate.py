@@ -12,10 +12,12 @@ from typing import Any
 
 from fastapi import Request
 
-from proxifier.auth import ADMIN, Caller, may_use_model
-from proxifier.endpoints import RAW_POSTS, Endpoint, model_named, refusal, stateless_refusal
+from proxifier.auth import ADMIN, Caller
+from proxifier.capabilities import refusal
+from proxifier.endpoints import RAW_POSTS, Endpoint, model_named, stateless_refusal
 from proxifier.errors import Forbidden, InvalidRequest, PayloadTooLarge
 from serve_app.backend import Cluster
+from serve_app.route import Snapshot
 from serve_app.security import caller_of
 
 
@@ -35,6 +37,7 @@ class Inbound:
     stream: bool  # an SSE answer was asked for
     respond_async: bool  # a place in the queue is answered 202 (Prefer: respond-async, or config)
     keepalive: float  # seconds between SSE comments while a stream waits
+    instances: Snapshot  # the model's instances this replica knew, for serve_app.route
 
 
 async def gate(
@@ -52,13 +55,15 @@ async def gate(
     payload = parse_request(raw)
     caller = caller_of(request.scope)
     if model is None:
-        named = model_named(endpoint, payload, request.query_params.get("model"))
-        model = await cluster.resolve(named, caller)
-        check_model_access(caller, model)
-    problem = stateless_refusal(endpoint, payload) or refusal(endpoint, model, config.models[model])
+        model = model_named(endpoint, payload, request.query_params.get("model"))
+    problem = stateless_refusal(endpoint, payload)
+    if problem is not None:
+        raise problem
+    model, instances = await cluster.find(model, caller)
+    settings, model_config = config.settings, config.models[model]
+    problem = refusal(endpoint, model, model_config)
     if problem is not None:  # before anything starts the model for it
         raise problem
-    settings, model_config = config.settings, config.models[model]
     timeout = model_config.queue_timeout or settings.queue.queue_timeout
     wants_async = "respond-async" in request.headers.get("prefer", "").lower()
     return Inbound(
@@ -74,14 +79,13 @@ async def gate(
         stream=endpoint.streams and payload.get("stream") is True,
         respond_async=wants_async or settings.queue.respond_async,
         keepalive=settings.queue.keepalive_interval,
+        instances=instances,
     )
 
 
 async def upstream_model(cluster: Cluster, request: Request, name: str) -> str:
     """The model a passthrough (`/upstream/{model}/...`) names, if the caller may use it."""
-    caller = caller_of(request.scope)
-    model = await cluster.resolve(name, caller)
-    check_model_access(caller, model)
+    model, _ = await cluster.find(name, caller_of(request.scope))
     return model
 
 
@@ -133,9 +137,3 @@ def parse_request(raw: bytes) -> dict[str, Any]:
 def _is_admin(caller: Caller | None) -> bool:
     """Admin, or no keys at all (auth off: the one local user)."""
     return caller is None or ADMIN in caller.permissions
-
-
-def check_model_access(caller: Caller | None, model: str) -> None:
-    """403 when the caller's key has a `models:` allow-list that does not name this model."""
-    if caller is not None and not may_use_model(caller, model):
-        raise Forbidden(f"API key '{caller.name}' may not use model '{model}'")

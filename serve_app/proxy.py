@@ -37,7 +37,7 @@ class Proxy:
         arrived, arrived_at = time.monotonic(), time.time()
         self.metrics.start_flushing(self.backend.controller)
         inbound = await gate(self.backend, request, endpoint, model, arrived, arrived_at)
-        choice = route(self.backend.snapshot(inbound.model))
+        choice = route(inbound.instances)
         admission = Admission(self.backend, self.relay, inbound, owned_by(request.scope))
         return await admission.serve(choice)
 

@@ -1,7 +1,8 @@
 """The relay: bytes from llama-server to the client as they come (DESIGN §3 steps 4-5, §5), the
 SSE keep-alives of a queued stream, errors as SSE `error` events once a stream began, upstream
-errors mapped, a stale pooled connection retried once. It may not take or keep slots: it gives
-them back through the request's `Owner` (serve_app.admit), and asks the cluster only its config.
+errors mapped, a stale pooled connection retried once. It may not take or keep slots: it is
+handed one `Grant` (serve_app.call) and gives its slot back through the grant's `release`; it
+asks the cluster only its config, and knows nothing of admission.
 
 Bytes pass through untouched: SSE framing and `[DONE]` stay intact, and headers are computed
 for what is actually sent (never the upstream Content-Length of a re-encoded body).
@@ -14,17 +15,18 @@ import contextlib
 import json
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any
 
 import aiohttp
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from proxifier.endpoints import Shape, unsupported
+from proxifier.capabilities import unsupported
+from proxifier.endpoints import Shape
 from proxifier.errors import ProxifierError, UpstreamFailed, UpstreamTimeout
-from serve_app.backend import ATTEMPTS, Cluster
-from serve_app.call import MOVED, Call
+from serve_app.backend import Cluster
+from serve_app.call import Accepted, Call, Grant, Granted, Waiting
 from serve_app.http_errors import reshaped, sse_error
 from serve_app.metrics import ReplicaMetrics
 
@@ -93,20 +95,6 @@ class StaleLease(Exception):
     """A lease taken over from an earlier request no longer reaches its llama-server."""
 
 
-class Owner(Protocol):
-    """What the relay needs of the request that owns the slot (serve_app.admit.Admission)."""
-
-    def release(
-        self, call: Call, lease: dict[str, Any], *, clean: bool = False, count: bool = True
-    ) -> None: ...
-
-    def abandon(self, call: Call, waiting: asyncio.Future[Any]) -> None: ...
-
-    def moved(self, call: Call) -> Exception: ...
-
-    async def wait_again(self, call: Call) -> asyncio.Future[Any]: ...
-
-
 class OwnedStream(StreamingResponse):
     """A streamed answer that owns a slot or a place in a queue. A body generator that never
     started never runs its `finally`, so when the client is gone before the first byte,
@@ -160,6 +148,19 @@ class Relay:
         if self._session is not None:
             await self._session.close()
 
+    async def answer(self, grant: Grant) -> Response:
+        """The answer to a request admission settled: on its slot, after its wait in the queue
+        (a stream of keep-alive comments, then the tokens), or its 202."""
+        if isinstance(grant, Accepted):
+            return self.accepted(grant.model, grant.queued)
+        if isinstance(grant, Granted):
+            return await self.forward(grant)
+
+        async def unstarted() -> None:
+            grant.abandon()
+
+        return OwnedStream(self.queued_stream(grant), grant.call, unstarted)
+
     def accepted(self, model: str, queued: dict[str, Any]) -> JSONResponse:
         self.metrics.answered(model, 202)
         body = {
@@ -200,44 +201,28 @@ class Relay:
         }
         return Relayed(upstream, kept)
 
-    async def queued_stream(
-        self,
-        owner: Owner,
-        call: Call,
-        queued: dict[str, Any],
-        waiting: asyncio.Future[Any],
-        keepalive: float,
-    ) -> AsyncGenerator[bytes, None]:
+    async def queued_stream(self, wait: Waiting) -> AsyncGenerator[bytes, None]:
         """SSE comments while the request waits, then the tokens; an error after the stream
         began is an SSE `error` event with the same body as the HTTP error would have had."""
+        call = wait.call
         call.streaming = True
-        moves = 0
         try:
-            yield _comment(queued["position"], queued["model_state"])
-            while True:
-                done, _ = await asyncio.wait({waiting}, timeout=keepalive)
-                if done and _moved_away(waiting) and moves < ATTEMPTS:
-                    # The stream has begun: wait again, for the instance there is now.
-                    moves += 1
-                    owner.moved(call)
-                    waiting = await owner.wait_again(call)
-                    continue
-                if done:
-                    break
+            yield _comment(wait.queued["position"], wait.queued["model_state"])
+            while (granted := await wait.granted(wait.keepalive)) is None:
                 with contextlib.suppress(Exception):
-                    where = await call.handle.queue_position.remote(call.request_id)
+                    where = await wait.position()
                     yield _comment(where["position"], where["model_state"])
         except (asyncio.CancelledError, GeneratorExit):
-            owner.abandon(call, waiting)
+            wait.abandon()
             raise
-        except ProxifierError as error:  # asking again for a slot failed: say why
+        except ProxifierError as error:  # the wait failed, or asking again for a slot did
             self.metrics.answered(call.model, error.status)
             yield sse_error(error, call.shape)
             return
+        release = granted.release
         try:
-            lease = waiting.result()
             self.metrics.waited(call.model, time.monotonic() - call.arrived)
-            upstream = await self._open(owner, call, lease)  # it gives the slot back if it fails
+            upstream = await self._open(granted)  # it gives the slot back if it fails
         except ProxifierError as error:
             self.metrics.answered(call.model, error.status)
             yield sse_error(error, call.shape)
@@ -249,31 +234,30 @@ class Relay:
                 body = b""
             finally:
                 done_with(upstream)
-                owner.release(call, lease)
+                release()
             failure = _upstream_failure(call, upstream.status, body)
             status = failure.status if isinstance(failure, ProxifierError) else upstream.status
             self.metrics.answered(call.model, status)
             yield sse_error(failure, call.shape)
             return
-        async with contextlib.aclosing(self.relay(owner, call, lease, upstream)) as chunks:
+        async with contextlib.aclosing(self.relay(granted, upstream)) as chunks:
             async for chunk in chunks:
                 yield chunk
 
-    async def forward(
-        self, owner: Owner, call: Call, lease: dict[str, Any], stream: bool
-    ) -> Response:
+    async def forward(self, granted: Granted) -> Response:
+        call, release = granted.call, granted.release
         model = call.model
         waited = time.monotonic() - call.arrived
-        upstream = await self._open(owner, call, lease)
+        upstream = await self._open(granted)
         self.metrics.waited(model, waited)
-        if stream and upstream.status == 200:
+        if call.stream and upstream.status == 200:
 
             async def unstarted() -> None:
                 done_with(upstream)
-                owner.release(call, lease)
+                release()
                 self.metrics.answered(model, 499)
 
-            return OwnedStream(self.relay(owner, call, lease, upstream), call, unstarted)
+            return OwnedStream(self.relay(granted, upstream), call, unstarted)
         clean = False
         try:
             content = await upstream.read()
@@ -284,7 +268,7 @@ class Relay:
             raise UpstreamFailed(f"model '{model}' failed while answering: {exc}") from None
         finally:
             done_with(upstream)
-            owner.release(call, lease, clean=clean)
+            release(clean=clean)
         status = upstream.status
         if status == 501 or (status >= 400 and call.shape is not Shape.OPENAI):
             failure = _upstream_failure(call, status, content)
@@ -298,10 +282,11 @@ class Relay:
         )
 
     async def relay(
-        self, owner: Owner, call: Call, lease: dict[str, Any], upstream: aiohttp.ClientResponse
+        self, granted: Granted, upstream: aiohttp.ClientResponse
     ) -> AsyncGenerator[bytes, None]:
         """Each upstream chunk to the client as it arrives; a disconnect ends the upstream
         request (closing its connection stops llama-server's generation) and frees the slot."""
+        call = granted.call
         call.streaming = True
         status = 200
         try:
@@ -318,24 +303,23 @@ class Relay:
             raise
         finally:
             done_with(upstream)
-            owner.release(call, lease, clean=status == 200)
+            granted.release(clean=status == 200)
             self.metrics.answered(call.model, status)
 
-    async def _open(
-        self, owner: Owner, call: Call, lease: dict[str, Any]
-    ) -> aiohttp.ClientResponse:
+    async def _open(self, granted: Granted) -> aiohttp.ClientResponse:
         """Send the request to llama-server and return its response, headers read. Whatever
         stops it (an upstream error, a stale held slot, the client going away) gives the slot
         back; after it returns, the caller owns the release."""
+        call = granted.call
         if call.granted_at is None:
             call.granted_at = time.monotonic()
         try:
-            return await self._send(call, lease)
+            return await self._send(call, granted.lease)
         except StaleLease:
-            owner.release(call, lease, count=False)  # served nothing; it starts over
+            granted.release(count=False)  # served nothing; it starts over
             raise
         except BaseException:
-            owner.release(call, lease)
+            granted.release()
             raise
 
     async def _send(self, call: Call, lease: dict[str, Any]) -> aiohttp.ClientResponse:
@@ -387,10 +371,6 @@ class Relay:
             upstream.close()
             raise StaleLease
         return upstream
-
-
-def _moved_away(waiting: asyncio.Future[Any]) -> bool:
-    return not waiting.cancelled() and isinstance(waiting.exception(), MOVED)
 
 
 def _comment(position: int | None, state: str) -> bytes:

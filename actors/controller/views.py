@@ -15,8 +15,8 @@ import ray
 from actors.controller.facts import READ_WAIT, Facts
 from actors.controller.reconcile import Wanted
 from actors.controller.registry import Registry
+from proxifier.capabilities import capabilities
 from proxifier.config import ModelsConfig
-from proxifier.endpoints import capabilities
 from proxifier.planning import group_members
 
 

@@ -10,18 +10,16 @@ import numpy as np
 import pytest
 
 from proxifier.auth import Caller, authorize, required_permissions
+from proxifier.capabilities import capabilities, refusal, unsupported
 from proxifier.config import ModelConfig
 from proxifier.endpoints import (
     BY_PATH,
     ENDPOINTS,
     Can,
     Shape,
-    capabilities,
     error_shape,
     model_named,
-    refusal,
     stateless_refusal,
-    unsupported,
 )
 from proxifier.errors import InvalidRequest, QueueFull
 from proxifier.gguf_facts import GgufError, read_facts
