@@ -27,6 +27,7 @@ from proxifier.config import (
 )
 from proxifier.config_diff import diff_models
 from proxifier.gpu_inventory import memory_gib_text, ray_start_flags
+from proxifier.llama_flags import fields_switched_on
 from proxifier.model_files import hf_source
 
 DEFAULT_MODELS = "configs/models.yaml"
@@ -85,6 +86,8 @@ def config_validate(models_file: str | None, auth_file: str | None) -> int:
     assert config is not None
     for name in sorted(config.models, key=lambda n: (-config.models[n].priority, n)):
         print(_model_line(config, name))
+        for field, flag in fields_switched_on(config.models[name].additional_args).items():
+            print(f"  {name}: {field}: on, from {flag!r} in additional_args")
     warnings = model_path_warnings(config, models_file)
     _print_issues(warnings, sys.stderr)
     if auth is None:

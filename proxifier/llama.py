@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from proxifier.home import proxifier_home
-from proxifier.llama_flags import VERBOSITY_FLAGS, flag_names
+from proxifier.llama_flags import VERBOSITY_FLAGS, fields_switched_on, flag_names
 
 if TYPE_CHECKING:
     from proxifier.config import ModelConfig
@@ -48,11 +48,12 @@ def build_argv(
     if model.chat_template is not None:
         argv += ["--chat-template", model.chat_template]
     argv += ["--api-key-file", api_key_file]
-    if model.embeddings:
-        argv.append("--embeddings")
-    if model.reranking:
-        argv.append("--reranking")  # sets the rank pooling a reranker needs
     extra = list(model.additional_args)
+    switched = fields_switched_on(extra)  # already in extra: not added twice
+    if model.embeddings and "embeddings" not in switched:
+        argv.append("--embeddings")
+    if model.reranking and "reranking" not in switched:
+        argv.append("--reranking")  # sets the rank pooling a reranker needs
     if log_verbosity is not None and not set(flag_names(extra)) & VERBOSITY_FLAGS:
         argv += ["-lv", str(log_verbosity)]  # the operator's own verbosity wins
     return argv + extra

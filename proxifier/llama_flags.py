@@ -36,8 +36,23 @@ FIELD_FLAGS: dict[str, str] = {
 }
 
 
+# Switches that turn a model's field on by themselves (no value): the seed's way to ask for
+# embeddings or reranking, which counts as the field (`fields_switched_on`).
+SWITCH_FLAGS = frozenset({"--embedding", "--embeddings", "--rerank", "--reranking"})
+
+
 def flag_names(args: Iterable[str]) -> list[str]:
     return [arg.split("=", 1)[0] for arg in args if arg.startswith("-")]
+
+
+def fields_switched_on(args: Iterable[str]) -> dict[str, str]:
+    """The boolean fields these additional_args turn on, each with the flag that does it:
+    `--embeddings` is `embeddings: true`, `--reranking` is `reranking: true`."""
+    found: dict[str, str] = {}
+    for flag in flag_names(args):
+        if flag in SWITCH_FLAGS:
+            found.setdefault(FIELD_FLAGS[flag], flag)
+    return found
 
 
 def additional_args_conflicts(args: list[str], set_fields: set[str]) -> list[str]:

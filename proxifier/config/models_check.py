@@ -23,7 +23,7 @@ from proxifier.config.issues import (
     named_entries,
 )
 from proxifier.config.schema import ModelConfig, ModelsConfig, Settings
-from proxifier.llama_flags import additional_args_conflicts
+from proxifier.llama_flags import additional_args_conflicts, fields_switched_on
 
 
 def validate_models(data: object, *, file: str, base_dir: Path = Path(".")) -> ModelsConfig:
@@ -141,19 +141,24 @@ def _cross_model_issues(
                 args = shlex.split(args)
             except ValueError:
                 args = None
+        switched: dict[str, str] = {}
         if isinstance(args, list):
             set_fields = {field for field, value in raw.items() if value is not None}
             for problem in additional_args_conflicts([str(a) for a in args], set_fields):
                 issues.append(ConfigIssue(file, where, "additional_args", problem))
-        if raw.get("embeddings") is True and raw.get("reranking") is True:
+            switched = fields_switched_on(str(a) for a in args)
+        on = {f: f"'{f}: true'" for f in ("embeddings", "reranking") if raw.get(f) is True}
+        on |= {f: f"{flag!r} in additional_args" for f, flag in switched.items()}
+        if "embeddings" in on and "reranking" in on:
             issues.append(
                 ConfigIssue(
                     file,
                     where,
-                    "reranking",
-                    "cannot be set with 'embeddings: true': reranking pools each input into one "
-                    "score, so the model's embeddings would be meaningless; configure the file "
-                    "twice, under two names, one for each",
+                    "reranking" if raw.get("reranking") is True else "additional_args",
+                    ("" if raw.get("reranking") is True else f"{on['reranking']}: ")
+                    + f"cannot be set with {on['embeddings']}: reranking pools each input into "
+                    "one score, so the model's embeddings would be meaningless; configure the "
+                    "file twice, under two names, one for each",
                 )
             )
         aliases = raw.get("aliases")

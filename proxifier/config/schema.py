@@ -16,9 +16,11 @@ from pydantic import (
     ConfigDict,
     Field,
     field_validator,
+    model_validator,
 )
 
 from proxifier.config.values import _STRICT, Permission, parse_expiry, parse_size, resolve_path
+from proxifier.llama_flags import fields_switched_on
 from proxifier.model_files import HF_REPO, cached_file, hf_source, model_cache
 
 
@@ -111,6 +113,26 @@ class ModelConfig(BaseModel):
     startup_timeout: float | None = Field(None, gt=0)
     upstream_timeout: float | None = Field(None, gt=0)
     aliases: list[str] = []
+
+    @model_validator(mode="before")
+    @classmethod
+    def _switches_in_args(cls, data: object) -> object:
+        """`--embeddings` or `--reranking` in additional_args (the seed's way) counts as the
+        field set to true; the field stays as written when the file sets it (a repeat of it is
+        the cross-model check's error)."""
+        if not isinstance(data, dict):
+            return data
+        args = data.get("additional_args")
+        if isinstance(args, str):
+            try:
+                args = shlex.split(args)
+            except ValueError:
+                return data  # the field's own check says why
+        if not isinstance(args, list):
+            return data
+        switched = fields_switched_on(str(arg) for arg in args)
+        missing = {field: True for field in switched if data.get(field) is None}
+        return {**data, **missing} if missing else data
 
     @field_validator("additional_args", mode="before")
     @classmethod

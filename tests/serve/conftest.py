@@ -69,6 +69,17 @@ def models_config(fake: Path, real: str, tiny: Path, hub_url: str, cache: Path) 
                 "context_length": 512,
                 "parallel": 1,
             },
+            # The seed's way to ask for embeddings or reranking: flags in additional_args
+            # (string and list form), which count as the fields.
+            "seed-embed": {
+                "model_path": str(tiny),
+                "llama_server": real,
+                "num_gpus": 0,
+                "additional_args": "--embeddings --pooling mean",
+                "context_length": 512,
+                "parallel": 1,
+            },
+            "seed-rerank": fake_model(additional_args=["--rerank"]),
             "nofim": fake_model(env={"FAKE_LLAMA_NO_FIM": "1"}),
             "slowstream": fake_model(env={"FAKE_LLAMA_TOKEN_DELAY": "0.3"}),
             "sleepy": fake_model(env={"FAKE_LLAMA_TOKEN_DELAY": "5"}, upstream_timeout=2),

@@ -154,6 +154,22 @@ def test_rerank_on_the_real_server_not_started_for_it_is_the_400_too(
         assert message.startswith("model 'real' was not started for rerank: set 'reranking: true'")
 
 
+def test_embeddings_and_rerank_asked_for_in_additional_args(
+    deployment: Deployment, oai: openai.OpenAI
+) -> None:
+    # "seed-embed": the real llama-server with `additional_args: "--embeddings --pooling
+    # mean"`; "seed-rerank": `additional_args: ["--rerank"]`. No field set in either.
+    vectors = oai.embeddings.create(model="seed-embed", input=["hello", "world"])
+    assert [d.index for d in vectors.data] == [0, 1] and len(vectors.data[0].embedding) == 64
+    body = {"model": "seed-rerank", "query": "q", "documents": ["a", "b"]}
+    answer = httpx.post(f"{deployment.url}/v1/rerank", json=body, timeout=60)
+    assert answer.status_code == 200, answer.text
+    assert sorted(r["index"] for r in answer.json()["results"]) == [0, 1]
+    listed = {m.id: m.model_dump() for m in oai.models.list()}
+    assert listed["seed-embed"]["capabilities"] == ["embeddings"]
+    assert listed["seed-rerank"]["capabilities"] == ["rerank"]
+
+
 def test_infill_on_a_model_with_fim_tokens(deployment: Deployment) -> None:
     body = {"input_prefix": "def add(a, b):\n    return ", "input_suffix": "\n", "n_predict": 4}
     answer = httpx.post(f"{deployment.url}/infill?model=real", json=body, timeout=60)

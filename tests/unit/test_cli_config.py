@@ -59,6 +59,22 @@ def test_validate_lists_every_error_and_fails(
     ]
 
 
+def test_validate_says_which_flags_it_read_as_fields(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    models = write(
+        tmp_path / "models.yaml",
+        "models:\n  e: {model_path: e.gguf, additional_args: '--embedding --pooling mean'}\n"
+        "  r: {model_path: r.gguf, additional_args: ['--reranking']}\n",
+    )
+    assert main(["config", "validate", "--models", str(models)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[0] == "e" and "embeddings" in out[0].split()
+    assert out[1] == "  e: embeddings: on, from '--embedding' in additional_args"
+    assert out[2].split()[0] == "r" and "reranking" in out[2].split()
+    assert out[3] == "  r: reranking: on, from '--reranking' in additional_args"
+
+
 def test_validate_uses_settings_auth_file(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

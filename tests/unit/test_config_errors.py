@@ -330,6 +330,39 @@ def test_reranking_and_embeddings_on_one_model() -> None:
     assert "model 'm': field 'reranking': cannot be set with 'embeddings: true'" in errors[0]
 
 
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [
+        (["--embeddings", "--pooling", "mean"], "embeddings"),
+        ("--embedding --pooling mean", "embeddings"),  # the string form, the short spelling
+        (["--reranking"], "reranking"),
+        ("--rerank", "reranking"),
+    ],
+)
+def test_a_switch_in_additional_args_counts_as_its_field(args: object, field: str) -> None:
+    config = validate_models({"models": {"m": {"additional_args": args}}}, file="models.yaml")
+    model = config.models["m"]
+    assert getattr(model, field) is True
+    assert (model.embeddings, model.reranking).count(True) == 1
+
+
+@pytest.mark.parametrize(
+    ("fields", "where", "says"),
+    [
+        ({"additional_args": "--embeddings --rerank"}, "additional_args", "'--rerank' in"),
+        ({"additional_args": ["--embeddings"], "reranking": True}, "reranking", "cannot"),
+        ({"additional_args": ["--reranking"], "embeddings": True}, "additional_args", "'--rer"),
+    ],
+)
+def test_embeddings_and_reranking_clash_however_they_are_asked_for(
+    fields: dict, where: str, says: str
+) -> None:
+    errors = model_errors({"m": fields})
+    assert len(errors) == 1
+    assert errors[0].startswith(f"models.yaml: model 'm': field '{where}': {says}")
+    assert "reranking pools each input into one score" in errors[0]
+
+
 def test_reranking_flag_with_the_reranking_field() -> None:
     errors = model_errors({"m": {"reranking": True, "additional_args": ["--rerank"]}})
     assert errors == [

@@ -75,6 +75,12 @@ def test_embeddings_flag_only_when_asked() -> None:
     assert "--embeddings" not in argv()
 
 
+def test_a_switch_in_additional_args_is_passed_once() -> None:
+    line = argv(additional_args="--embeddings --pooling mean")
+    assert line.count("--embeddings") == 1 and line[-3:] == ["--embeddings", "--pooling", "mean"]
+    assert argv(additional_args=["--rerank"]).count("--reranking") == 0
+
+
 def test_reranking_flag_only_when_asked() -> None:
     assert "--reranking" in argv(reranking=True)
     assert "--reranking" not in argv()
