@@ -6,7 +6,6 @@ The driver only: it builds nothing itself (serve_app.app does) and never imports
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
 import os
 import signal
@@ -23,6 +22,7 @@ from proxifier.config import (
     model_path_warnings,
 )
 from proxifier.console import RAY_LOGGERS, event_line, table
+from proxifier.examples import ALL_INTERFACES, reachable_host, try_it
 from proxifier.home import proxifier_home
 from proxifier.startup import (
     HAPROXY_SIDE_PORTS,
@@ -160,10 +160,14 @@ def serve_forever(
             blocking=False,
         )
         controller = get_controller()
-        url = f"http://{host}:{port}"
-        say(f"\nLLM Proxifier is serving {url}/v1 (admin: {url}/admin, docs: {url}/docs)")
+        client_host = reachable_host(host)
+        url = f"http://{f'[{client_host}]' if ':' in client_host else client_host}:{port}"
+        where = f" (listening on every interface, {host})" if host in ALL_INTERFACES else ""
+        say(f"\nLLM Proxifier is serving {url}/v1{where} (admin: {url}/admin, docs: {url}/docs)")
         _print_models(ray.get(controller.status.remote(), timeout=60))
-        _print_examples(url, models)
+        say("\nTry it:")
+        for line in try_it(url, next(iter(models.models), "MODEL"), auth):
+            say(f"  {line}")
         say(
             f"\nLogs: Ray, Serve and HAProxy in {_ray_logs()}; llama-server in "
             f"{proxifier_home() / 'logs'}" + ("" if verbose else " (--verbose prints Ray's here)")
@@ -245,17 +249,3 @@ def _print_models(statuses: list[dict[str, Any]]) -> None:
             ]
         )
     say(table(rows))
-
-
-def _print_examples(url: str, models: Any) -> None:
-    first = next(iter(models.models), "MODEL")
-    chat = json.dumps({"model": first, "messages": [{"role": "user", "content": "Hello"}]})
-    say("\nTry it:")
-    say(f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' -d '{chat}'")
-    say(
-        "  python -c 'from openai import OpenAI; "
-        f'c = OpenAI(base_url="{url}/v1", api_key="none"); '
-        f'r = c.chat.completions.create(model="{first}", '
-        'messages=[{"role": "user", "content": "Hi"}]); '
-        "print(r.choices[0].message.content)'"
-    )

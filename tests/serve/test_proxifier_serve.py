@@ -3,6 +3,7 @@ with SIGINT. Nothing it started may remain: no Ray process, no llama-server."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -131,3 +132,53 @@ def test_serve_names_a_taken_port_and_what_holds_it(tiny_model: Path, tmp_path: 
     assert done.returncode == 3, done.stderr
     assert f"error: port {port} is taken by python" in done.stderr
     assert f"(pid {os.getpid()})" in done.stderr
+
+
+def test_the_try_it_lines_run_as_printed_with_auth_on_all_interfaces(
+    fake_server: Path, tiny_model: Path, tmp_path: Path, repo: Path
+) -> None:
+    assert shutil.which("curl"), "curl is missing (scripts/setup installs it)"
+    (tmp_path / "auth.yaml").write_text(
+        yaml.safe_dump({"api_keys": {"user": {"key": "sk-try-it", "permissions": ["models"]}}})
+    )
+    config = tmp_path / "models.yaml"
+    model = {"model_path": str(tiny_model), "llama_server": str(fake_server)}
+    config.write_text(
+        yaml.safe_dump({"settings": {"auth_file": "auth.yaml"}, "models": {"chat": model}})
+    )
+    port = free_port()
+    command = [str(Path(sys.executable).parent / "proxifier"), "serve", "--config", str(config)]
+    command += ["--host", "0.0.0.0", "--port", str(port), "--ingress", "python"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env |= {"RAY_AUTH_MODE": "disabled", "PROXIFIER_HOME": str(tmp_path)}
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=repo, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while "Ctrl-C stops the server" not in log.read_text():
+            assert server.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        text = log.read_text()
+        block = text.split("Try it:\n", 1)[1].split("\n\n", 1)[0].splitlines()
+        hint, curl, python = (line.strip() for line in block)
+        assert hint == (
+            "auth is on: export PROXIFIER_API_KEY=<a key with the models permission> (one of: user)"
+        )
+        assert "0.0.0.0" not in curl + python
+        shell_env = {**env, "PROXIFIER_API_KEY": "sk-try-it"}
+        shell_env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"  # its python3
+        answered = subprocess.run(
+            ["bash", "-c", curl], capture_output=True, text=True, timeout=120, env=shell_env
+        )
+        assert answered.returncode == 0, answered.stderr
+        assert json.loads(answered.stdout)["object"] == "chat.completion", answered.stdout
+        printed = subprocess.run(
+            ["bash", "-c", python], capture_output=True, text=True, timeout=120, env=shell_env
+        )
+        assert printed.returncode == 0 and printed.stdout.strip(), printed.stderr
+        server.send_signal(signal.SIGINT)
+        assert server.wait(timeout=120) == 0, log.read_text()
+    finally:
+        if server.poll() is None:
+            server.kill()
