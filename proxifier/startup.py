@@ -1,17 +1,20 @@
 """What `proxifier serve` checks before it starts anything: a Ray cluster marked on this machine
 that no longer answers, and ports an earlier instance left taken. Local probes only (a marker
-file, a socket, the process table); no Ray imported, never a wait for what will not come."""
+file, a socket, the process table); no Ray imported; the one wait, for ports an instance that
+just stopped is letting go of, is bounded."""
 
 from __future__ import annotations
 
 import errno
 import os
 import socket
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
 
-HAPROXY_SIDE_PORTS = (8404, 9101)  # Serve's HAProxy stats and health ports (fixed by Ray)
+PORT_RELEASE_WAIT = 10.0  # seconds serve waits for ports an earlier instance is letting go of
 PROBE_WAIT = 2.0  # seconds for a TCP connect to a GCS that is alive (it takes milliseconds)
 
 
@@ -60,18 +63,48 @@ def answers(address: str, wait: float = PROBE_WAIT) -> bool:
         return False
 
 
-def taken_ports(host: str, ports: list[int]) -> list[str]:
-    """One line per port that something already listens on, naming what holds it."""
+def haproxy_side_ports() -> tuple[int, int]:
+    """Serve's HAProxy stats and metrics ports: Ray's defaults (8404, 9101) unless its
+    settings in the environment move them (RAY_SERVE_HAPROXY_STATS_PORT, ..._METRICS_PORT)."""
+    return (
+        int(os.environ.get("RAY_SERVE_HAPROXY_STATS_PORT") or 8404),
+        int(os.environ.get("RAY_SERVE_HAPROXY_METRICS_PORT") or 9101),
+    )
+
+
+def taken_ports(host: str, ports: list[int], all_interfaces: tuple[int, ...] = ()) -> list[str]:
+    """One line per port that something already listens on, naming what holds it;
+    `all_interfaces`: ports a listener binds on every interface (HAProxy's side ports)."""
     problems = []
     for port in ports:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
             try:
-                probe.bind(("0.0.0.0" if port in HAPROXY_SIDE_PORTS else host, port))
+                probe.bind(("0.0.0.0" if port in all_interfaces else host, port))
             except OSError as error:
                 if error.errno != errno.EADDRINUSE:
                     continue
                 problems.append(f"port {port} is taken by {holder_of(port)}")
     return problems
+
+
+def ports_released(
+    host: str,
+    ports: list[int],
+    all_interfaces: tuple[int, ...] = (),
+    wait: float = PORT_RELEASE_WAIT,
+    on_wait: Callable[[list[str]], None] | None = None,
+) -> list[str]:
+    """`taken_ports`, after waiting up to `wait` seconds for taken ones to be let go: an
+    instance that just stopped may still be closing its listeners (its HAProxy goes away a
+    moment after it). `on_wait` hears what is taken when the wait begins."""
+    taken = taken_ports(host, ports, all_interfaces)
+    if taken and on_wait is not None:
+        on_wait(taken)
+    deadline = time.monotonic() + wait
+    while taken and time.monotonic() < deadline:
+        time.sleep(0.2)
+        taken = taken_ports(host, ports, all_interfaces)
+    return taken
 
 
 def holder_of(port: int) -> str:

@@ -25,9 +25,11 @@ from proxifier.console import RAY_LOGGERS, event_line, table
 from proxifier.examples import ALL_INTERFACES, reachable_host, try_it
 from proxifier.home import proxifier_home
 from proxifier.startup import (
-    HAPROXY_SIDE_PORTS,
+    PORT_RELEASE_WAIT,
     answers,
+    haproxy_side_ports,
     marked_cluster,
+    ports_released,
     ray_marker,
     serve_environment,
     taken_ports,
@@ -104,17 +106,15 @@ def serve_forever(
         "log_to_driver": verbose,  # the workers' output, Serve's and HAProxy's included
         "logging_level": logging.INFO if verbose else logging.WARNING,
     }
-    ports = [port, *(HAPROXY_SIDE_PORTS if ingress == "haproxy" else ())]
-    taken = taken_ports(host, ports)
+    side = haproxy_side_ports() if ingress == "haproxy" else ()
+    ports = [port, *side]
+
+    def waiting(taken: list[str]) -> None:
+        say(f"waiting up to {PORT_RELEASE_WAIT:.0f} s for ports to be let go: {'; '.join(taken)}")
+
+    taken = ports_released(host, ports, side, on_wait=waiting)
     if taken:
-        for problem in taken:
-            print(f"error: {problem}", file=sys.stderr)
-        print(
-            "an earlier instance may still be running: stop it (or that process), or choose "
-            "another --port",
-            file=sys.stderr,
-        )
-        return 3
+        return _ports_taken(taken)
     started_local = False
     if address and address not in ("local", "auto"):
         if not answers(address):
@@ -152,13 +152,23 @@ def serve_forever(
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     try:
-        serve.start(http_options={"host": host, "port": port, "request_timeout_s": None})
-        serve.run(
-            build_app({"config": str(Path(config).resolve()), "replicas": replicas, "host": host}),
-            name=APP_NAME,
-            route_prefix="/",
-            blocking=False,
-        )
+        try:
+            serve.start(http_options={"host": host, "port": port, "request_timeout_s": None})
+            serve.run(
+                build_app(
+                    {"config": str(Path(config).resolve()), "replicas": replicas, "host": host}
+                ),
+                name=APP_NAME,
+                route_prefix="/",
+                blocking=False,
+            )
+        except Exception:
+            # A port taken after the check (an earlier instance's HAProxy that came back, or
+            # another program): name it rather than Serve's own failure.
+            taken = taken_ports(host, ports, side)
+            if taken:
+                return _ports_taken(taken)
+            raise
         controller = get_controller()
         client_host = reachable_host(host)
         url = f"http://{f'[{client_host}]' if ':' in client_host else client_host}:{port}"
@@ -177,6 +187,17 @@ def serve_forever(
     finally:
         _shutdown(started_local)
     return 0
+
+
+def _ports_taken(taken: list[str]) -> int:
+    for problem in taken:
+        print(f"error: {problem}", file=sys.stderr)
+    print(
+        "an earlier instance may still be running: stop it (or that process), or choose "
+        "another --port",
+        file=sys.stderr,
+    )
+    return 3
 
 
 def _follow_events(controller: Any, stop: threading.Event) -> None:

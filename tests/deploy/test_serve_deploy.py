@@ -30,7 +30,7 @@ import yaml
 from openai import OpenAI
 
 from tests.deploy.manifests import REPO, SERVE_YAML
-from tests.helpers import free_port, wait_gone
+from tests.helpers import free_port, haproxy_env, wait_gone
 
 pytestmark = pytest.mark.e2e
 
@@ -154,8 +154,6 @@ def head(tmp_path: Path, real_server: str, tiny_model: Path) -> Iterator[Head]:
     home = tmp_path / "home"  # PROXIFIER_HOME: model logs here, llama-server where it looks
     (home / "bin").mkdir(parents=True)
     (home / "bin" / "llama-server").symlink_to(real_server)
-    haproxy = temp / "haproxy"
-    haproxy.mkdir()
     env = {
         k: v
         for k, v in os.environ.items()
@@ -169,18 +167,8 @@ def head(tmp_path: Path, real_server: str, tiny_model: Path) -> Iterator[Head]:
             "PROXIFIER_HOME": str(home),
             # Replicas behind HAProxy hold on 30 s before they stop; no client is left here.
             "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
-            # Serve's fixed side ports and files, this cluster's own (defaults: 8404, 9101,
-            # 8500, 9500, /tmp/haproxy-serve): a cluster of another test may hold them.
-            "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
-            "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
-            "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),
-            "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(free_port()),
-            "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(haproxy / "haproxy.cfg"),
-            "RAY_SERVE_HAPROXY_SOCKET_PATH": str(haproxy / "admin.sock"),
-            "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(haproxy / "metrics.sock"),
-            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(haproxy),
-            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(haproxy / "server-state"),
         }
+        | haproxy_env(temp / "haproxy")
     )
     dashboard_port = free_port()
     ports = {

@@ -19,7 +19,7 @@ import httpx
 import psutil
 import yaml
 
-from tests.helpers import free_port, wait_gone
+from tests.helpers import free_port, haproxy_env, wait_gone
 
 
 def test_serve_then_ctrl_c_leaves_nothing_behind(
@@ -182,3 +182,46 @@ def test_the_try_it_lines_run_as_printed_with_auth_on_all_interfaces(
     finally:
         if server.poll() is None:
             server.kill()
+
+
+def test_two_serves_back_to_back_behind_haproxy_both_come_up(
+    fake_server: Path, tiny_model: Path, tmp_path: Path, repo: Path
+) -> None:
+    """The second starts the moment the first has exited, while the first one's HAProxy may
+    still be letting go of its side ports: it waits for them rather than failing."""
+    config = tmp_path / "models.yaml"
+    model = {"model_path": str(tiny_model), "llama_server": str(fake_server)}
+    config.write_text(yaml.safe_dump({"models": {"chat": model}}))
+    port = free_port()
+    command = [str(Path(sys.executable).parent / "proxifier"), "serve", "--config", str(config)]
+    command += ["--port", str(port)]  # the default ingress: HAProxy
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RAY_ADDRESS", "RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_THROUGHPUT_OPTIMIZED")
+    }
+    env |= {"RAY_AUTH_MODE": "disabled", "PROXIFIER_HOME": str(tmp_path)}
+    env |= haproxy_env(Path(tempfile.mkdtemp(prefix="hp", dir="/tmp")))  # the same for both
+    for run in (1, 2):
+        log = tmp_path / f"serve-{run}.log"
+        with log.open("w") as out:
+            server = subprocess.Popen(
+                command, stdout=out, stderr=subprocess.STDOUT, cwd=repo, env=env
+            )
+        try:
+            deadline = time.monotonic() + 120
+            while "Ctrl-C stops the server" not in log.read_text():
+                assert server.poll() is None, f"run {run}: {log.read_text()}"
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.2)
+            reply = httpx.post(
+                f"http://127.0.0.1:{port}/v1/chat/completions",
+                json={"model": "chat", "messages": [{"role": "user", "content": "hi"}]},
+                timeout=60,
+            )
+            assert reply.status_code == 200, reply.text
+            server.send_signal(signal.SIGINT)
+            assert server.wait(timeout=120) == 0, log.read_text()
+        finally:
+            if server.poll() is None:
+                server.kill()

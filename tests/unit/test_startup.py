@@ -38,3 +38,36 @@ def test_a_taken_port_is_named_with_what_holds_it() -> None:
         (problem,) = startup.taken_ports("127.0.0.1", [port])
     assert problem.startswith(f"port {port} is taken by ") and f"(pid {os.getpid()})" in problem
     assert startup.taken_ports("127.0.0.1", [port]) == []  # free again
+
+
+def test_a_port_being_let_go_is_waited_for() -> None:
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    heard: list[list[str]] = []
+
+    def let_go(taken: list[str]) -> None:  # the earlier instance finishes going away
+        heard.append(taken)
+        holder.close()
+
+    assert startup.ports_released("127.0.0.1", [port], on_wait=let_go) == []
+    assert len(heard) == 1 and heard[0][0].startswith(f"port {port} is taken by ")
+
+
+def test_a_port_that_stays_taken_is_named_after_the_wait() -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        (problem,) = startup.ports_released("127.0.0.1", [port], wait=0.0)
+    assert f"(pid {os.getpid()})" in problem
+
+
+def test_haproxy_side_ports_follow_rays_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RAY_SERVE_HAPROXY_STATS_PORT", raising=False)
+    monkeypatch.delenv("RAY_SERVE_HAPROXY_METRICS_PORT", raising=False)
+    assert startup.haproxy_side_ports() == (8404, 9101)
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_STATS_PORT", "18404")
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_METRICS_PORT", "19101")
+    assert startup.haproxy_side_ports() == (18404, 19101)
