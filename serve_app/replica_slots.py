@@ -37,6 +37,7 @@ class RayBackend(Cluster):
         # Who renews this replica's slots: model actors reclaim them when the renewals stop.
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._owners: set[Owned] = set()
+        self._told: dict[int, int] = {}  # handle id -> the line length its actor last heard
         self._renewer: asyncio.Task[None] | None = None
 
     # -------------------------------------------------------------- slots owned and renewed
@@ -75,6 +76,11 @@ class RayBackend(Cluster):
                 groups.setdefault(id(entry.handle), (entry.handle, []))[1].append(
                     entry.lease["lease_id"]
                 )
+        for model, handle in self._handles.items():
+            # A line the actor last heard was longer than it is: tell it, even with no slot
+            # to renew there (else /admin/queue/status counts gone waiters for lease_ttl).
+            if lines.get(id(handle), 0) != self._told.get(id(handle), 0) and model in self._lines:
+                groups.setdefault(id(handle), (handle, []))
         if not groups:
             return
         ttl = self._config.settings.lease_ttl if self._config is not None else 6.0
@@ -87,6 +93,7 @@ class RayBackend(Cluster):
             ),
             return_exceptions=True,
         )
+        self._told = {key: lines.get(key, 0) for key in groups}
         unknown = {
             lease_id for answer in answers if isinstance(answer, list) for lease_id in answer
         }

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from serve_app.call import Owned
 from serve_app.replica_slots import RayBackend
 
 pytestmark = pytest.mark.asyncio
@@ -142,3 +143,37 @@ async def test_a_lease_of_an_instance_on_its_way_out_is_not_handed_on(handle: Ha
     finish(backend, handle, lease)
     assert handle.released == [("a", 1)]  # back to the old instance
     assert await line is None  # and the request asks the current one
+
+
+class Renewals:
+    """A model actor's `renew`, recording (lease ids, line length) as the replica tells it."""
+
+    def __init__(self) -> None:
+        self.heard: list[tuple[list[str], int]] = []
+
+    def remote(self, holder: str, lease_ids: list[str], in_line: int) -> Any:
+        self.heard.append((list(lease_ids), in_line))
+        done: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
+        done.set_result([])
+        return done
+
+
+async def test_a_line_that_empties_is_told_even_with_no_slot_to_renew() -> None:
+    handle = Handle()
+    handle.renew = Renewals()  # type: ignore[attr-defined]
+    backend = backend_with(handle)
+    lease = running(backend, "l1")
+    owned = Owned()  # the running request's ledger (open_request, without its renewer)
+    owned.add("l1", handle, lambda: None)
+    backend._owners.add(owned)
+    waiter = await waiting(backend)
+    await backend.renew_once()
+    assert handle.renew.heard[-1] == (["l1"], 1)  # type: ignore[attr-defined]
+    backend._owners.discard(owned)
+    finish(backend, handle, lease)  # handed to the one in the line, which then ends too
+    assert (await waiter) is not None
+    backend._held.clear()
+    await backend.renew_once()
+    assert handle.renew.heard[-1] == ([], 0)  # type: ignore[attr-defined]
+    await backend.renew_once()
+    assert len(handle.renew.heard) == 2  # nothing new to tell: no call
