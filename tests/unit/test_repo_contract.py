@@ -38,7 +38,9 @@ def test_test_command_sets_up_everything(repo: Path) -> None:
         "pip install",
         "scripts/install-llama-server",
         "scripts/make-tiny-model",
-        "apt-get install -y -q chromium",
+        "apt-get install -y -q $missing",  # the Debian packages the tests need:
+        "chromium:chromium",  # the dashboard's browser tests
+        "curl:curl",  # the lines `proxifier serve` prints, run as printed
     ):
         assert step in setup, step
 
