@@ -83,8 +83,8 @@ class ModelConfig(BaseModel):
 
     model_path: str | None = None
     # Or fetched from Hugging Face on the node the model runs on (README: Models from Hugging Face).
-    hf_repo: str | None = Field(None, pattern=HF_REPO.pattern)
-    hf_file: str | None = Field(None, min_length=1)
+    hf_repo: str | None = None  # owner/name[:TAG], checked by `_hf_repo`
+    hf_file: str | None = None  # a .gguf path inside the repository, checked by `_hf_file`
     port: int | None = Field(None, ge=1024, le=65535)
     priority: int = Field(5, ge=1, le=10)
     resource_group: str = Field("default", min_length=1)
@@ -143,6 +143,48 @@ class ModelConfig(BaseModel):
             return [str(item) if isinstance(item, int | float) else item for item in value]
         return value
 
+    @field_validator("hf_repo")
+    @classmethod
+    def _hf_repo(cls, value: str | None) -> str | None:
+        """owner/name, optionally :TAG, by the Hub's own rules for names (huggingface_hub's
+        validate_repo_id): no URL, no path, no line break reaches the Hub or the cache."""
+        if value is None:
+            return value
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        example = "e.g. bartowski/Qwen2.5-7B-Instruct-GGUF:Q4_K_M"
+        if not HF_REPO.fullmatch(value):
+            raise ValueError(
+                f"{value!r} is not a Hugging Face repository as owner/name[:TAG] ({example})"
+            )
+        try:
+            validate_repo_id(value.partition(":")[0])
+        except HFValidationError:
+            raise ValueError(
+                f"{value!r} is not a valid Hugging Face repository name: letters, digits, '-', "
+                f"'_' and '.', not starting or ending with '-' or '.', no '--' or '..' ({example})"
+            ) from None
+        return value
+
+    @field_validator("hf_file")
+    @classmethod
+    def _hf_file(cls, value: str | None) -> str | None:
+        """A .gguf file inside the repository: a relative path that cannot leave it."""
+        if value is None:
+            return value
+        parts = value.split("/")
+        if (
+            not value.endswith(".gguf")
+            or value.startswith("/")
+            or any(part in ("", ".", "..") for part in parts)
+            or any(not char.isprintable() or char == "\\" for char in value)
+        ):
+            raise ValueError(
+                f"{value!r} is not a .gguf file inside the repository (a relative path such as "
+                "'model-Q4_K_M.gguf' or 'Q8_0/model-Q8_0-00001-of-00002.gguf')"
+            )
+        return value
+
     @field_validator("env", mode="before")
     @classmethod
     def _env_strings(cls, value: object) -> object:
@@ -191,7 +233,13 @@ class ModelsConfig(BaseModel):
         model = self.models[name]
         source = hf_source(model.hf_repo, model.hf_file)
         if source is not None:
-            return cached_file(source, model_cache(self.settings.model_cache))
+            try:
+                return cached_file(source, model_cache(self.settings.model_cache))
+            except (ValueError, OSError):
+                # One model's unreadable cache (or a name the Hub's library refuses) must not
+                # break the status, listing and metrics of all: it is simply not here; its
+                # start says why.
+                return None
         return model_file_for(model, self.base_dir)
 
     def auth_path(self) -> Path | None:

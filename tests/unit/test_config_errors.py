@@ -369,3 +369,50 @@ def test_reranking_flag_with_the_reranking_field() -> None:
         "models.yaml: model 'm': field 'additional_args': '--rerank' repeats the 'reranking' "
         "field; set one of them, not both"
     ]
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"hf_repo": "owner/tiny-GGUF", "hf_file": "../../../../etc/passwd"}, "hf_file"),
+        ({"hf_repo": "owner/tiny-GGUF", "hf_file": "/etc/passwd.gguf"}, "hf_file"),
+        ({"hf_repo": "owner/tiny-GGUF", "hf_file": "a/../../b.gguf"}, "hf_file"),
+        ({"hf_repo": "owner/tiny-GGUF", "hf_file": "model.gguf\n"}, "hf_file"),
+        ({"hf_repo": "https://huggingface.co/owner/tiny-GGUF"}, "hf_repo"),
+        ({"hf_repo": "owner/../../x"}, "hf_repo"),
+        ({"hf_repo": "owner/x\nevil"}, "hf_repo"),
+        ({"hf_repo": "owner--x/tiny"}, "hf_repo"),  # the Hub's own rule (validate_repo_id)
+        ({"hf_repo": "owner/.hidden"}, "hf_repo"),
+    ],
+)
+def test_a_repository_or_file_that_could_leave_the_hub_is_refused_when_read(
+    fields: dict, field: str
+) -> None:
+    (error,) = model_errors({"m": fields})
+    assert error.startswith(f"models.yaml: model 'm': field '{field}': {fields[field]!r}")
+
+
+def test_hub_names_as_users_write_them_pass() -> None:
+    models = {
+        "a": {"hf_repo": "bartowski/Qwen2.5-7B-Instruct-GGUF:Q4_K_M"},
+        "b": {"hf_repo": "proxifier-tests/tiny-GGUF", "hf_file": "tiny-Q8_0.gguf"},
+        "c": {"hf_repo": "o/r", "hf_file": "Q8_0/model-Q8_0-00001-of-00002.gguf"},
+    }
+    assert set(validate_models({"models": models}, file="models.yaml").models) == {"a", "b", "c"}
+
+
+def test_one_models_failing_cache_lookup_leaves_the_others_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from proxifier.config import schema
+
+    (tmp_path / "local.gguf").write_bytes(b"GGUF")
+    models = {"hub": {"hf_repo": "o/r", "hf_file": "m.gguf"}, "local": {"model_path": "local.gguf"}}
+    config = validate_models({"models": models}, file="models.yaml", base_dir=tmp_path)
+
+    def failing(*_: object) -> None:  # what huggingface_hub raised for a bad name
+        raise ValueError("Invalid repo_id or filename")
+
+    monkeypatch.setattr(schema, "cached_file", failing)
+    assert config.model_file("hub") is None
+    assert config.model_file("local") == tmp_path / "local.gguf"
