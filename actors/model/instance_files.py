@@ -6,6 +6,7 @@ Plain file handling: no process, no state machine, no other part of the actor.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
@@ -55,7 +56,8 @@ class InstanceLog:
 
 class KeyFile:
     """The instance key in a file only this user can read (0600, in a 0700 folder of its
-    own), for `--api-key-file`; removed once llama-server has loaded, or when it stops."""
+    own), for `--api-key-file`; removed with its folder once llama-server has loaded, or
+    when it stops."""
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -77,3 +79,7 @@ class KeyFile:
         if self._file is not None:
             self._file.unlink(missing_ok=True)
             self._file = None
+        if self._dir is not None:
+            with contextlib.suppress(OSError):  # gone already, or not empty: not ours to force
+                self._dir.rmdir()
+            self._dir = None
