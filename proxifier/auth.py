@@ -76,6 +76,19 @@ class Denied:
     code: str
 
 
+def repeated_credentials(header_names: list[str]) -> Denied | None:
+    """A 401 for a request that carries its key twice (two `Authorization` or two `x-api-key`
+    headers): which one counts would depend on the proxy in between, so none does."""
+    for name in ("authorization", "x-api-key"):
+        if header_names.count(name) > 1:
+            return Denied(
+                401,
+                f"More than one {name} header: send one key, once",
+                "invalid_authorization_header",
+            )
+    return None
+
+
 def presented_key(authorization: str | None, x_api_key: str | None) -> str | Denied | None:
     """The key a request carries (`Authorization: Bearer`, any case, or `x-api-key`), None when
     it carries none, Denied when the header is there but malformed."""

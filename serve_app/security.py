@@ -12,7 +12,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from proxifier.auth import Caller, Denied, authorize, identify, is_public, presented_key
+from proxifier.auth import (
+    Caller,
+    Denied,
+    authorize,
+    identify,
+    is_public,
+    presented_key,
+    repeated_credentials,
+)
 from proxifier.browser_guard import browser_refusal
 from proxifier.config import AuthConfig
 from proxifier.endpoints import error_shape
@@ -103,7 +111,10 @@ class Security:
         if not auth.enabled or is_public(path, auth) or open_dashboard:
             await self.app(scope, receive, send)
             return
-        key = presented_key(headers.get("authorization"), headers.get("x-api-key"))
+        names = [k.decode("latin-1").lower() for k, _ in scope["headers"]]
+        key = repeated_credentials(names) or presented_key(
+            headers.get("authorization"), headers.get("x-api-key")
+        )
         if key is None:
             key = Denied(
                 401,

@@ -83,6 +83,17 @@ def test_the_seed_example_keys(secured: Secured) -> None:
         assert reply.headers["x-ratelimit-limit"] == "100"  # team-key -> class "default"
 
 
+def test_a_key_sent_twice_is_refused_whichever_comes_last(secured: Secured) -> None:
+    team, stranger = "Bearer team-development-key", "Bearer not-a-key"
+    for pair in ([team, stranger], [stranger, team]):
+        headers = [("Authorization", value) for value in pair]
+        answer = httpx.get(f"{secured.url}/v1/models", headers=headers, timeout=60)
+        assert answer.status_code == 401, answer.text
+        assert answer.json()["error"]["code"] == "invalid_authorization_header"
+    one = httpx.get(f"{secured.url}/v1/models", headers={"Authorization": team}, timeout=60)
+    assert one.status_code == 200
+
+
 def test_a_model_allow_list(secured: Secured) -> None:
     headers = bearer("k-chat-only")
     with httpx.Client(base_url=secured.url, timeout=60, headers=headers) as client:

@@ -18,6 +18,7 @@ from proxifier.auth import (
     may_use_model,
     presented_key,
     rate_limit_class,
+    repeated_credentials,
     required_permissions,
 )
 from proxifier.config import validate_auth
@@ -185,3 +186,10 @@ def test_idle_counters_are_forgotten() -> None:
 
 def test_every_route_row_compiles_and_has_a_label() -> None:
     assert all(label for *_, label in ROUTES)
+
+
+def test_a_credential_header_twice_is_401() -> None:
+    twice = repeated_credentials(["host", "authorization", "x-api-key", "authorization"])
+    assert isinstance(twice, Denied) and twice.status == 401
+    assert repeated_credentials(["x-api-key", "x-api-key"]) is not None
+    assert repeated_credentials(["authorization", "x-api-key"]) is None  # one of each: as today
