@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from datetime import UTC, datetime
 from pathlib import Path
@@ -60,14 +61,15 @@ class ConfigFiles:
             return None
 
     def shown(self, config: ModelsConfig) -> dict[str, Any]:
-        """The files as they are on disk, key material in auth.yaml redacted."""
+        """The files as they are on disk, key material in auth.yaml and secret-looking `env`
+        values in models.yaml redacted."""
         auth_path = self.auth_path(config)
         auth_text = None
         if auth_path is not None and auth_path.exists():
             auth_text = redact_keys(auth_path.read_text())
         return {
             "models_path": str(self.models_path),
-            "models_yaml": self.models_path.read_text(),
+            "models_yaml": redact_env_secrets(self.models_path.read_text()),
             "auth_path": str(auth_path) if auth_path else None,
             "auth_yaml": auth_text,
         }
@@ -199,22 +201,44 @@ def _staged(path: Path, text: str, mode_from: Path) -> Path:
     return temporary
 
 
+# `env` names whose values are secrets (a Hub token, a provider's key): never shown.
+SECRET_NAME = re.compile(r"TOKEN|KEY|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
+
+
+def redact_env_secrets(text: str) -> str:
+    """models.yaml for display: the value of every model `env` variable whose name looks
+    like a secret (HF_TOKEN, *_KEY, *SECRET*, *PASSWORD*) replaced; the rest stays."""
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError:
+        return text  # not YAML: shown as it is, nothing in it reached a model
+    models = data.get("models") if isinstance(data, dict) else None
+    secrets = {
+        str(value)
+        for model in (models or {}).values()
+        if isinstance(model, dict) and isinstance(model.get("env"), dict)
+        for name, value in model["env"].items()
+        if SECRET_NAME.search(str(name)) and value not in (None, "")
+    }
+    return _replaced(text, secrets)
+
+
+def _replaced(text: str, secrets: set[str]) -> str:
+    for secret in sorted(secrets, key=len, reverse=True):  # a longer one first: no partial
+        text = text.replace(secret, "<redacted>")
+    return text
+
+
 def redact_keys(text: str) -> str:
     """auth.yaml for display: every `key:` and `key_sha256:` value replaced, in whatever YAML
     style it is written (block or flow, quoted or not); comments and layout stay."""
     data = yaml.safe_load(text) or {}
     entries = data.get("api_keys") if isinstance(data, dict) else None
-    secrets = sorted(
-        {
-            str(value)
-            for entry in (entries or {}).values()
-            if isinstance(entry, dict)
-            for field, value in entry.items()
-            if field in ("key", "key_sha256") and value
-        },
-        key=len,
-        reverse=True,
-    )
-    for secret in secrets:
-        text = text.replace(secret, "<redacted>")
-    return text
+    secrets = {
+        str(value)
+        for entry in (entries or {}).values()
+        if isinstance(entry, dict)
+        for field, value in entry.items()
+        if field in ("key", "key_sha256") and value
+    }
+    return _replaced(text, secrets)

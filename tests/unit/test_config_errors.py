@@ -324,6 +324,28 @@ def test_auth_yaml_shown_with_keys_redacted_in_any_style() -> None:
     assert shown.count("<redacted>") == 3 and shown.startswith("# keys below")
 
 
+def test_models_yaml_shown_with_secret_env_values_redacted() -> None:
+    from actors.controller.config_files import redact_env_secrets
+
+    text = (
+        "models:\n"
+        "  private:\n"
+        "    hf_repo: me/private-GGUF\n"
+        "    env: {HF_TOKEN: hf_abcdefgh, CUDA_VISIBLE_DEVICES: '0'}\n"
+        "  other:\n"
+        "    env:\n"
+        "      OPENAI_API_KEY: sk-live-123\n"
+        "      db_password: hunter22\n"
+        "      LLAMA_ARG_THREADS: 8\n"
+    )
+    shown = redact_env_secrets(text)
+    for secret in ("hf_abcdefgh", "sk-live-123", "hunter22"):
+        assert secret not in shown
+    assert shown.count("<redacted>") == 3
+    assert "CUDA_VISIBLE_DEVICES: '0'" in shown and "LLAMA_ARG_THREADS: 8" in shown
+    assert redact_env_secrets("models: [unclosed") == "models: [unclosed"
+
+
 def test_reranking_and_embeddings_on_one_model() -> None:
     errors = model_errors({"m": {"embeddings": True, "reranking": True}})
     assert len(errors) == 1
