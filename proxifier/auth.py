@@ -14,7 +14,6 @@ from datetime import UTC, datetime
 
 from proxifier.config import ApiKeyConfig, AuthConfig
 from proxifier.endpoints import PATTERN as INFERENCE
-from proxifier.errors import Forbidden
 
 ADMIN = "admin"
 
@@ -164,12 +163,6 @@ def may_use_model(caller: Caller, model: str) -> bool:
     if caller.models is None or ADMIN in caller.permissions:
         return True
     return any(fnmatch.fnmatchcase(model, pattern) for pattern in caller.models)
-
-
-def check_model_access(caller: Caller | None, model: str) -> None:
-    """403 when the caller's key has a `models:` allow-list that does not name this model."""
-    if caller is not None and not may_use_model(caller, model):
-        raise Forbidden(f"API key '{caller.name}' may not use model '{model}'")
 
 
 def is_public(path: str, auth: AuthConfig) -> bool:

@@ -15,7 +15,7 @@ from typing import Annotated, Any
 from fastapi import Body, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 
-from proxifier.auth import ADMIN, Caller, check_model_access, may_use_model
+from proxifier.auth import ADMIN, Caller, may_use_model
 from proxifier.endpoints import ENDPOINTS, STORED_RESPONSES, Endpoint
 from proxifier.errors import NotFound
 from serve_app.admit import LeaseGuard
@@ -161,7 +161,7 @@ def build_api(backend: RayBackend, bound_host: str | None = None) -> FastAPI:
 
     # ------------------------------------------------------------------ admin: models
     # A key with a `models:` allow-list sees and acts on those models only: one named outside
-    # it is 403, the 404 for an unknown name lists only its models, and bulk operations and
+    # it is the same 404 as an unknown name (listing only its models), and bulk operations and
     # listings leave the others out.
     async def visible(request: Request, model: str) -> str:
         return await backend.resolve(model, caller_of(request.scope))
@@ -193,7 +193,9 @@ def build_api(backend: RayBackend, bound_host: str | None = None) -> FastAPI:
     @app.post("/admin/models/{model}/reload")
     async def reload_model(model: str, request: Request) -> dict[str, Any]:
         config = await backend.config()  # a model new in the file is checked by its name
-        check_model_access(caller_of(request.scope), config.resolve_name(model) or model)
+        caller = caller_of(request.scope)
+        if caller is not None and not may_use_model(caller, config.resolve_name(model) or model):
+            raise await backend.not_found(model, caller)
         return await ask(ctl().reload_model.remote(model))
 
     @app.get("/admin/models/{model}/status")

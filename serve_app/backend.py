@@ -17,7 +17,7 @@ import ray
 from actors.controller import get_controller
 from actors.rate_limiter import get_or_create_rate_limiter
 from actors.ray_glue import Background, call
-from proxifier.auth import ADMIN, Caller, check_model_access, may_use_model
+from proxifier.auth import ADMIN, Caller, may_use_model
 from proxifier.config import AuthConfig, ModelsConfig
 from proxifier.errors import ActorGone, ModelNotFound, ModelRetired, Unavailable
 from serve_app.route import Snapshot
@@ -97,17 +97,21 @@ class Cluster:
         return self._auth[1]
 
     async def resolve(self, name: str, caller: Caller | None = None) -> str:
-        """The configured model a name or alias means, if the caller's key may use it: 404
-        otherwise, listing the models the key may use (not the others); 403 for a model
-        outside its allow-list."""
+        """The configured model a name or alias means, if the caller's key may use it; else
+        404, listing the models the key may use. A model outside the key's allow-list is the
+        same 404 as an unknown name, word for word: the answer tells no key which other
+        models exist."""
         config = await self.config()
         model = config.resolve_name(name)
-        if model is None:
-            visible = [m for m in config.models if caller is None or may_use_model(caller, m)]
-            available = ", ".join(sorted(visible)) or "none"
-            raise ModelNotFound(f"The model '{name}' does not exist. Available models: {available}")
-        check_model_access(caller, model)
+        if model is None or (caller is not None and not may_use_model(caller, model)):
+            raise await self.not_found(name, caller)
         return model
+
+    async def not_found(self, name: str, caller: Caller | None) -> ModelNotFound:
+        config = await self.config()
+        visible = [m for m in config.models if caller is None or may_use_model(caller, m)]
+        available = ", ".join(sorted(visible)) or "none"
+        return ModelNotFound(f"The model '{name}' does not exist. Available models: {available}")
 
     async def find(self, name: str, caller: Caller | None) -> tuple[str, Snapshot]:
         """The model `name` means for this caller (as `resolve`), and the instances of it this

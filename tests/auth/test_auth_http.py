@@ -99,12 +99,16 @@ def test_a_model_allow_list(secured: Secured) -> None:
     with httpx.Client(base_url=secured.url, timeout=60, headers=headers) as client:
         assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
         other = client.post("/v1/chat/completions", json={**CHAT, "model": "other"})
-        assert other.status_code == 403
+        unknown = client.post("/v1/chat/completions", json={**CHAT, "model": "nope"})
+        assert other.status_code == unknown.status_code == 404  # no hint that "other" exists
         assert other.json()["error"]["message"] == (
-            "API key 'chat-only-key' may not use model 'other'"
+            "The model 'other' does not exist. Available models: chat"
+        )
+        assert unknown.json()["error"]["message"] == (
+            "The model 'nope' does not exist. Available models: chat"
         )
         assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["chat"]
-        assert client.get("/v1/models/other").status_code == 403
+        assert client.get("/v1/models/other").status_code == 404
 
 
 def test_rate_limit_is_exact_across_replicas(secured: Secured) -> None:

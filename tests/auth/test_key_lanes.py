@@ -1,5 +1,6 @@
-"""A key's `models:` allow-list governs every model route, not just inference; an async result
-belongs to the key that queued it; listings and 404s show a key only the models it may use."""
+"""A key's `models:` allow-list governs every model route, not just inference (a model outside it
+is the 404 of an unknown one); an async result belongs to the key that queued it; listings and
+404s show a key only the models it may use."""
 
 from __future__ import annotations
 
@@ -27,12 +28,18 @@ OTHER_ROUTES = [
 
 
 @pytest.mark.parametrize(("method", "path"), OTHER_ROUTES)
-def test_a_model_outside_the_allow_list_is_403_on_every_model_route(
+def test_a_model_outside_the_allow_list_is_the_unknown_models_404_on_every_model_route(
     secured: Secured, method: str, path: str
 ) -> None:
     answer = httpx.request(method, f"{secured.url}{path}", headers=CHAT_ONLY, timeout=60)
-    assert answer.status_code == 403, answer.text
-    assert answer.json()["error"]["message"] == "API key 'chat-only-key' may not use model 'other'"
+    assert answer.status_code == 404, answer.text
+    message = answer.json()["error"]["message"]
+    assert message == "The model 'other' does not exist. Available models: chat"
+    unknown = httpx.request(
+        method, f"{secured.url}{path.replace('other', 'nope')}", headers=CHAT_ONLY, timeout=60
+    )
+    assert unknown.status_code == 404  # the same answer as for a name that does not exist
+    assert unknown.json()["error"]["message"] == message.replace("'other'", "'nope'")
     mine = path.replace("other", "chat")
     if method == "GET":  # the same route on its own model is open to it
         assert httpx.get(f"{secured.url}{mine}", headers=CHAT_ONLY, timeout=60).status_code == 200
