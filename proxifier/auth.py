@@ -9,6 +9,7 @@ import hashlib
 import hmac
 import re
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -163,6 +164,11 @@ def may_use_model(caller: Caller, model: str) -> bool:
     if caller.models is None or ADMIN in caller.permissions:
         return True
     return any(fnmatch.fnmatchcase(model, pattern) for pattern in caller.models)
+
+
+def models_for(caller: Caller | None, names: Iterable[str]) -> list[str]:
+    """Those of `names` the caller's key may use (all of them with auth off)."""
+    return [name for name in names if caller is None or may_use_model(caller, name)]
 
 
 def is_public(path: str, auth: AuthConfig) -> bool:

@@ -9,6 +9,7 @@ caller as the same class), so the ingress can `except QueueFull:` around an acto
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 
@@ -128,6 +129,12 @@ class NotFound(ProxifierError):
 
 class ModelNotFound(NotFound):
     code = "model_not_found"
+
+    @classmethod
+    def named(cls, name: str, available: Iterable[str]) -> ModelNotFound:
+        """The 404 for `name`, listing the models the caller may use (`available`)."""
+        listed = ", ".join(sorted(available)) or "none"
+        return cls(f"The model '{name}' does not exist. Available models: {listed}")
 
 
 class Refused(ProxifierError):

@@ -15,9 +15,9 @@ from typing import Annotated, Any
 from fastapi import Body, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 
-from proxifier.auth import ADMIN, Caller, may_use_model
+from proxifier.auth import ADMIN, Caller, may_use_model, models_for
 from proxifier.endpoints import ENDPOINTS, STORED_RESPONSES, Endpoint
-from proxifier.errors import NotFound
+from proxifier.errors import ModelNotFound, NotFound
 from serve_app.admit import LeaseGuard
 from serve_app.dashboard import install_dashboard
 from serve_app.fast_path import InferenceFastPath
@@ -195,7 +195,7 @@ def build_api(backend: RayBackend, bound_host: str | None = None) -> FastAPI:
         config = await backend.config()  # a model new in the file is checked by its name
         caller = caller_of(request.scope)
         if caller is not None and not may_use_model(caller, config.resolve_name(model) or model):
-            raise await backend.not_found(model, caller)
+            raise ModelNotFound.named(model, models_for(caller, config.models))
         return await ask(ctl().reload_model.remote(model))
 
     @app.get("/admin/models/{model}/status")

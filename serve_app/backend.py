@@ -17,7 +17,7 @@ import ray
 from actors.controller import get_controller
 from actors.rate_limiter import get_or_create_rate_limiter
 from actors.ray_glue import Background, call
-from proxifier.auth import ADMIN, Caller, may_use_model
+from proxifier.auth import ADMIN, Caller, may_use_model, models_for
 from proxifier.config import AuthConfig, ModelsConfig
 from proxifier.errors import ActorGone, ModelNotFound, ModelRetired, Unavailable
 from serve_app.route import Snapshot
@@ -104,14 +104,9 @@ class Cluster:
         config = await self.config()
         model = config.resolve_name(name)
         if model is None or (caller is not None and not may_use_model(caller, model)):
-            raise await self.not_found(name, caller)
+            visible = models_for(caller, config.models)
+            raise ModelNotFound.named(name, visible)
         return model
-
-    async def not_found(self, name: str, caller: Caller | None) -> ModelNotFound:
-        config = await self.config()
-        visible = [m for m in config.models if caller is None or may_use_model(caller, m)]
-        available = ", ".join(sorted(visible)) or "none"
-        return ModelNotFound(f"The model '{name}' does not exist. Available models: {available}")
 
     async def find(self, name: str, caller: Caller | None) -> tuple[str, Snapshot]:
         """The model `name` means for this caller (as `resolve`), and the instances of it this
@@ -124,7 +119,7 @@ class Cluster:
         if caller is None or caller.models is None or ADMIN in caller.permissions:
             return None
         config = await self.config()
-        return sorted(m for m in config.models if may_use_model(caller, m))
+        return sorted(models_for(caller, config.models))
 
     async def on_model(
         self,

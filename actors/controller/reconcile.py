@@ -44,8 +44,7 @@ class Wanted:
 
 
 def not_found_message(config: ModelsConfig, name: str) -> str:
-    available = ", ".join(sorted(config.models)) or "none"
-    return f"The model '{name}' does not exist. Available models: {available}"
+    return ModelNotFound.named(name, config.models).message
 
 
 def cooling_down(failures: dict[str, tuple[float, str]], cooldown: float) -> set[str]:
