@@ -8,6 +8,7 @@ import json
 import shlex
 import socket
 
+from proxifier.auth import ADMIN, required_permissions
 from proxifier.config import AuthConfig
 
 KEY_VARIABLE = "PROXIFIER_API_KEY"
@@ -37,11 +38,13 @@ def reachable_host(host: str) -> str:
 
 
 def key_names(auth: AuthConfig) -> list[str]:
-    """The keys that may send inference requests, to say which one to use."""
+    """The keys that may send inference requests (the permission table's chat row, or
+    admin), to say which one to use."""
+    opening = (required_permissions("POST", "/v1/chat/completions") or frozenset()) | {ADMIN}
     return sorted(
         name
         for name, entry in auth.api_keys.items()
-        if {"models", "admin"} & {str(p) for p in entry.permissions}
+        if opening & {str(p) for p in entry.permissions}
     )
 
 
