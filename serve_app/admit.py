@@ -221,11 +221,13 @@ class Admission:
         """The wait for a lease, during which this replica holds no slot of the model (it
         must not serve a newcomer ahead of the queue)."""
         self.slots.joined_queue(call.model)
-        future = asyncio.ensure_future(
-            self.slots.leased(call.handle, ref, lambda h, lease: self._own(call, h, lease))
-        )
+        # The answer's taker is set up now, not in a task that a cancel could stop before it
+        # ran (the lease would reach nobody and wait for lease_ttl); awaiting it shielded, a
+        # cancelled request leaves the wait going, and its place (see `abandon`) to give back.
+        answer = self.slots.answer_of(call.handle, ref, lambda h, lease: self._own(call, h, lease))
+        future = asyncio.shield(answer)
         future.add_done_callback(lambda _: self.slots.left_queue(call.model))
-        future.add_done_callback(lambda _: call.owned.left(call.request_id))
+        answer.add_done_callback(lambda _: call.owned.left(call.request_id))
         return future
 
     def _queued(self, call: Call, handle: Any) -> None:

@@ -169,6 +169,18 @@ class Cluster:
         """Await an actor call whose answer may carry a lease (`{"lease": ...}` or the lease
         itself). The answer is taken in a task of its own: a caller cancelled while it travels
         does not lose it, `got_lease` still receives it."""
+        return await asyncio.shield(self.answer_of(handle, ref, got_lease, got_place))
+
+    def answer_of(
+        self,
+        handle: Any,
+        ref: Any,
+        got_lease: Callable[[Any, dict[str, Any]], None],
+        got_place: Callable[[Any], None] | None = None,
+    ) -> asyncio.Future[Any]:
+        """The task that takes the answer of `ref`, set up before this returns: nothing the
+        caller does next (cancelled before the task ever ran) can lose a lease in it.
+        Await it shielded."""
 
         def take(task: asyncio.Future[Any]) -> None:
             if task.cancelled() or task.exception() is not None:
@@ -182,7 +194,7 @@ class Cluster:
 
         task = asyncio.ensure_future(self.call(ref))
         task.add_done_callback(take)
-        return await asyncio.shield(task)
+        return task
 
     def snapshot(self, model: str) -> Snapshot:
         """The instances of `model` this replica knows, for `serve_app.route` to choose from."""

@@ -117,7 +117,9 @@ class Admission:
         except asyncio.CancelledError:
             self._abandon(request_id, future)
             raise
-        self.waiters.pop(request_id, None)
+        if self.waiters.pop(request_id, None) is None:
+            # Its caller abandoned it meanwhile (`abandon`), which gave a granted slot back.
+            raise Unavailable(f"request {request_id!r} was abandoned by its caller")
         if future.done():
             return future.result()
         self.slots.cancel(request_id)
@@ -286,12 +288,32 @@ class Admission:
         whose bookkeeping lost its lease) go back to the queue within seconds, not hours."""
         while True:
             await asyncio.sleep(min(1.0, self.settings.lease_ttl / 4))
+            now = time.time()
+            renewed = dict(self.slots.renewed)
             reclaimed, granted = self.slots.reap(
-                time.time(), self.settings.max_lease_time, self.settings.lease_ttl
+                now, self.settings.max_lease_time, self.settings.lease_ttl
             )
             if reclaimed:
                 holders = sorted({str(lease.holder) for lease in reclaimed})
-                self._event("leases_reclaimed", count=len(reclaimed), holders=holders)
+                # Which request lost its slot, and whether its holder ever renewed it: a lease
+                # never renewed was lost on its way, one renewed once was dropped after.
+                leases = [
+                    {
+                        "request_id": lease.request_id,
+                        "holder": lease.holder,
+                        "held_for": round(now - lease.granted_at, 2),
+                        "renewed_ago": (
+                            round(now - renewed[lease.lease_id], 2)
+                            if lease.lease_id in renewed
+                            else None
+                        ),
+                        "from_queue": lease.ticket is not None,
+                    }
+                    for lease in reclaimed
+                ]
+                self._event(
+                    "leases_reclaimed", count=len(reclaimed), holders=holders, leases=leases
+                )
                 logger.warning(
                     "model %s: reclaimed %d slot(s) nobody renewed (holders %s)",
                     self.name,

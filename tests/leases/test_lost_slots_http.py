@@ -5,6 +5,7 @@ come back within seconds (the model actor reclaims what nobody renews)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import signal
@@ -91,6 +92,11 @@ def test_clients_that_hang_up_at_any_moment_give_every_slot_back(url: str) -> No
         for _ in range(4)
     ]
     assert [a.status_code for a in answers] == [200] * 4
+    # ... and through its own request, never by the actor reclaiming one nobody renewed: a
+    # slot lost by the ingress comes back only that way (so in_flight above reached 0 after it).
+    events = httpx.get(f"{url}/admin/events", timeout=30).json()["events"]
+    reclaimed = [e for e in events if e["kind"] == "leases_reclaimed" and e.get("model") == "burst"]
+    assert reclaimed == [], json.dumps(reclaimed)
 
 
 def test_a_replica_killed_mid_stream_gives_its_slot_back_within_seconds(url: str) -> None:

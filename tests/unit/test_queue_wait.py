@@ -1,0 +1,142 @@
+"""A request waiting in a model actor's queue whose client goes away (serve_app.admit): its place
+goes back to the actor, and a lease granted to it anyway goes back through its own request, at
+whatever moment the cancel lands; never left for the actor to reclaim lease_ttl later."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from actors.model.admission import Admission as ActorAdmission
+from proxifier.config import ModelConfig, Settings
+from proxifier.errors import Unavailable
+from proxifier.lifecycle import ModelState
+from serve_app.admit import Admission
+from serve_app.call import Call, Owned
+from serve_app.replica_slots import RayBackend
+
+pytestmark = pytest.mark.asyncio
+
+
+class Method:
+    """One method of a fake model actor handle: `.remote(...)` records its arguments and
+    answers with `answer(...)` (a future stands in for an ObjectRef: both are awaitable)."""
+
+    def __init__(self, answer: Any) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+        self.answer = answer
+
+    def remote(self, *args: Any, **_: Any) -> Any:
+        self.calls.append(args)
+        return self.answer(*args)
+
+
+class ModelActor:
+    def __init__(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.grant: asyncio.Future[dict[str, Any]] = loop.create_future()
+        self.wait_lease = Method(lambda _rid: self.grant)
+        self.abandon = Method(lambda _rid: _done(loop))
+        self.release_many = Method(lambda _released: _done(loop))
+
+    def released(self) -> list[str]:
+        return [lease_id for (group,) in self.release_many.calls for lease_id, _ in group]
+
+
+def _done(loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
+    future: asyncio.Future[None] = loop.create_future()
+    future.set_result(None)
+    return future
+
+
+def waiting_request(actor: ModelActor) -> tuple[Admission, Call, Owned]:
+    """A request the actor has queued (its answer to `enqueue` said so)."""
+    backend = RayBackend(controller=object())
+    backend._handles["m"] = actor
+    owned = Owned()
+    admission = Admission(backend, relay=None, inbound=None, owned=owned)  # type: ignore[arg-type]
+    call = Call("m", "/v1/chat/completions", b"{}", "req_1", 0.0, owned=owned)  # type: ignore[arg-type]
+    admission._queued(call, actor)
+    call.queued = True
+    return admission, call, owned
+
+
+async def client_leaves(task: asyncio.Task[Any], owned: Owned) -> None:
+    """The client hangs up: the request's task is cancelled, and LeaseGuard closes its ledger."""
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    owned.close()
+
+
+@pytest.mark.parametrize("waited", [False, True], ids=["before-the-wait-ran", "while-waiting"])
+async def test_a_request_cancelled_in_the_queue_gives_back_its_place(waited: bool) -> None:
+    actor = ModelActor()
+    admission, call, owned = waiting_request(actor)
+    task = asyncio.ensure_future(admission.wait_granted(call, {"position": 1}))
+    await asyncio.sleep(0)  # it asks for its lease; the task that takes the answer is not run yet
+    if waited:
+        for _ in range(3):
+            await asyncio.sleep(0)
+    await client_leaves(task, owned)
+    # The actor hears it: the place leaves its queue (or the slot granted meanwhile comes back).
+    assert actor.abandon.calls == [("req_1",)]
+
+
+@pytest.mark.parametrize("waited", [False, True], ids=["before-the-wait-ran", "while-waiting"])
+async def test_a_lease_granted_after_the_client_left_goes_straight_back(waited: bool) -> None:
+    actor = ModelActor()
+    admission, call, owned = waiting_request(actor)
+    task = asyncio.ensure_future(admission.wait_granted(call, {"position": 1}))
+    await asyncio.sleep(0)
+    if waited:
+        for _ in range(3):
+            await asyncio.sleep(0)
+    await client_leaves(task, owned)
+    # The actor granted the slot before it heard of the abandon: the answer still arrives,
+    # and the slot goes back at once with no request served on it.
+    actor.grant.set_result({"lease_id": "lease_1", "request_id": "req_1"})
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert actor.released() == ["lease_1"]
+    assert owned.leases == {}
+
+
+class Instance:
+    """What the actor's admission reads of its instance: ready, at a fixed address."""
+
+    state = ModelState.READY
+    llama = SimpleNamespace(url="http://127.0.0.1:1", api_key="k")
+
+    def ensure_starting(self) -> object:
+        return None
+
+    def refuse_if_closed(self) -> None:
+        return None
+
+
+async def test_a_slot_granted_then_abandoned_is_given_back_once_by_the_actor() -> None:
+    """The actor's side of the same race: the slot came to a waiter whose caller then
+    abandoned it before collecting it. The abandon frees the slot, and the waiter's call says
+    it was abandoned rather than handing out the lease as well (the caller would give it back a
+    second time, a release of a lease the actor no longer knows)."""
+    actor = ActorAdmission(
+        "m", ModelConfig(parallel=1), Settings(), Instance(), lambda *a, **k: None, lambda _: None
+    )
+    actor.open(1, time.time())
+    first = actor.enqueue("req_1", None, holder="replica")["lease"]
+    assert "queued" in actor.enqueue("req_2", None, holder="replica")
+    collecting = asyncio.ensure_future(actor.wait("req_2"))
+    await asyncio.sleep(0)
+    actor.release(first["lease_id"])  # the slot goes to req_2 ...
+    actor.abandon("req_2")  # ... whose caller has gone
+    with pytest.raises(Unavailable, match="abandoned"):
+        await collecting
+    assert actor.slots.leases == {} and actor.slots.free_slots() == 1
+    for task in (actor._background, actor._reaper):
+        assert task is not None
+        task.cancel()
