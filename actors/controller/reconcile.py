@@ -27,7 +27,7 @@ from proxifier.config_diff import ModelsDiff
 from proxifier.errors import ModelFailed, ModelNotFound, ProxifierError, QueueTimeout, Unavailable
 from proxifier.placement import actor_options, cpu_fallback_warning
 from proxifier.planning import ReloadPlan
-from proxifier.scheduler import Evict, Fail, Limits, Place, Wait, decide
+from proxifier.scheduler import Evict, Fail, Failure, Limits, Place, Wait, decide, in_force
 
 RECONCILE_TICK = 1.0  # seconds between passes while a model waits (nothing else woke one)
 
@@ -47,10 +47,14 @@ def not_found_message(config: ModelsConfig, name: str) -> str:
     return ModelNotFound.named(name, config.models).message
 
 
-def cooling_down(failures: dict[str, tuple[float, str]], cooldown: float) -> set[str]:
-    """The models whose last placement failed less than `cooldown` seconds ago."""
+def cooling_down(failures: dict[str, Failure], cooldown: float, alive: frozenset[str]) -> set[str]:
+    """The models a recent failure still refuses (`proxifier.scheduler.in_force`)."""
     now = time.time()
-    return {n for n, (at, _) in failures.items() if now - at < cooldown}
+    return {n for n, failure in failures.items() if in_force(failure, now, cooldown, alive)}
+
+
+def alive_nodes() -> frozenset[str]:
+    return frozenset(view.node_id for view in cluster_nodes() if view.alive)
 
 
 async def start_in_turn(handles: list[Any]) -> None:
@@ -93,8 +97,14 @@ class Reconciler:
         if handle is not None:
             return handle
         failure = self.registry.placement_failures.get(name)
-        if failure is not None and time.time() - failure[0] < self._config().settings.cooldown:
-            raise ModelFailed(failure[1], retry_after=self._config().settings.cooldown)
+        cooldown = self._config().settings.cooldown
+        if failure is not None:
+            alive = alive_nodes() if failure.nodes is not None else frozenset()
+            if in_force(failure, time.time(), cooldown, alive):
+                raise ModelFailed(failure.reason, retry_after=cooldown)
+            if failure.nodes is not None:
+                # A node it could not count on has joined: it may fit now, so try at once.
+                del self.registry.placement_failures[name]
         wanted = self.want(name)
         wanted.waiters += 1
         try:
@@ -188,11 +198,13 @@ class Reconciler:
             self.wants.pop(name).future.set_exception(ModelNotFound(message))
         for name in [n for n in self.wants if n in registry.handles]:
             self.wants.pop(name).future.set_result(registry.handles[name])
-        cooling = cooling_down(registry.placement_failures, self._config().settings.cooldown)
+        failures = registry.placement_failures
+        alive = (
+            alive_nodes() if any(f.nodes is not None for f in failures.values()) else frozenset()
+        )
+        cooling = cooling_down(failures, self._config().settings.cooldown, alive)
         for name in cooling & set(self.wants):
-            self.wants[name].reason = (
-                "cooling down after a failure: " + registry.placement_failures[name][1]
-            )
+            self.wants[name].reason = "cooling down after a failure: " + failures[name].reason
         if not set(self.wants) - cooling:
             return
         gpus, residents, nodes = await self.facts.gather()
@@ -230,7 +242,9 @@ class Reconciler:
                     registry.explain(action.model, "waiting", action.reason)
             elif isinstance(action, Fail):
                 entry = self.wants.pop(action.model, None)
-                registry.placement_failures[action.model] = (time.time(), action.reason)
+                # Decided on these nodes: a node that joins later voids it (failures.py).
+                on = frozenset(node.node_id for node in nodes if node.alive)
+                registry.placement_failures[action.model] = Failure(time.time(), action.reason, on)
                 registry.explain(action.model, "failed", action.reason)
                 self._event("failed", model=action.model, reason=action.reason)
                 if entry is not None:

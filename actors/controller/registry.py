@@ -18,6 +18,7 @@ from actors.ray_glue import Background, call, cluster_gpus
 from proxifier.config import ModelsConfig
 from proxifier.errors import ProxifierError
 from proxifier.placement import actor_options
+from proxifier.scheduler import Failure
 
 STATS_WAIT = 2.0  # seconds a pass waits for a model's facts before it counts it as starting
 
@@ -36,7 +37,7 @@ class Registry:
         self.background = background
         self.handles: dict[str, Any] = {}
         self.options: dict[str, dict[str, Any]] = {}
-        self.placement_failures: dict[str, tuple[float, str]] = {}
+        self.placement_failures: dict[str, Failure] = {}
         self.retiring: dict[str, Any] = {}  # instances out of the registry, still stopping
         # model -> (actor, options, node id): new instances that take over once ready (reload)
         self.pending: dict[str, tuple[Any, dict[str, Any], str]] = {}
@@ -186,7 +187,7 @@ class Registry:
             self.discard_pending(name, new)
             await self.end(f"{name}@next", new, "failed to start after a reload")
             message = error.message if isinstance(error, ProxifierError) else str(error)
-            self.placement_failures[name] = (time.time(), message)
+            self.placement_failures[name] = Failure(time.time(), message)
             if self.handles.get(name) is old:
                 self.unregister(name, old)
                 await self.retire(name, old)
@@ -218,7 +219,7 @@ class Registry:
         if stats["state"] != "failed" or self.handles.get(name) is not handle:
             return
         reason = f"model '{name}' failed: {stats['last_error']}"
-        self.placement_failures[name] = (time.time(), reason)
+        self.placement_failures[name] = Failure(time.time(), reason)
         self.explain(name, "failed", reason)
         self.unregister(name, handle)
         await self.dispose(name, handle)

@@ -123,7 +123,7 @@ async def status_of(name: str, parts: Viewed) -> dict[str, Any]:
         except ray.exceptions.RayActorError as error:
             entry.update(state="failed", last_error=f"model actor died: {error}")
     elif name in registry.placement_failures:
-        entry.update(state="failed", last_error=registry.placement_failures[name][1])
+        entry.update(state="failed", last_error=registry.placement_failures[name].reason)
     elif name in registry.retiring:
         entry.update(state="stopping")  # out of the registry; its actor still stops
     if name in registry.pending:

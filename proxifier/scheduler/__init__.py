@@ -28,6 +28,7 @@ from proxifier.scheduler.facts import (
     fits,
     labels_match,
 )
+from proxifier.scheduler.failures import Failure, in_force
 from proxifier.scheduler.gpus import GIB, gpu_fraction
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "Action",
     "Evict",
     "Fail",
+    "Failure",
     "Limits",
     "Node",
     "Place",
@@ -46,5 +48,6 @@ __all__ = [
     "demand_order",
     "fits",
     "gpu_fraction",
+    "in_force",
     "labels_match",
 ]

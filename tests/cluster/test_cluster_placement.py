@@ -256,3 +256,25 @@ def test_a_reload_with_no_room_beside_stops_the_old_instance_then_starts_the_new
     assert result["replacing"] == {"alpha": "stop, then start"}
     warm(controller, "alpha", deadline=time.time() + 30)
     assert status(controller, "alpha")["actor_pid"] != old_actor
+
+
+def test_a_model_no_node_could_hold_is_placed_as_soon_as_a_fitting_node_joins(
+    cluster: dict, controller_for: Any
+) -> None:
+    """A host that was gone and comes back (or a new one) is no crash loop: the model it can
+    hold is placed on the next request, not after the failure cooldown (an hour here)."""
+    controller = controller_for(
+        {"pinned": {"num_gpus": 0, "labels": {"host": "late"}}}, cooldown=3600
+    )
+    with pytest.raises(ModelFailed, match="cannot be placed"):
+        ray.get(controller.get_model.remote("pinned"), timeout=60)
+    with pytest.raises(ModelFailed):  # the same nodes: still refused, at once
+        ray.get(controller.get_model.remote("pinned"), timeout=60)
+    late = cluster["cluster"].add_node(num_cpus=1, labels={"host": "late"})
+    try:
+        cluster["cluster"].wait_for_nodes()
+        ray.get(controller.get_model.remote("pinned", time.time() + 60), timeout=90)
+        assert status(controller, "pinned")["node_id"] == late.node_id
+        ray.get(controller.stop_model.remote("pinned"), timeout=60)
+    finally:
+        cluster["cluster"].remove_node(late)
