@@ -26,7 +26,10 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 @serve.deployment(
-    ray_actor_options={"num_cpus": 0},
+    # On the head node, beside the HTTP front and the controller: a GPU host that is lost must
+    # not take the endpoint with it (tests/multihost: an ingress replica on a worker whose cable
+    # was pulled stalled every model's requests, healthy hosts' too, until Serve replaced it).
+    ray_actor_options={"num_cpus": 0, "resources": {"node:__internal_head__": 0.001}},
     # Streams hold a request open for their whole length: allow many at once per replica.
     max_ongoing_requests=1000,
     health_check_period_s=10,
