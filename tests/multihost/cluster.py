@@ -167,6 +167,34 @@ class ProductOnHosts:
         """Per host, the PIDs of the fake llama-server processes running there."""
         return {name: self.net.processes(name, "fake-llama-server") for name in self.net.hosts}
 
+    def held(self, http: httpx.Client, models: list[str]) -> dict[str, tuple[int, int]]:
+        """Per model with any: (slots taken, requests queued)."""
+        queues = {m: http.get(f"/admin/queue/{m}/status").json() for m in models}
+        taken = {m: (q["in_flight"], q["depth"]) for m, q in queues.items()}
+        return {m: counts for m, counts in taken.items() if any(counts)}
+
+    def assert_quiet(self, http: httpx.Client, models: list[str]) -> None:
+        """After the faults healed: every model answers, no slot or queue place is held, and
+        in every host exactly the llama-servers of live model actors run (no orphan, no
+        zombie instance, no duplicate)."""
+        for model in models:
+            answer = http.post(
+                "/v1/chat/completions",
+                json={"model": model, "messages": [{"role": "user", "content": "hi"}]},
+            )
+            assert answer.status_code == 200, (model, answer.text)
+        # (A replica holds a finished slot a moment for its next request: lease_hold.)
+        self.wait_until("no slot or queue place is held", lambda: not self.held(http, models), 30)
+        owned: dict[str, list[int]] = {name: [] for name in self.net.hosts}
+        for name, status in self.models(http).items():
+            host = self.where(http, name)
+            if host is not None and status.get("pid"):
+                owned[host].append(status["pid"])
+        running = self.llama_servers()
+        assert {h: sorted(p) for h, p in running.items()} == {
+            h: sorted(p) for h, p in owned.items()
+        }
+
     def stop(self) -> None:
         """Ctrl-C to serve (it stops its models), then every host's processes go with it."""
         head = self.net[self.head]

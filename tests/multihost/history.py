@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -195,3 +196,40 @@ class Load:
                 op.text += (choice.get("delta") or {}).get("content") or ""
                 finished = finished or bool(choice.get("finish_reason"))
         op.end(INFO, note=f"the stream ended without [DONE] after {op.chunks} chunks")
+
+
+class Background:
+    """The load generator on its own thread and event loop, while the test pulls cables."""
+
+    def __init__(
+        self,
+        client: Callable[..., httpx.AsyncClient],
+        models: Sequence[str],
+        clients: int = 6,
+        deadline: float = 30.0,
+        max_tokens: int = 8,
+    ) -> None:
+        self.client, self.models, self.clients = client, models, clients
+        self.deadline, self.max_tokens = deadline, max_tokens
+        self.history: list[Op] = []
+        self._loop = asyncio.new_event_loop()
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._run(),))
+
+    async def _run(self) -> None:
+        self._stop = asyncio.Event()
+        async with self.client(timeout=self.deadline * 2) as client:
+            load = Load(client, self.models, self.deadline, self.max_tokens)
+            self.history = load.history
+            await load.run(self.clients, self._stop)
+
+    def __enter__(self) -> Background:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        while self._stop is None:
+            time.sleep(0.01)  # the thread has not reached its loop yet
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout=120)
+        assert not self._thread.is_alive(), "a client is still waiting past its deadline"

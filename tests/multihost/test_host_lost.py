@@ -6,15 +6,13 @@ whole, and afterwards no llama-server runs that no live model owns."""
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import time
 from typing import Any
 
 import httpx
 
 from tests.multihost.cluster import ProductOnHosts, dump
-from tests.multihost.history import FAIL, OK, Load, Op, Window, check, outcomes
+from tests.multihost.history import FAIL, OK, Background, Window, check, outcomes
 
 # A cooldown no test waits out: a model that comes back only after it has failed the test.
 SETTINGS = {"cooldown": 3600}
@@ -28,43 +26,6 @@ CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
 
 def ask(http: httpx.Client, model: str) -> httpx.Response:
     return http.post("/v1/chat/completions", json={"model": model, **CHAT})
-
-
-def held(http: httpx.Client) -> dict[str, tuple[int, int]]:
-    """Per model with any: (slots taken, requests queued)."""
-    queues = {m: http.get(f"/admin/queue/{m}/status").json() for m in MODELS}
-    return {
-        m: (q["in_flight"], q["depth"]) for m, q in queues.items() if q["in_flight"] or q["depth"]
-    }
-
-
-class Background:
-    """The load generator on its own thread and event loop, while the test pulls cables."""
-
-    def __init__(self, product: ProductOnHosts, models: list[str]) -> None:
-        self.product, self.models = product, models
-        self.history: list[Op] = []
-        self._loop = asyncio.new_event_loop()
-        self._stop: asyncio.Event | None = None
-        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._run(),))
-
-    async def _run(self) -> None:
-        self._stop = asyncio.Event()
-        async with self.product.async_client(timeout=60) as client:
-            load = Load(client, self.models, deadline=30.0)
-            self.history = load.history
-            await load.run(clients=6, stop=self._stop)
-
-    def __enter__(self) -> Background:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        while self._stop is None:
-            time.sleep(0.01)  # the thread has not reached its loop yet
-        self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(timeout=120)
-        assert not self._thread.is_alive(), "a client is still waiting past its deadline"
 
 
 def test_a_pulled_cable_fails_over_and_the_rejoined_host_serves_at_once(
@@ -81,7 +42,7 @@ def test_a_pulled_cable_fails_over_and_the_rejoined_host_serves_at_once(
         stranded, untouched = f"pin-{victim}", f"pin-{other}"
         assert product.where(http, stranded) == victim
 
-        with Background(product, list(MODELS)) as load:
+        with Background(product.async_client, list(MODELS)) as load:
             product.wait_until("the load runs", lambda: len(load.history) > 12, 30)
             pulled = time.monotonic()
             net.unplug(victim)
@@ -115,21 +76,7 @@ def test_a_pulled_cable_fails_over_and_the_rejoined_host_serves_at_once(
             product.wait_until("the load goes on", lambda: len(load.history) > 40, 60)
         history = load.history
 
-        # Quiet: every model answers, nothing is held, and in every host exactly the
-        # llama-servers of live model actors run.
-        for model in MODELS:
-            assert ask(http, model).status_code == 200, model
-        # (A replica holds a finished slot a moment for its next request: lease_hold.)
-        product.wait_until("no slot or queue place is held", lambda: held(http) == {}, 30)
-        owned: dict[str, list[int]] = {name: [] for name in net.hosts}
-        for name, status in product.models(http).items():
-            host = product.where(http, name)
-            if host is not None and status.get("pid"):
-                owned[host].append(status["pid"])
-        running = product.llama_servers()
-        assert {h: sorted(p) for h, p in running.items()} == {
-            h: sorted(p) for h, p in owned.items()
-        }
+        product.assert_quiet(http, list(MODELS))
 
     window = Window(frozenset({"anywhere", stranded}), pulled, plugged + back + 1)
     problems = check(history, lambda op: expected, [window])

@@ -1,0 +1,81 @@
+"""A process dies on a healthy host, under load: a llama-server killed mid-stream, a model
+actor killed with its llama-server running. Every stream that was cut is told why (an
+OpenAI-shaped error, never a silent cut or a hang), the model is served again by a fresh
+instance, the model on the other host never notices, and afterwards no llama-server runs that
+no live model owns."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any
+
+import httpx
+
+from tests.multihost.cluster import ProductOnHosts, dump
+from tests.multihost.history import FAIL, OK, Background, Op, check, outcomes
+
+MODELS: dict[str, dict[str, Any]] = {
+    # Streams of 8 tokens, 50 ms apart: most requests are mid-stream at any moment.
+    "slow-w1": {"num_gpus": 0, "labels": {"host": "w1"}, "env": {"FAKE_LLAMA_TOKEN_DELAY": "0.05"}},
+    "steady-w2": {"num_gpus": 0, "labels": {"host": "w2"}},
+}
+CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+
+
+def ask(http: httpx.Client, model: str) -> httpx.Response:
+    return http.post("/v1/chat/completions", json={"model": model, **CHAT})
+
+
+def in_flight_at(history: list[Op], moment: float, model: str) -> list[Op]:
+    return [
+        op
+        for op in history
+        if op.model == model and op.invoked < moment and (op.completed or moment + 1) > moment
+    ]
+
+
+def kill_under_load(product: ProductOnHosts, what: str) -> None:
+    """SIGKILL `what` ("pid": the llama-server, "actor_pid": its model actor) of slow-w1 on
+    w1 while clients stream from both models; then check the history and the quiet state."""
+    with product.client(timeout=60) as http:
+        warm = {model: ask(http, model) for model in MODELS}
+        assert {m: a.status_code for m, a in warm.items()} == dict.fromkeys(MODELS, 200)
+        expected = warm["steady-w2"].json()["choices"][0]["message"]["content"]
+        before = product.models(http)["slow-w1"]
+        assert before["pid"] in product.llama_servers()["w1"]
+        with Background(product.async_client, list(MODELS), clients=6) as load:
+            product.wait_until("the load runs", lambda: len(load.history) > 12, 30)
+            killed = time.monotonic()
+            os.kill(before[what], signal.SIGKILL)
+            back = product.wait_until(
+                "slow-w1 is served by a fresh llama-server",
+                lambda: (
+                    ask(http, "slow-w1").is_success
+                    and product.models(http)["slow-w1"]["pid"] not in (None, before["pid"])
+                ),
+                60,
+            )
+            product.wait_until("the load goes on", lambda: len(load.history) > 60, 60)
+        history = load.history
+        product.assert_quiet(http, list(MODELS))
+
+    numbers = {"killed": what, "back_s": round(back, 1), "outcomes": outcomes(history)}
+    dump(product.net.root / f"numbers-{what}.json", numbers)
+    dump(product.net.root / f"history-{what}.json", [vars(op) for op in history])
+    print(f"{what} killed: {numbers}")
+    # No fault between hosts here: no request may go unanswered, and every cut is explained.
+    assert check(history, lambda op: expected) == []
+    cut = in_flight_at(history, killed, "slow-w1")
+    assert cut, "the kill should have caught requests in flight"
+    assert all(op.outcome in (OK, FAIL) for op in cut)
+    assert all(op.outcome == OK for op in history if op.model == "steady-w2")
+
+
+def test_a_llama_server_killed_mid_stream(product: ProductOnHosts) -> None:
+    kill_under_load(product, "pid")
+
+
+def test_a_model_actor_killed_with_its_llama_server_running(product: ProductOnHosts) -> None:
+    kill_under_load(product, "actor_pid")
