@@ -1,18 +1,23 @@
-"""A GPU worker's cable is pulled under load, then it comes back (cable in, `ray start` again):
-the model that may run anywhere moves to the other worker, the model only that host may hold is
-refused at once saying why, and once the host has rejoined it is served again at once, not after
-the failure cooldown (which is for crash loops). Every request gets one outcome, every answer is
-whole, and afterwards no llama-server runs that no live model owns."""
+"""A GPU worker is lost under load (its cable pulled, silently partitioned, or crashed) for
+longer than Ray takes to declare it dead, then comes back (cable in, firewall gone, `ray start`
+again): the model that may run anywhere moves to the other worker, the model only that host
+may hold is refused at once saying why, and once the host has rejoined it is served again at
+once, not after the failure cooldown (which is for crash loops). A short blip and a lossy link
+change nothing. Every request gets one outcome, every answer is whole, and afterwards no
+llama-server runs that no live model owns (no zombie instance after a partition heals)."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
+import pytest
 
 from tests.multihost.cluster import ProductOnHosts, dump
 from tests.multihost.history import FAIL, OK, Background, Window, check, outcomes
+from tests.multihost.hosts import Hosts
 
 # A cooldown no test waits out: a model that comes back only after it has failed the test.
 SETTINGS = {"cooldown": 3600}
@@ -28,10 +33,20 @@ def ask(http: httpx.Client, model: str) -> httpx.Response:
     return http.post("/v1/chat/completions", json={"model": model, **CHAT})
 
 
-def test_a_pulled_cable_fails_over_and_the_rejoined_host_serves_at_once(
-    product: ProductOnHosts,
+# How a host is lost, and how it comes back before its Ray is started again.
+FAULTS: dict[str, tuple[Callable[[Hosts, str], None], Callable[[Hosts, str], None]]] = {
+    "cable": (Hosts.unplug, Hosts.plug),
+    "silent-partition": (lambda net, host: net.drop(host), Hosts.heal),
+    "crash": (Hosts.crash, lambda net, host: None),
+}
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_a_lost_worker_fails_over_and_serves_at_once_when_back(
+    product: ProductOnHosts, fault: str
 ) -> None:
     net = product.net
+    lose, restore = FAULTS[fault]
     with product.client(timeout=60) as http:
         warm = {model: ask(http, model) for model in MODELS}
         assert {m: a.status_code for m, a in warm.items()} == dict.fromkeys(MODELS, 200)
@@ -45,7 +60,7 @@ def test_a_pulled_cable_fails_over_and_the_rejoined_host_serves_at_once(
         with Background(product.async_client, list(MODELS)) as load:
             product.wait_until("the load runs", lambda: len(load.history) > 12, 30)
             pulled = time.monotonic()
-            net.unplug(victim)
+            lose(net, victim)
             # Ray declares the host dead; the model that may run anywhere moves.
             product.wait_until(
                 f"{victim} is declared dead", lambda: victim not in product.alive_hosts(http), 60
@@ -59,10 +74,10 @@ def test_a_pulled_cable_fails_over_and_the_rejoined_host_serves_at_once(
             )
             moved = time.monotonic()
             refused = ask(http, stranded)
-            net.plug(victim)  # the cable goes back in ...
+            restore(net, victim)  # the cable goes back in, the firewall goes ...
             plugged = time.monotonic()
-            # ... the host's Ray, told it was declared dead, ends its own processes: the old
-            # llama-servers there must not serve again (no zombie instance).
+            # ... and the host's Ray, told it was declared dead, ends its own processes: the
+            # old llama-servers there must not serve again (no zombie instance).
             product.wait_until(
                 f"nothing of the old instance runs on {victim}",
                 lambda: not product.llama_servers()[victim],
@@ -86,9 +101,9 @@ def test_a_pulled_cable_fails_over_and_the_rejoined_host_serves_at_once(
         "outcomes": outcomes(history),
         "outcomes_by_model": {m: outcomes(o for o in history if o.model == m) for m in MODELS},
     }
-    dump(net.root / "numbers.json", numbers)
-    dump(net.root / "history.json", [vars(op) for op in history])
-    print(f"cable pull: {numbers}")  # the README's and the note's figures
+    dump(net.root / f"numbers-{fault}.json", numbers)
+    dump(net.root / f"history-{fault}.json", [vars(op) for op in history])
+    print(f"{fault}: {numbers}")  # the README's and the note's figures
     assert problems == [], problems
     # The stranded model was refused at once while its host was away, saying why ...
     assert refused.status_code == 503, refused.text
@@ -98,3 +113,37 @@ def test_a_pulled_cable_fails_over_and_the_rejoined_host_serves_at_once(
         o for o in history if o.model == untouched
     )
     assert any(op.outcome == FAIL for op in history if op.model == stranded)
+
+
+def test_a_short_blip_and_a_lossy_link_change_nothing(product: ProductOnHosts) -> None:
+    """Shorter than Ray's detection: no host is declared dead, nothing is placed again, every
+    stream arrives whole (TCP retransmits what was lost)."""
+    net = product.net
+    with product.client(timeout=60) as http:
+        warm = {model: ask(http, model) for model in MODELS}
+        assert {m: a.status_code for m, a in warm.items()} == dict.fromkeys(MODELS, 200)
+        expected = warm["anywhere"].json()["choices"][0]["message"]["content"]
+        where = {m: (s.get("node_id"), s.get("pid")) for m, s in product.models(http).items()}
+        worker = product.where(http, "anywhere")
+        assert worker is not None
+        with Background(product.async_client, list(MODELS)) as load:
+            product.wait_until("the load runs", lambda: len(load.history) > 12, 30)
+            net.drop(worker)  # every packet, both ways, for half a second
+            blip_over = time.monotonic() + 0.5
+            while time.monotonic() < blip_over:
+                time.sleep(0.05)  # the fault's length is the point: nothing to await
+            net.heal(worker)
+            count = len(load.history)
+            product.wait_until("the load goes on", lambda: len(load.history) > count + 12, 30)
+            net.drop(worker, probability=0.03)  # then a lossy link
+            count = len(load.history)
+            product.wait_until("the load runs over it", lambda: len(load.history) > count + 40, 60)
+            net.heal(worker)
+        history = load.history
+        assert product.alive_hosts(http) == {"head", "w1", "w2"}
+        after = {m: (s.get("node_id"), s.get("pid")) for m, s in product.models(http).items()}
+        assert after == where, "a blip must not move or restart a model"
+        product.assert_quiet(http, list(MODELS))
+    print(f"blip and loss: {outcomes(history)}")
+    assert check(history, lambda op: expected) == []
+    assert all(op.outcome == OK for op in history), outcomes(history)
