@@ -8,11 +8,14 @@ It knows nothing of queues or leases: it tells admission through `SlotHooks` whe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 from actors.model.llama_process import LlamaProcess
 from actors.process import terminate
@@ -80,6 +83,7 @@ class Instance:
         self._spawned = asyncio.Event()
         # Stops and reloads take this lock; starts triggered by requests do not need it.
         self._lock = asyncio.Lock()
+        self._hung: str | None = None  # why the liveness probe killed the running llama-server
         self._tasks = Background()  # fire-and-forget tasks, kept referenced
 
     # ------------------------------------------------------------------ asked by the facade
@@ -245,6 +249,7 @@ class Instance:
         )
         self._slots.opened(instance, now)
         self._tasks.keep(asyncio.create_task(self._watch(process, instance)))
+        self._tasks.keep(asyncio.create_task(self._probe(process, instance, url)))
 
     async def _download(self, source: HfSource) -> Path | None:
         """The model's file from Hugging Face, fetched once per node into its cache; None
@@ -267,6 +272,34 @@ class Instance:
         self._event("downloaded", file=source.label, bytes=size, seconds=time.time() - began)
         return path
 
+    async def _probe(self, process: asyncio.subprocess.Process, instance: int, url: str) -> None:
+        """Notice a hung llama-server (stopped, wedged, its host's CPU starved): one that
+        misses `liveness_failures` health answers in a row is killed, and `_watch` restarts it
+        as a crash. Its process never exits on its own, so nothing else would."""
+        settings = self.settings
+        missed = 0
+        while instance == self.llama.number and self.state == ModelState.READY:
+            await asyncio.sleep(settings.liveness_interval)
+            if instance != self.llama.number or self.state != ModelState.READY:
+                return
+            try:
+                answer = await self.llama.http().get(
+                    f"{url}/health", timeout=settings.liveness_timeout
+                )
+                missed = 0 if answer.status_code == 200 else missed + 1
+            except httpx.HTTPError:
+                missed += 1
+            if missed >= settings.liveness_failures:
+                self._hung = (
+                    f"llama-server did not answer /health {missed} times in a row "
+                    f"({settings.liveness_timeout:g} s each, every {settings.liveness_interval:g} "
+                    "s): hung, so it was killed"
+                )
+                self._event("hung", pid=process.pid, missed=missed)
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                return
+
     async def _watch(self, process: asyncio.subprocess.Process, instance: int) -> None:
         """Notice a crash the moment it happens, not on the next request."""
         code = await process.wait()
@@ -274,7 +307,9 @@ class Instance:
             return  # a deliberate stop or restart
         self.llama.process = None
         tail = "\n".join(self.llama.log.tail(20))
-        self.last_error = f"llama-server exited with code {code} while serving; last lines:\n{tail}"
+        hung, self._hung = self._hung, None
+        ended = hung or f"llama-server exited with code {code} while serving"
+        self.last_error = f"{ended}; last lines:\n{tail}"
         self._set_state(ModelState.RESTARTING)
         voided = self._slots.closed()
         delay = self.budget.on_crash(time.time())

@@ -65,6 +65,12 @@ class Settings(BaseModel):
     max_body_size: int = 10 * 1000**2
     body_timeout: float = Field(30.0, gt=0)
     upstream_timeout: float = Field(600.0, gt=0)
+    # A ready llama-server answers /health within liveness_timeout, asked every
+    # liveness_interval s; after liveness_failures misses in a row it counts as hung, is killed
+    # and restarted like a crash (a stopped or wedged process never exits on its own).
+    liveness_interval: float = Field(10.0, gt=0)
+    liveness_timeout: float = Field(5.0, gt=0)
+    liveness_failures: int = Field(3, ge=1)
     queue: QueueSettings = QueueSettings()
     auth_file: str | None = None
     # Where each node keeps models fetched from Hugging Face (None: ~/.cache/proxifier/models).

@@ -107,6 +107,37 @@ def test_crash_mid_request_restarts_and_the_next_request_succeeds(make_actor: Ma
     assert not alive(first_pid)
 
 
+def test_a_hung_llama_server_is_killed_and_restarted(make_actor: MakeActor) -> None:
+    """A stopped process never exits: only the liveness probe notices it. Its request in
+    flight ends (the connection closes with the kill), and the next one gets a fresh instance."""
+    actor = make_actor(
+        settings={"liveness_interval": 0.2, "liveness_timeout": 0.2, "liveness_failures": 2},
+        env={"FAKE_LLAMA_TOKEN_DELAY": "0.05"},
+    )
+    lease = ray.get(actor.acquire.remote("one"), timeout=30)
+    hung_pid = ray.get(actor.stats.remote())["pid"]
+    stream = httpx.stream(
+        "POST",
+        f"{lease['url']}/v1/chat/completions",
+        json={**CHAT, "max_tokens": 200, "stream": True},
+        headers={"Authorization": f"Bearer {lease['api_key']}"},
+        timeout=30,
+    )
+    with pytest.raises(httpx.TransportError), stream as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data:")
+        os.kill(hung_pid, signal.SIGSTOP)  # mid-stream: it neither answers nor exits
+        for _ in lines:
+            pass
+    ray.get(actor.release.remote(lease["lease_id"]))
+    lease = ray.get(actor.acquire.remote("two"), timeout=30)  # waits out the restart
+    assert lease["instance"] == 2 and chat(lease).status_code == 200
+    stats = ray.get(actor.stats.remote())
+    assert "did not answer /health 2 times in a row" in stats["last_error"]
+    assert stats["restarts"] == 1
+    assert wait_gone(hung_pid)
+
+
 def test_after_the_restart_budget_the_model_fails_with_the_reason(make_actor: MakeActor) -> None:
     actor = make_actor(settings={"max_restarts": 1}, env={"FAKE_LLAMA_CRASH_AFTER": "0"})
     for attempt in range(2):
