@@ -1,4 +1,4 @@
-"""A GPU worker is lost under load (its cable pulled, silently partitioned, or crashed) for
+"""A GPU worker is lost under load (its cable pulled, silently partitioned, frozen, crashed) for
 longer than Ray takes to declare it dead, then comes back (cable in, firewall gone, `ray start`
 again): the model that may run anywhere moves to the other worker, the model only that host
 may hold is refused at once saying why, and once the host has rejoined it is served again at
@@ -38,6 +38,7 @@ FAULTS: dict[str, tuple[Callable[[Hosts, str], None], Callable[[Hosts, str], Non
     "cable": (Hosts.unplug, Hosts.plug),
     "silent-partition": (lambda net, host: net.drop(host), Hosts.heal),
     "crash": (Hosts.crash, lambda net, host: None),
+    "frozen": (Hosts.freeze, Hosts.thaw),  # every process stopped, the raylet's too
 }
 
 

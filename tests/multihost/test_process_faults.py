@@ -1,11 +1,13 @@
-"""A process dies on a healthy host, under load: a llama-server killed mid-stream, a model
-actor killed with its llama-server running. Every stream that was cut is told why (an
-OpenAI-shaped error, never a silent cut or a hang), the model is served again by a fresh
-instance, the model on the other host never notices, and afterwards no llama-server runs that
-no live model owns."""
+"""A process dies or hangs on a healthy host, under load: a llama-server killed mid-stream, a
+model actor killed with its llama-server running, a llama-server stopped (SIGSTOP: it neither
+answers nor exits, which only the model actor's liveness probe notices). Every stream that was
+cut is told why (an OpenAI-shaped error, never a silent cut or a hang), the model is served
+again by a fresh instance, the model on the other host never notices, and afterwards no
+llama-server runs that no live model owns."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -79,3 +81,42 @@ def test_a_llama_server_killed_mid_stream(product: ProductOnHosts) -> None:
 
 def test_a_model_actor_killed_with_its_llama_server_running(product: ProductOnHosts) -> None:
     kill_under_load(product, "actor_pid")
+
+
+def test_a_hung_llama_server_is_found_by_its_liveness_probe_and_replaced(
+    product: ProductOnHosts,
+) -> None:
+    """With the product's default probe (10 s, 5 s, 3 misses) the hung instance is killed
+    within about 35 s; its requests in flight end with an error, and the model answers again
+    from a fresh instance. Clients wait up to 90 s: longer than the probe, so none has to give
+    up (before the probe, every request to it waited for upstream_timeout, 600 s)."""
+    with product.client(timeout=60) as http:
+        warm = {model: ask(http, model) for model in MODELS}
+        expected = warm["steady-w2"].json()["choices"][0]["message"]["content"]
+        hung = product.models(http)["slow-w1"]["pid"]
+        with Background(product.async_client, list(MODELS), clients=6, deadline=90) as load:
+            product.wait_until("the load runs", lambda: len(load.history) > 12, 30)
+            stopped = time.monotonic()
+            os.kill(hung, signal.SIGSTOP)
+            try:
+                back = product.wait_until(
+                    "slow-w1 is served by a fresh llama-server",
+                    lambda: (
+                        product.models(http)["slow-w1"]["pid"] not in (None, hung)
+                        and ask(http, "slow-w1").is_success
+                    ),
+                    90,
+                )
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(hung, signal.SIGCONT)  # if it still exists, let it be killed
+            count = len(load.history)
+            product.wait_until("the load goes on", lambda: len(load.history) > count + 30, 60)
+        history = load.history
+        assert "did not answer /health 3 times" in product.models(http)["slow-w1"]["last_error"]
+        product.assert_quiet(http, list(MODELS))
+    print(f"hung llama-server: back in {back:.1f} s, {outcomes(history)}")
+    assert check(history, lambda op: expected) == []
+    cut = in_flight_at(history, stopped, "slow-w1")
+    assert cut and all(op.outcome in (OK, FAIL) for op in cut)
+    assert all(op.outcome == OK for op in history if op.model == "steady-w2")
