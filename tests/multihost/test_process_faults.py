@@ -11,6 +11,7 @@ import contextlib
 import os
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -22,7 +23,10 @@ MODELS: dict[str, dict[str, Any]] = {
     # Streams of 8 tokens, 50 ms apart: most requests are mid-stream at any moment.
     "slow-w1": {"num_gpus": 0, "labels": {"host": "w1"}, "env": {"FAKE_LLAMA_TOKEN_DELAY": "0.05"}},
     "steady-w2": {"num_gpus": 0, "labels": {"host": "w2"}},
+    # Takes 5 s to load: long enough to lose the controller in the middle.
+    "slow-load": {"num_gpus": 0, "labels": {"host": "w2"}, "env": {"FAKE_LLAMA_LOAD_DELAY": "5"}},
 }
+LOADED = ["slow-w1", "steady-w2"]  # the models under load
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
 
 
@@ -42,12 +46,12 @@ def kill_under_load(product: ProductOnHosts, what: str) -> None:
     """SIGKILL `what` ("pid": the llama-server, "actor_pid": its model actor) of slow-w1 on
     w1 while clients stream from both models; then check the history and the quiet state."""
     with product.client(timeout=60) as http:
-        warm = {model: ask(http, model) for model in MODELS}
-        assert {m: a.status_code for m, a in warm.items()} == dict.fromkeys(MODELS, 200)
+        warm = {model: ask(http, model) for model in LOADED}
+        assert {m: a.status_code for m, a in warm.items()} == dict.fromkeys(LOADED, 200)
         expected = warm["steady-w2"].json()["choices"][0]["message"]["content"]
         before = product.models(http)["slow-w1"]
         assert before["pid"] in product.llama_servers()["w1"]
-        with Background(product.async_client, list(MODELS), clients=6) as load:
+        with Background(product.async_client, LOADED, clients=6) as load:
             product.wait_until("the load runs", lambda: len(load.history) > 12, 30)
             killed = time.monotonic()
             os.kill(before[what], signal.SIGKILL)
@@ -61,7 +65,7 @@ def kill_under_load(product: ProductOnHosts, what: str) -> None:
             )
             product.wait_until("the load goes on", lambda: len(load.history) > 60, 60)
         history = load.history
-        product.assert_quiet(http, list(MODELS))
+        product.assert_quiet(http, LOADED)
 
     numbers = {"killed": what, "back_s": round(back, 1), "outcomes": outcomes(history)}
     dump(product.net.root / f"numbers-{what}.json", numbers)
@@ -91,10 +95,10 @@ def test_a_hung_llama_server_is_found_by_its_liveness_probe_and_replaced(
     from a fresh instance. Clients wait up to 90 s: longer than the probe, so none has to give
     up (before the probe, every request to it waited for upstream_timeout, 600 s)."""
     with product.client(timeout=60) as http:
-        warm = {model: ask(http, model) for model in MODELS}
+        warm = {model: ask(http, model) for model in LOADED}
         expected = warm["steady-w2"].json()["choices"][0]["message"]["content"]
         hung = product.models(http)["slow-w1"]["pid"]
-        with Background(product.async_client, list(MODELS), clients=6, deadline=90) as load:
+        with Background(product.async_client, LOADED, clients=6, deadline=90) as load:
             product.wait_until("the load runs", lambda: len(load.history) > 12, 30)
             stopped = time.monotonic()
             os.kill(hung, signal.SIGSTOP)
@@ -114,9 +118,33 @@ def test_a_hung_llama_server_is_found_by_its_liveness_probe_and_replaced(
             product.wait_until("the load goes on", lambda: len(load.history) > count + 30, 60)
         history = load.history
         assert "did not answer /health 3 times" in product.models(http)["slow-w1"]["last_error"]
-        product.assert_quiet(http, list(MODELS))
+        product.assert_quiet(http, LOADED)
     print(f"hung llama-server: back in {back:.1f} s, {outcomes(history)}")
     assert check(history, lambda op: expected) == []
     cut = in_flight_at(history, stopped, "slow-w1")
     assert cut and all(op.outcome in (OK, FAIL) for op in cut)
     assert all(op.outcome == OK for op in history if op.model == "steady-w2")
+
+
+def test_the_controller_killed_while_a_model_loads_loads_it_once(product: ProductOnHosts) -> None:
+    """Ray restarts the controller, which adopts the loading model's actor: the request that
+    started the load is answered from that one llama-server, never a second one."""
+    with product.client(timeout=60) as http:
+        controllers = product.net.processes(product.head, "ray::Controller")
+        assert len(controllers) == 1, controllers
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(ask, http, "slow-load")  # starts the load
+            product.wait_until(
+                "slow-load loads",
+                lambda: product.models(http)["slow-load"]["state"] == "starting",
+                30,
+            )
+            loading = product.llama_servers()["w2"]
+            os.kill(controllers[0], signal.SIGKILL)
+            answer = first.result(timeout=120)
+        assert answer.status_code == 200, answer.text
+        restarted = product.net.processes(product.head, "ray::Controller")
+        assert restarted and restarted != controllers
+        status = product.models(http)["slow-load"]
+        assert status["instance"] == 1 and status["pid"] in loading, status
+        product.assert_quiet(http, [*LOADED, "slow-load"])
