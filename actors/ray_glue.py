@@ -7,12 +7,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import ray
 
-from proxifier.errors import ActorGone, ProxifierError
+from proxifier.errors import ActorGone, ControlPlaneAway, ProxifierError
 from proxifier.placement import NodeView
+
+T = TypeVar("T")
+GCS_DEADLINE = 5.0  # seconds a read of the cluster's state may take before the GCS counts as away
+# Ray's GCS reads block their thread while the GCS is down (for as long as Ray retries): they
+# run here, never on an actor's event loop, and a few stuck ones starve nothing else.
+_GCS_THREADS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="gcs-read")
 
 
 async def call(ref: Any) -> Any:
@@ -84,6 +92,28 @@ def cluster_nodes() -> list[NodeView]:
 
 def cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0))
+
+
+async def from_gcs(read: Callable[[], T], deadline: float = GCS_DEADLINE) -> T:
+    """`read()` (a blocking call to Ray's GCS) off the event loop, within `deadline`; else
+    ControlPlaneAway. The thread it ran on may stay blocked until Ray gives up."""
+    loop = asyncio.get_running_loop()
+    try:
+        return await asyncio.wait_for(loop.run_in_executor(_GCS_THREADS, read), deadline)
+    except TimeoutError:
+        raise ControlPlaneAway(
+            f"Ray's control plane (the GCS on the head node) did not answer within {deadline:g} s;"
+            " models already running still serve, starts and cluster views wait for it",
+            retry_after=5,
+        ) from None
+
+
+async def nodes_now() -> list[NodeView]:
+    return await from_gcs(cluster_nodes)
+
+
+async def gpus_now() -> float:
+    return await from_gcs(cluster_gpus)
 
 
 async def serve_applications(wait: float = 10.0) -> dict[str, str] | None:

@@ -83,6 +83,13 @@ class QueueFull(Unavailable):
     code = "queue_full"
 
 
+class ControlPlaneAway(Unavailable):
+    """Ray's control plane (the GCS on the head) does not answer: what needs it (placing a
+    model, reading the nodes) cannot be done now; models already running still serve."""
+
+    code = "control_plane_unavailable"
+
+
 class QueueTimeout(Unavailable):
     code = "queue_timeout"
 

@@ -301,7 +301,7 @@ class Controller:
         return self.feed.since(seq, limit)
 
     async def cluster(self) -> dict[str, Any]:
-        return {"nodes": self.facts.nodes_view(await self.status())}
+        return {"nodes": await self.facts.nodes_view(await self.status())}
 
     async def shutdown(self) -> None:
         """Stop every model and kill its actor (what `proxifier serve` does on Ctrl-C)."""

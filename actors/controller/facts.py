@@ -18,7 +18,7 @@ import ray
 
 from actors.controller.registry import STATS_WAIT, Registry
 from actors.gpu_probe import node_gpus
-from actors.ray_glue import Background, cluster_gpus, cluster_nodes
+from actors.ray_glue import Background, gpus_now, nodes_now
 from proxifier.config import ModelsConfig, effective
 from proxifier.gguf_facts import GgufError, GgufFacts, read_facts
 from proxifier.gpu_inventory import declared_gpu_memory
@@ -206,8 +206,8 @@ class Facts:
         """What a decision starts from: the cluster's GPUs, the models whose actors exist, and
         the nodes with what is free on them."""
         residents = await self.residents()
-        views = cluster_nodes()
-        return cluster_gpus(), residents, node_facts(views, residents, self.sizes(views))
+        views = await nodes_now()
+        return await gpus_now(), residents, node_facts(views, residents, self.sizes(views))
 
     def sizes(self, views: list[NodeView]) -> dict[str, float]:
         """Bytes per GPU of each GPU node: its `gpu-memory-gb` label, else what a probe found
@@ -240,13 +240,13 @@ class Facts:
             self._event("gpus_found", node_id=node_id, gpus=[g.__dict__ for g in gpus])
             self._wake()
 
-    def nodes_view(self, statuses: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    async def nodes_view(self, statuses: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Every node with its resources, its models and its GPUs (`cluster`)."""
         where: dict[str, list[dict[str, Any]]] = {}
         for status in statuses:
             if status.get("node_id"):
                 where.setdefault(status["node_id"], []).append(status)
-        views = cluster_nodes()
+        views = await nodes_now()
         sizes = self.sizes(views)
         return [
             {

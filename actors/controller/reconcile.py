@@ -21,10 +21,17 @@ from actors.controller.events import CONTROLLER_NAME
 from actors.controller.facts import Facts, observed
 from actors.controller.registry import Registry
 from actors.model import create_model_actor
-from actors.ray_glue import Background, cluster_nodes
+from actors.ray_glue import Background, nodes_now
 from proxifier.config import ModelsConfig
 from proxifier.config_diff import ModelsDiff
-from proxifier.errors import ModelFailed, ModelNotFound, ProxifierError, QueueTimeout, Unavailable
+from proxifier.errors import (
+    ControlPlaneAway,
+    ModelFailed,
+    ModelNotFound,
+    ProxifierError,
+    QueueTimeout,
+    Unavailable,
+)
 from proxifier.placement import actor_options, cpu_fallback_warning
 from proxifier.planning import ReloadPlan
 from proxifier.scheduler import Evict, Fail, Failure, Limits, Place, Wait, decide, in_force
@@ -53,8 +60,8 @@ def cooling_down(failures: dict[str, Failure], cooldown: float, alive: frozenset
     return {n for n, failure in failures.items() if in_force(failure, now, cooldown, alive)}
 
 
-def alive_nodes() -> frozenset[str]:
-    return frozenset(view.node_id for view in cluster_nodes() if view.alive)
+async def alive_nodes() -> frozenset[str]:
+    return frozenset(view.node_id for view in await nodes_now() if view.alive)
 
 
 async def start_in_turn(handles: list[Any]) -> None:
@@ -99,7 +106,7 @@ class Reconciler:
         failure = self.registry.placement_failures.get(name)
         cooldown = self._config().settings.cooldown
         if failure is not None:
-            alive = alive_nodes() if failure.nodes is not None else frozenset()
+            alive = await alive_nodes() if failure.nodes is not None else frozenset()
             if in_force(failure, time.time(), cooldown, alive):
                 raise ModelFailed(failure.reason, retry_after=cooldown)
             if failure.nodes is not None:
@@ -188,6 +195,15 @@ class Reconciler:
                 continue
             try:
                 await self._reconcile_once()
+            except ControlPlaneAway as away:
+                # Nothing can be placed while the GCS is away: the requests waiting hear so
+                # now (503, retry), rather than at their queue_timeout.
+                for name, entry in list(self.wants.items()):
+                    if entry.waiters == 0 and entry.keep:
+                        continue  # a boot's or preload's want: it waits for the GCS
+                    del self.wants[name]
+                    if not entry.future.done():
+                        entry.future.set_exception(away)
             except Exception as error:  # a bad pass must not end the loop
                 self._event("scheduler_error", error=repr(error))
 
@@ -199,9 +215,8 @@ class Reconciler:
         for name in [n for n in self.wants if n in registry.handles]:
             self.wants.pop(name).future.set_result(registry.handles[name])
         failures = registry.placement_failures
-        alive = (
-            alive_nodes() if any(f.nodes is not None for f in failures.values()) else frozenset()
-        )
+        by_nodes = any(f.nodes is not None for f in failures.values())
+        alive = await alive_nodes() if by_nodes else frozenset()
         cooling = cooling_down(failures, self._config().settings.cooldown, alive)
         for name in cooling & set(self.wants):
             self.wants[name].reason = "cooling down after a failure: " + failures[name].reason
@@ -324,7 +339,7 @@ class Reconciler:
         registry = self.registry
         # A model placed by GPU memory whose new settings need another share (a longer
         # context, another cache type, another file) needs a new actor, not just a restart.
-        sizes = self.facts.sizes(cluster_nodes()) if plan.restart else {}
+        sizes = self.facts.sizes(await nodes_now()) if plan.restart else {}
         for name in [n for n in plan.restart if await self.facts.share_changed(n, sizes)]:
             plan.restart.remove(name)
             plan.recreate.append(name)
