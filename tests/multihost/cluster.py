@@ -49,8 +49,15 @@ class Worker:
 class ProductOnHosts:
     """Ray on every host, the product on the head, a client door; faults through `net`."""
 
-    def __init__(self, net: Hosts, workers: Mapping[str, Worker], head: str = "head") -> None:
+    def __init__(
+        self,
+        net: Hosts,
+        workers: Mapping[str, Worker],
+        head: str = "head",
+        store: str | None = None,
+    ) -> None:
         self.net, self.workers, self.head = net, dict(workers), head
+        self.store = store  # the host that runs Redis for GCS fault tolerance, if any
         self.key = "px-" + secrets.token_urlsafe(24)
         self.door = net.root / "client.sock"
         self.serve_log = net[head].root / "serve.log"
@@ -73,15 +80,57 @@ class ProductOnHosts:
             str(VENV / "ray"), "start", "--node-ip-address", h.ip, "--temp-dir", str(temp),
             "--object-store-memory", str(80 * 1024 * 1024), "--disable-usage-stats",
         ]  # fmt: skip
+        env = self.env(host)
         if host == self.head:
             argv += ["--head", "--port", "6379", "--num-cpus", "2", "--num-gpus", "0",
                      "--include-dashboard", "false"]  # fmt: skip
+            if self.store is not None:
+                # GCS fault tolerance as Ray documents it: its tables in Redis, under a
+                # namespace of this cluster's own.
+                env["RAY_REDIS_ADDRESS"] = f"{self.net[self.store].ip}:6379"
+                env["RAY_external_storage_namespace"] = self.net.prefix
         else:
             worker = self.workers[host]
             labels = ",".join(f"{k}={v}" for k, v in {"host": host, **worker.labels}.items())
             argv += ["--address", self.head_address, "--num-cpus", "1",
                      "--num-gpus", str(worker.gpus), "--labels", labels]  # fmt: skip
-        self.net.run(host, argv, env=self.env(host))
+        self.net.run(host, argv, env=env)
+
+    def start_redis(self) -> None:
+        assert self.store is not None
+        h = self.net[self.store]
+        self.net.start(
+            self.store,
+            ["redis-server", "--bind", h.ip, "--port", "6379", "--save", "",
+             "--appendonly", "no", "--protected-mode", "no", "--dir", str(h.root)],
+            "redis.log",
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while "PONG" not in self._redis_ping():
+            assert time.monotonic() < deadline, "redis-server did not come up"
+            time.sleep(0.1)  # an outside process starting: nothing to await
+
+    def _redis_ping(self) -> str:
+        assert self.store is not None
+        with contextlib.suppress(RuntimeError):
+            ip = self.net[self.store].ip
+            return self.net.run(self.store, ["redis-cli", "-h", ip, "-p", "6379", "ping"])
+        return ""
+
+    def kill_gcs(self) -> list[str]:
+        """SIGKILL the head's GCS server; returns its command line, to start it again."""
+        (pid,) = self.net.processes(self.head, "gcs_server")
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+        os.kill(pid, 9)
+        return [a.decode() for a in argv]
+
+    def start_gcs(self, argv: list[str]) -> None:
+        """The GCS server again, as Ray started it (KubeRay would restart the head's pod)."""
+        env = self.env(self.head)
+        if self.store is not None:
+            env["RAY_REDIS_ADDRESS"] = f"{self.net[self.store].ip}:6379"
+            env["RAY_external_storage_namespace"] = self.net.prefix
+        self.net.start(self.head, argv, "gcs-again.log", env=env)
 
     # ------------------------------------------------------------------ the product
     def serve(self, models: dict[str, Any], settings: dict[str, Any] | None = None) -> None:
@@ -215,9 +264,13 @@ def dump(path: Path, data: Any) -> None:
 
 
 @contextlib.contextmanager
-def product_on(net: Hosts, workers: Mapping[str, Worker]) -> Iterator[ProductOnHosts]:
-    product = ProductOnHosts(net, workers)
+def product_on(
+    net: Hosts, workers: Mapping[str, Worker], store: str | None = None
+) -> Iterator[ProductOnHosts]:
+    product = ProductOnHosts(net, workers, store=store)
     try:
+        if store is not None:
+            product.start_redis()
         product.ray_start(product.head)
         for worker in workers:
             product.ray_start(worker)

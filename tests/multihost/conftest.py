@@ -36,8 +36,10 @@ def product(
     models: dict[str, dict[str, Any]] = request.module.MODELS
     settings: dict[str, Any] = getattr(request.module, "SETTINGS", {})
     base = {"model_path": str(tiny_model), "llama_server": str(fake_server)}
+    store: str | None = getattr(request.module, "STORE", None)  # a host for Redis (GCS FT)
+    names = [*HOSTS, store] if store else HOSTS
     root = tmp_path_factory.mktemp("hosts")
-    with hosts(HOSTS, root) as net, product_on(net, WORKERS) as made:
+    with hosts(names, root) as net, product_on(net, WORKERS, store=store) as made:
         made.serve({name: {**base, **fields} for name, fields in models.items()}, settings)
         with made.client() as http:
             made.wait_until("the server answers", lambda: http.get("/health").is_success, 180)

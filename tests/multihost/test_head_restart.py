@@ -1,0 +1,80 @@
+"""The head's GCS server dies and comes back, with GCS fault tolerance backed by a real Redis
+(on a host of its own; the head started with RAY_REDIS_ADDRESS, as Ray documents it). During
+the outage the model already running keeps answering, a start and a cluster view fail fast with
+a 503 that says the control plane is away (never a hang), and after the GCS returns the stopped
+model starts and nothing runs twice."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import httpx
+
+from tests.multihost.cluster import ProductOnHosts, dump
+from tests.multihost.history import OK, Background, check, outcomes
+
+STORE = "store"
+MODELS: dict[str, dict[str, Any]] = {
+    "ready-w1": {"num_gpus": 0, "labels": {"host": "w1"}},
+    "cold-w2": {"num_gpus": 0, "labels": {"host": "w2"}},
+}
+CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+OUTAGE = 12.0  # seconds the GCS stays down: well inside Ray's 60 s reconnect timeout
+
+
+def ask(http: httpx.Client, model: str) -> httpx.Response:
+    return http.post("/v1/chat/completions", json={"model": model, **CHAT})
+
+
+def test_a_gcs_restart_with_redis_keeps_ready_models_serving(product: ProductOnHosts) -> None:
+    with product.client(timeout=30) as http:
+        warm = ask(http, "ready-w1")
+        assert warm.status_code == 200, warm.text
+        expected = warm.json()["choices"][0]["message"]["content"]
+        with Background(product.async_client, ["ready-w1"], clients=4) as load:
+            product.wait_until("the load runs", lambda: len(load.history) > 12, 30)
+            argv = product.kill_gcs()
+            down = time.monotonic()
+            started = time.monotonic()
+            cold = ask(http, "cold-w2")  # needs the GCS: placing, a new actor
+            cold_s = time.monotonic() - started
+            started = time.monotonic()
+            view = http.get("/admin/cluster")
+            view_s = time.monotonic() - started
+            health = http.get("/health")
+            while time.monotonic() - down < OUTAGE:
+                time.sleep(0.1)  # the outage's length is the point: nothing to await
+            restarted = time.monotonic()
+            product.start_gcs(argv)
+            back = product.wait_until(
+                "cold-w2 starts once the GCS is back", lambda: ask(http, "cold-w2").is_success, 60
+            )
+            count = len(load.history)
+            product.wait_until("the load goes on", lambda: len(load.history) > count + 12, 30)
+        history = load.history
+        during = sum(
+            1
+            for op in history
+            if op.outcome == OK and op.invoked >= down and (op.completed or restarted) < restarted
+        )
+        product.assert_quiet(http, list(MODELS))
+
+    numbers = {
+        "outage_s": round(restarted - down, 1),
+        "start_refused_in_s": round(cold_s, 1),
+        "cluster_view_refused_in_s": round(view_s, 1),
+        "answered_during_outage": during,
+        "cold_start_after_gcs_back_s": round(back, 1),
+        "outcomes": outcomes(history),
+    }
+    dump(product.net.root / "numbers-gcs.json", numbers)
+    print(f"GCS restart with Redis: {numbers}")
+    for refused in (cold, view):
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["error"]["code"] == "control_plane_unavailable", refused.text
+        assert "control plane" in refused.json()["error"]["message"]
+    assert health.status_code == 200, health.text  # the ingress and the controller are up
+    assert during > 0, "the running model must keep answering while the GCS is away"
+    assert check(history, lambda op: expected) == []
+    assert all(op.outcome == OK for op in history), outcomes(history)
