@@ -55,8 +55,10 @@ class ProductOnHosts:
         workers: Mapping[str, Worker],
         head: str = "head",
         store: str | None = None,
+        ray_env: Mapping[str, str] | None = None,
     ) -> None:
         self.net, self.workers, self.head = net, dict(workers), head
+        self.ray_env = {**RAY_ENV, **(ray_env or {})}  # on every host's Ray
         self.store = store  # the host that runs Redis for GCS fault tolerance, if any
         self.key = "px-" + secrets.token_urlsafe(24)
         self.door = net.root / "client.sock"
@@ -70,7 +72,7 @@ class ProductOnHosts:
     def env(self, host: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         home = self.net[host].root / "home"
         home.mkdir(parents=True, exist_ok=True)
-        return {**RAY_ENV, "PROXIFIER_HOME": str(home), **(extra or {})}
+        return {**self.ray_env, "PROXIFIER_HOME": str(home), **(extra or {})}
 
     # ------------------------------------------------------------------ Ray
     def ray_start(self, host: str) -> None:
@@ -265,9 +267,12 @@ def dump(path: Path, data: Any) -> None:
 
 @contextlib.contextmanager
 def product_on(
-    net: Hosts, workers: Mapping[str, Worker], store: str | None = None
+    net: Hosts,
+    workers: Mapping[str, Worker],
+    store: str | None = None,
+    ray_env: Mapping[str, str] | None = None,
 ) -> Iterator[ProductOnHosts]:
-    product = ProductOnHosts(net, workers, store=store)
+    product = ProductOnHosts(net, workers, store=store, ray_env=ray_env)
     try:
         if store is not None:
             product.start_redis()

@@ -39,7 +39,8 @@ def product(
     store: str | None = getattr(request.module, "STORE", None)  # a host for Redis (GCS FT)
     names = [*HOSTS, store] if store else HOSTS
     root = tmp_path_factory.mktemp("hosts")
-    with hosts(names, root) as net, product_on(net, WORKERS, store=store) as made:
+    ray_env: dict[str, str] = getattr(request.module, "RAY_ENV", {})  # more of Ray's settings
+    with hosts(names, root) as net, product_on(net, WORKERS, store, ray_env) as made:
         made.serve({name: {**base, **fields} for name, fields in models.items()}, settings)
         with made.client() as http:
             made.wait_until("the server answers", lambda: http.get("/health").is_success, 180)

@@ -2,7 +2,8 @@
 (on a host of its own; the head started with RAY_REDIS_ADDRESS, as Ray documents it). During
 the outage the model already running keeps answering, a start and a cluster view fail fast with
 a 503 that says the control plane is away (never a hang), and after the GCS returns the stopped
-model starts and nothing runs twice."""
+model starts and nothing runs twice. Then the whole head is lost for good: clients get errors
+at once, never a hang, and once the workers' Ray gives up on the GCS no llama-server is left."""
 
 from __future__ import annotations
 
@@ -20,7 +21,10 @@ MODELS: dict[str, dict[str, Any]] = {
     "cold-w2": {"num_gpus": 0, "labels": {"host": "w2"}},
 }
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
-OUTAGE = 12.0  # seconds the GCS stays down: well inside Ray's 60 s reconnect timeout
+# How long a raylet, a driver or a worker waits for a GCS that went away before it exits (Ray's
+# default 60 s, shortened for test time): the outage below stays well inside it.
+RAY_ENV = {"RAY_gcs_rpc_server_reconnect_timeout_s": "25"}
+OUTAGE = 12.0  # seconds the GCS stays down
 
 
 def ask(http: httpx.Client, model: str) -> httpx.Response:
@@ -78,3 +82,33 @@ def test_a_gcs_restart_with_redis_keeps_ready_models_serving(product: ProductOnH
     assert during > 0, "the running model must keep answering while the GCS is away"
     assert check(history, lambda op: expected) == []
     assert all(op.outcome == OK for op in history), outcomes(history)
+
+
+def test_the_head_lost_for_good_leaves_errors_not_hangs_and_no_orphan(
+    product: ProductOnHosts,
+) -> None:
+    net = product.net
+    with product.client(timeout=30) as http:
+        for model in MODELS:
+            assert ask(http, model).status_code == 200
+    assert all(product.llama_servers()[w] for w in ("w1", "w2"))
+    with Background(product.async_client, list(MODELS), clients=4) as load:
+        product.wait_until("the load runs", lambda: len(load.history) > 12, 30)
+        net.crash(product.head)  # GCS, raylet, HTTP front, ingress, controller: all at once
+        crashed = time.monotonic()
+        count = len(load.history)
+        product.wait_until("clients keep hearing", lambda: len(load.history) > count + 20, 30)
+    history = load.history
+    after = [op for op in history if op.invoked >= crashed]
+    assert after and all(op.outcome != OK for op in after)
+    # Errors, at once: no request that met the lost head waited out its client's deadline.
+    slowest = max((op.completed or crashed) - max(op.invoked, crashed) for op in history)
+    assert slowest < 5, f"a request hung {slowest:.1f} s after the head was lost"
+    # The workers' Ray gives up on the GCS (RAY_ENV above), and their model actors go with it,
+    # their llama-servers too (the parent-death signal): nothing is left orphaned.
+    gone = product.wait_until(
+        "no llama-server outlives the cluster",
+        lambda: not any(product.llama_servers().values()),
+        60,
+    )
+    print(f"head lost: {outcomes(after)}, no llama-server {gone:.1f} s on, slowest {slowest:.1f} s")
