@@ -160,22 +160,22 @@ class ProductOnHosts:
             "door.log",
         )  # fmt: skip
 
+    def _as_client(self, timeout: float) -> dict[str, Any]:
+        """A client on the client host, with the admin key (httpx.Client's arguments)."""
+        return {
+            "base_url": f"http://{self.net[self.head].ip}:{PORT}",
+            "headers": {"Authorization": f"Bearer {self.key}"},
+            "timeout": timeout,
+        }
+
     def client(self, timeout: float = 30.0) -> httpx.Client:
-        return httpx.Client(
-            transport=httpx.HTTPTransport(uds=str(self.door)),
-            base_url=f"http://{self.net[self.head].ip}:{PORT}",
-            headers={"Authorization": f"Bearer {self.key}"},
-            timeout=timeout,
-        )
+        transport = httpx.HTTPTransport(uds=str(self.door))
+        return httpx.Client(transport=transport, **self._as_client(timeout))
 
     def async_client(self, timeout: float = 30.0) -> httpx.AsyncClient:
-        return httpx.AsyncClient(
-            transport=httpx.AsyncHTTPTransport(uds=str(self.door)),
-            base_url=f"http://{self.net[self.head].ip}:{PORT}",
-            headers={"Authorization": f"Bearer {self.key}"},
-            timeout=timeout,
-            limits=httpx.Limits(max_connections=64),
-        )
+        transport = httpx.AsyncHTTPTransport(uds=str(self.door))
+        limits = httpx.Limits(max_connections=64)
+        return httpx.AsyncClient(transport=transport, limits=limits, **self._as_client(timeout))
 
     def wait_until(self, what: str, check: Callable[[], bool], deadline: float) -> float:
         """Poll `check` (each poll bounded by its client's timeout) until true; seconds taken.

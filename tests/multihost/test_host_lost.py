@@ -33,6 +33,18 @@ def ask(http: httpx.Client, model: str) -> httpx.Response:
     return http.post("/v1/chat/completions", json={"model": model, **CHAT})
 
 
+def placed(product: ProductOnHosts, http: httpx.Client) -> dict[str, tuple[Any, Any]]:
+    """Where each model runs: (node id, llama-server pid)."""
+    return {m: (s.get("node_id"), s.get("pid")) for m, s in product.models(http).items()}
+
+
+def warmed(product: ProductOnHosts, http: httpx.Client) -> tuple[str, dict[str, Any]]:
+    """Every model answers once; the content each answer carries, and where each runs."""
+    warm = {model: ask(http, model) for model in MODELS}
+    assert {m: a.status_code for m, a in warm.items()} == dict.fromkeys(MODELS, 200)
+    return warm["anywhere"].json()["choices"][0]["message"]["content"], placed(product, http)
+
+
 # How a host is lost, and how it comes back before its Ray is started again.
 FAULTS: dict[str, tuple[Callable[[Hosts, str], None], Callable[[Hosts, str], None]]] = {
     "cable": (Hosts.unplug, Hosts.plug),
@@ -121,10 +133,7 @@ def test_a_short_blip_and_a_lossy_link_change_nothing(product: ProductOnHosts) -
     stream arrives whole (TCP retransmits what was lost)."""
     net = product.net
     with product.client(timeout=60) as http:
-        warm = {model: ask(http, model) for model in MODELS}
-        assert {m: a.status_code for m, a in warm.items()} == dict.fromkeys(MODELS, 200)
-        expected = warm["anywhere"].json()["choices"][0]["message"]["content"]
-        where = {m: (s.get("node_id"), s.get("pid")) for m, s in product.models(http).items()}
+        expected, where = warmed(product, http)
         worker = product.where(http, "anywhere")
         assert worker is not None
         with Background(product.async_client, list(MODELS)) as load:
@@ -142,7 +151,7 @@ def test_a_short_blip_and_a_lossy_link_change_nothing(product: ProductOnHosts) -
             net.heal(worker)
         history = load.history
         assert product.alive_hosts(http) == {"head", "w1", "w2"}
-        after = {m: (s.get("node_id"), s.get("pid")) for m, s in product.models(http).items()}
+        after = placed(product, http)
         assert after == where, "a blip must not move or restart a model"
         product.assert_quiet(http, list(MODELS))
     print(f"blip and loss: {outcomes(history)}")
@@ -157,10 +166,7 @@ def test_workers_that_cannot_reach_each_other_while_the_head_sees_both_serve_on(
     Nothing the product does goes from worker to worker, so nothing may change."""
     net = product.net
     with product.client(timeout=60) as http:
-        warm = {model: ask(http, model) for model in MODELS}
-        assert {m: a.status_code for m, a in warm.items()} == dict.fromkeys(MODELS, 200)
-        expected = warm["anywhere"].json()["choices"][0]["message"]["content"]
-        where = {m: (s.get("node_id"), s.get("pid")) for m, s in product.models(http).items()}
+        expected, where = warmed(product, http)
         with Background(product.async_client, list(MODELS)) as load:
             net.drop("w1", peer="w2")
             try:
@@ -170,7 +176,7 @@ def test_workers_that_cannot_reach_each_other_while_the_head_sees_both_serve_on(
             finally:
                 net.heal("w1")
         history = load.history
-        after = {m: (s.get("node_id"), s.get("pid")) for m, s in product.models(http).items()}
+        after = placed(product, http)
         assert after == where
         product.assert_quiet(http, list(MODELS))
     assert check(history, lambda op: expected) == []
