@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import Request
 
 from proxifier.auth import ADMIN, Caller
+from proxifier.body_cost import over_limits
 from proxifier.capabilities import refusal
 from proxifier.endpoints import RAW_POSTS, Endpoint, model_named, stateless_refusal
 from proxifier.errors import Forbidden, InvalidRequest, PayloadTooLarge
@@ -53,6 +54,10 @@ async def gate(
     config = await cluster.config()
     raw = await read_body(request, config.settings.max_body_size)
     payload = parse_request(raw)
+    settings = config.settings
+    too_costly = over_limits(payload, settings.max_json_keys, settings.max_json_items)
+    if too_costly is not None:  # before a model is found, let alone a slot taken
+        raise too_costly
     caller = caller_of(request.scope)
     if model is None:
         model = model_named(endpoint, payload, request.query_params.get("model"))
@@ -60,7 +65,7 @@ async def gate(
     if problem is not None:
         raise problem
     model, instances = await cluster.find(model, caller)
-    settings, model_config = config.settings, config.models[model]
+    model_config = config.models[model]
     problem = refusal(endpoint, model, model_config)
     if problem is not None:  # before anything starts the model for it
         raise problem

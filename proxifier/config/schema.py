@@ -63,6 +63,9 @@ class Settings(BaseModel):
     min_residency: float = Field(10.0, ge=0)
     result_ttl: float = Field(600.0, gt=0)
     max_body_size: int = 10 * 1000**2
+    # What a body may cost beyond its bytes (proxifier/body_cost.py), checked before a slot.
+    max_json_keys: int = Field(10_000, ge=1)
+    max_json_items: int = Field(1_000_000, ge=1)
     body_timeout: float = Field(30.0, gt=0)
     upstream_timeout: float = Field(600.0, gt=0)
     # A ready llama-server answers /health within liveness_timeout, asked every

@@ -42,6 +42,7 @@ def models_config(fake: Path, real: str, tiny: Path, hub_url: str, cache: Path) 
         "settings": {
             "model_cache": str(cache),
             "max_body_size": "64KiB",
+            "max_json_keys": 100,
             "body_timeout": 3,
             "queue": {"keepalive_interval": 0.5},
         },

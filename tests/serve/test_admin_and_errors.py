@@ -11,6 +11,8 @@ import pytest
 
 from tests.serve.conftest import Deployment
 
+CHAT_BODY = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+
 FEATURES = Path(__file__).resolve().parents[2] / "docs" / "FEATURES.md"
 
 
@@ -114,6 +116,23 @@ def test_bad_input_gets_a_clear_openai_error(
     assert response.status_code == status
     error = response.json()["error"]
     assert error["code"] == code and error["message"] and error["type"]
+
+
+def test_a_body_of_many_keys_is_refused_before_a_slot_naming_the_limit(
+    deployment: Deployment,
+) -> None:
+    """Small in bytes (about 2 KB of 64 KiB allowed), costly in keys: a 400 at the gate."""
+    body = {"model": "chat", **CHAT_BODY, "junk": {f"k{i}": 0 for i in range(200)}}
+    response = httpx.post(f"{deployment.url}/v1/chat/completions", json=body, timeout=30)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid_request"
+    assert "more than 100 JSON object keys (settings.max_json_keys)" in error["message"]
+    served = httpx.get(f"{deployment.url}/admin/models/chat/status", timeout=30).json()
+    again = httpx.post(f"{deployment.url}/v1/chat/completions", json=body, timeout=30)
+    assert again.status_code == 400
+    after = httpx.get(f"{deployment.url}/admin/models/chat/status", timeout=30).json()
+    assert after["leases_granted"] == served["leases_granted"]  # no slot was ever asked for
 
 
 def test_no_model_message(deployment: Deployment) -> None:
