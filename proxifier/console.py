@@ -5,6 +5,7 @@ Pure: facts in, text out; the callers print it.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from proxifier.model_files import unit_for
@@ -26,6 +27,22 @@ RAY_LOGGERS = ("ray", "ray.serve", "ray.data", "ray.train", "ray.tune")
 def _first_line(text: object) -> str:
     lines = str(text or "").strip().splitlines()
     return lines[0] if lines else ""
+
+
+ERROR_LINE = re.compile(r"(^|\s)E\s|error|failed|fatal", re.IGNORECASE)  # llama.cpp marks E
+
+
+def _reason(text: object, keep: int = 4) -> str:
+    """A failure's first line and, below it, indented, what its log tail says went wrong:
+    the last `keep` error lines (llama.cpp's `E` level, or words of failure), else its last
+    lines. A reason that ends "the last lines of its log:" must not end there on the console."""
+    lines = [line for line in str(text or "").strip().splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else ""
+    rest = lines[1:]
+    errors = [line for line in rest if ERROR_LINE.search(line)]
+    shown = (errors or rest)[-keep:]
+    return "\n    ".join([lines[0], *(line.strip() for line in shown)])
 
 
 def _size(value: float) -> str:
@@ -51,7 +68,7 @@ def event_line(event: dict[str, Any]) -> str | None:
     if kind == "evicted":
         return f"{model}: evicted for {event.get('for_model')} ({event.get('reason')})"
     if kind == "failed":
-        return f"warning: {model}: failed: {_first_line(event.get('reason'))}"
+        return f"warning: {model}: failed: {_reason(event.get('reason'))}"
     if kind == "crashed":
         again = event.get("restart_in")
         then = f"; restarting in {again:g} s" if again is not None else ""
@@ -87,5 +104,6 @@ def start_line(model: str, status: dict[str, Any], waited: float) -> str:
     if state == "ready":
         return f"{model}: ready in {waited:.1f} s"
     if state == "failed":
+        # Only the first line: `proxifier start` prints the log's lines itself, on stderr.
         return f"{model}: failed: {_first_line(status.get('last_error'))}"
     return f"{model}: {state}"

@@ -14,7 +14,7 @@ def test_events_an_operator_wants_read_as_one_line() -> None:
          "seconds": 61.0}
     ) == "m: downloaded o/r/f.gguf (3.0 GiB, 61.0 s)"  # fmt: skip
     assert event_line({"kind": "failed", "model": "m", "reason": "exited 1\nlog tail"}) == (
-        "warning: m: failed: exited 1"
+        "warning: m: failed: exited 1\n    log tail"
     )
     assert event_line({"kind": "crashed", "model": "m", "code": -9, "restart_in": 2.0}) == (
         "warning: m: llama-server exited with code -9; restarting in 2 s"
@@ -39,3 +39,25 @@ def test_start_progress_says_what_the_model_waits_for() -> None:
     assert start_line("m", {"state": "failed", "last_error": "bad file\ntail"}, 1) == (
         "m: failed: bad file"
     )
+
+
+def test_a_failed_start_shows_what_its_log_says_went_wrong() -> None:
+    """The reason ends "the last lines of its log:"; the console shows the error lines of that
+    tail (as the real llama-server wrote them for a corrupt file), not nothing."""
+    reason = (
+        "model 'm' failed to start: llama-server exited with code 1 while loading; the last "
+        "lines of its log:\n"
+        "0.00.001.121 I srv  llama_server: initializing ...\n"
+        "0.00.004.354 I srv    load_model: loading model 'broken.gguf'\n"
+        "0.00.004.527 E gguf_init_from_reader: failed to read key-value pairs\n"
+        "0.00.004.726 E srv    load_model: failed to load model, 'broken.gguf'\n"
+        "0.00.004.844 I srv    operator(): cleaning up before exit..."
+    )
+    line = event_line({"kind": "failed", "model": "m", "reason": reason})
+    assert line is not None
+    first, *details = line.split("\n")
+    assert first.endswith("the last lines of its log:")
+    assert details == [
+        "    0.00.004.527 E gguf_init_from_reader: failed to read key-value pairs",
+        "    0.00.004.726 E srv    load_model: failed to load model, 'broken.gguf'",
+    ]
