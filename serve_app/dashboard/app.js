@@ -231,9 +231,19 @@ function renderModels() {
     // Not placed yet: the scheduler's reason (what it waits for) instead of the last error.
     m.waiting_for
       ? el("td", { class: "waiting", title: m.waiting_for }, `waiting: ${m.waiting_for.split("\n")[0]}`)
-      : el("td", { class: "error", title: m.last_error || "" }, (m.last_error || "").split("\n")[0]),
+      : el("td", { class: "error", title: m.last_error || "" }, errorSummary(m.last_error)),
     modelActions(m),
   )));
+}
+
+// A failure's first line and, when it goes on with a log tail, that tail's last error line
+// (llama.cpp marks them E): "...the last lines of its log:" alone says nothing.
+function errorSummary(text) {
+  const lines = (text || "").split("\n").filter((line) => line.trim());
+  if (lines.length <= 1) return lines[0] || "";
+  const errors = lines.slice(1).filter((line) => /(^|\s)E\s|error|failed|fatal/i.test(line));
+  const last = (errors.length ? errors : lines.slice(1)).at(-1).trim();
+  return `${lines[0]} ${last}`;
 }
 
 async function loadLogs(name) {

@@ -15,6 +15,7 @@ import yaml
 from tests.conftest import deployed
 
 EVIL = "<img src=x onerror=alert(1)>"
+CORRUPT = "error: tensor 'blk.0' is corrupt (fake)"
 HUB_REPO, HUB_FILE = "proxifier-tests/tiny-GGUF", "tiny-Q8_0.gguf"  # tests/conftest.py's hub
 ADMIN_KEY = "k-admin"
 CHROMIUM_ARGS = [
@@ -69,6 +70,8 @@ def dashboard_url(
                     EVIL: {**fake, "priority": 1, "resource_group": "dev"},
                     # Loads for a minute: requests queue for it (the queue monitor's test).
                     "slow": {**fake, "priority": 1, "env": {"FAKE_LLAMA_LOAD_DELAY": "60"}},
+                    # Fails to load, saying why in its log (the row must show it).
+                    "broken": {**fake, "priority": 1, "env": {"FAKE_LLAMA_FAIL_LOAD": CORRUPT}},
                     # Fetched from the local Hub stand-in (its download shows in the row).
                     "hub": {
                         "llama_server": str(fake_server),

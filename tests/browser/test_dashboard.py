@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 
-from tests.browser.conftest import ADMIN_KEY, EVIL, HUB_FILE, HUB_REPO, screenshot
+from tests.browser.conftest import ADMIN_KEY, CORRUPT, EVIL, HUB_FILE, HUB_REPO, screenshot
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
@@ -29,11 +29,25 @@ def row_state(page: Any, model: str) -> str:
 def test_the_page_loads_clean_and_lists_every_model(page: Any, dashboard_url: str) -> None:
     logged_in(page, dashboard_url)
     names = page.locator("#models tbody tr td:first-child").all_inner_texts()
-    assert names == ["chat", "idle", EVIL, "hub", "slow"]  # by priority, then name, as listed
+    # By priority, then name, as listed.
+    assert names == ["chat", "idle", EVIL, "broken", "hub", "slow"]
     assert row_state(page, "chat") == "ready"
     assert page.console_errors == []
     path = screenshot(page, "overview")
     assert path.stat().st_size > 10_000
+
+
+def test_a_failed_model_shows_in_its_row_what_its_log_says(page: Any, dashboard_url: str) -> None:
+    """Not "...the last lines of its log:" and nothing: the error line of that log."""
+    logged_in(page, dashboard_url)
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    failed = httpx.post(f"{dashboard_url}/admin/models/broken/start", headers=admin, timeout=60)
+    assert failed.status_code == 503, failed.text
+    cell = page.locator("tr[data-model='broken'] td.error")
+    cell.filter(has_text="corrupt (fake)").wait_for(timeout=30_000)
+    text = cell.inner_text()
+    assert "exited with code 1 while loading" in text and text.endswith(CORRUPT), text
+    assert page.console_errors == []
 
 
 def test_start_and_stop_change_the_state_live(page: Any, dashboard_url: str) -> None:
