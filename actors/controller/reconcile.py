@@ -60,8 +60,8 @@ def cooling_down(failures: dict[str, Failure], cooldown: float, alive: frozenset
     return {n for n, failure in failures.items() if in_force(failure, now, cooldown, alive)}
 
 
-async def alive_nodes() -> frozenset[str]:
-    return frozenset(view.node_id for view in await nodes_now() if view.alive)
+ALIVE_FRESH = 1.0  # seconds one read of the alive nodes serves failure checks (a flood of
+# requests for a model that cannot be placed costs one GCS read a second, not one each)
 
 
 async def start_in_turn(handles: list[Any]) -> None:
@@ -93,6 +93,7 @@ class Reconciler:
         self.background = background
         self._took_spare = took_spare  # a new actor likely took its node's spare worker
         self.wants: dict[str, Wanted] = {}  # models that must run and have no actor yet
+        self._alive: tuple[float, frozenset[str]] | None = None  # (when read, alive node ids)
         self._reconciler: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ waiting for a model
@@ -106,7 +107,7 @@ class Reconciler:
         failure = self.registry.placement_failures.get(name)
         cooldown = self._config().settings.cooldown
         if failure is not None:
-            alive = await alive_nodes() if failure.nodes is not None else frozenset()
+            alive = await self.alive_nodes() if failure.nodes is not None else frozenset()
             if in_force(failure, time.time(), cooldown, alive):
                 raise ModelFailed(failure.reason, retry_after=cooldown)
             if failure.nodes is not None:
@@ -126,6 +127,14 @@ class Reconciler:
             wanted.waiters -= 1
             if wanted.waiters == 0 and not wanted.keep and self.wants.get(name) is wanted:
                 del self.wants[name]  # nobody waits for it any more
+
+    async def alive_nodes(self) -> frozenset[str]:
+        """The alive nodes' ids, read at most once per ALIVE_FRESH seconds."""
+        now = time.monotonic()
+        if self._alive is None or now - self._alive[0] > ALIVE_FRESH:
+            nodes = await nodes_now()
+            self._alive = (now, frozenset(view.node_id for view in nodes if view.alive))
+        return self._alive[1]
 
     def want(self, name: str, keep: bool = False) -> Wanted:
         """Ask the scheduler to place `name` (it must run); `keep`: until placed or failed,
@@ -216,7 +225,7 @@ class Reconciler:
             self.wants.pop(name).future.set_result(registry.handles[name])
         failures = registry.placement_failures
         by_nodes = any(f.nodes is not None for f in failures.values())
-        alive = await alive_nodes() if by_nodes else frozenset()
+        alive = await self.alive_nodes() if by_nodes else frozenset()
         cooling = cooling_down(failures, self._config().settings.cooldown, alive)
         for name in cooling & set(self.wants):
             self.wants[name].reason = "cooling down after a failure: " + failures[name].reason
