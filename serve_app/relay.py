@@ -334,7 +334,11 @@ class Relay:
             "Authorization": f"Bearer {lease['api_key']}",
             "Content-Type": "application/json",
         }
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=5.0, sock_read=upstream_timeout)
+        timeout = aiohttp.ClientTimeout(
+            total=None,
+            sock_connect=config.settings.upstream_connect_timeout,
+            sock_read=upstream_timeout,
+        )
         try:
             try:
                 upstream = await self.session.post(

@@ -68,6 +68,9 @@ class Settings(BaseModel):
     max_json_items: int = Field(1_000_000, ge=1)
     body_timeout: float = Field(30.0, gt=0)
     upstream_timeout: float = Field(600.0, gt=0)
+    # A llama-server that does not accept the connection this fast is unreachable (its host
+    # lost, a firewall): the client hears 504 now, not when Ray declares the host dead.
+    upstream_connect_timeout: float = Field(5.0, gt=0)
     # A ready llama-server answers /health within liveness_timeout, asked every
     # liveness_interval s; after liveness_failures misses in a row it counts as hung, is killed
     # and restarted like a crash (a stopped or wedged process never exits on its own).
