@@ -276,9 +276,9 @@ class Instance:
         """Notice a hung llama-server (stopped, wedged, its host's CPU starved): one that
         misses `liveness_failures` health answers in a row is killed, and `_watch` restarts it
         as a crash. Its process never exits on its own, so nothing else would."""
-        settings = self.settings
         missed = 0
         while instance == self.llama.number and self.state == ModelState.READY:
+            settings = self.settings  # read each round: a config reload may change them
             await asyncio.sleep(settings.liveness_interval)
             if instance != self.llama.number or self.state != ModelState.READY:
                 return
