@@ -9,28 +9,25 @@ from typing import Any
 
 from proxifier.errors import InvalidRequest
 
+# Per container kind: what the 400 calls it, and the setting that bounds it.
+NAMES = {dict: ("JSON object keys", "max_json_keys"), list: ("JSON array items", "max_json_items")}
+
 
 def over_limits(payload: Any, max_keys: int, max_items: int) -> InvalidRequest | None:
     """A 400 naming the limit the body passes (object keys, array items, counted over the
     whole body), or None. Stops counting as soon as one is passed."""
-    keys = items = 0
-    stack = [payload]
+    limits = {dict: max_keys, list: max_items}
+    counts = dict.fromkeys(limits, 0)
+    stack = [payload] if isinstance(payload, dict | list) else []
     while stack:
         node = stack.pop()
-        if isinstance(node, dict):
-            keys += len(node)
-            if keys > max_keys:
-                return InvalidRequest(
-                    f"The request body has more than {max_keys} JSON object keys "
-                    "(settings.max_json_keys)"
-                )
-            stack.extend(v for v in node.values() if isinstance(v, dict | list))
-        elif isinstance(node, list):
-            items += len(node)
-            if items > max_items:
-                return InvalidRequest(
-                    f"The request body has more than {max_items} JSON array items "
-                    "(settings.max_json_items)"
-                )
-            stack.extend(v for v in node if isinstance(v, dict | list))
+        kind = dict if isinstance(node, dict) else list
+        counts[kind] += len(node)
+        if counts[kind] > limits[kind]:
+            what, setting = NAMES[kind]
+            return InvalidRequest(
+                f"The request body has more than {limits[kind]} {what} (settings.{setting})"
+            )
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend(v for v in children if isinstance(v, dict | list))
     return None

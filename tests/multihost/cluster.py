@@ -86,17 +86,23 @@ class ProductOnHosts:
         if host == self.head:
             argv += ["--head", "--port", "6379", "--num-cpus", "2", "--num-gpus", "0",
                      "--include-dashboard", "false"]  # fmt: skip
-            if self.store is not None:
-                # GCS fault tolerance as Ray documents it: its tables in Redis, under a
-                # namespace of this cluster's own.
-                env["RAY_REDIS_ADDRESS"] = f"{self.net[self.store].ip}:6379"
-                env["RAY_external_storage_namespace"] = self.net.prefix
+            env.update(self.gcs_env())
         else:
             worker = self.workers[host]
             labels = ",".join(f"{k}={v}" for k, v in {"host": host, **worker.labels}.items())
             argv += ["--address", self.head_address, "--num-cpus", "1",
                      "--num-gpus", str(worker.gpus), "--labels", labels]  # fmt: skip
         self.net.run(host, argv, env=env)
+
+    def gcs_env(self) -> dict[str, str]:
+        """GCS fault tolerance as Ray documents it, for the head's GCS: its tables in Redis,
+        under a namespace of this cluster's own (nothing without a Redis host)."""
+        if self.store is None:
+            return {}
+        return {
+            "RAY_REDIS_ADDRESS": f"{self.net[self.store].ip}:6379",
+            "RAY_external_storage_namespace": self.net.prefix,
+        }
 
     def start_redis(self) -> None:
         assert self.store is not None
@@ -128,10 +134,7 @@ class ProductOnHosts:
 
     def start_gcs(self, argv: list[str]) -> None:
         """The GCS server again, as Ray started it (KubeRay would restart the head's pod)."""
-        env = self.env(self.head)
-        if self.store is not None:
-            env["RAY_REDIS_ADDRESS"] = f"{self.net[self.store].ip}:6379"
-            env["RAY_external_storage_namespace"] = self.net.prefix
+        env = {**self.env(self.head), **self.gcs_env()}
         self.net.start(self.head, argv, "gcs-again.log", env=env)
 
     # ------------------------------------------------------------------ the product
