@@ -78,6 +78,9 @@ def taken_ports(host: str, ports: list[int], all_interfaces: tuple[int, ...] = (
     problems = []
     for port in ports:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            # As the listener will: connections an earlier instance left in TIME_WAIT on the
+            # port do not hold it (a bind without this fails on them); a listener still does.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 probe.bind(("0.0.0.0" if port in all_interfaces else host, port))
             except OSError as error:

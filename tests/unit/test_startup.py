@@ -40,6 +40,30 @@ def test_a_taken_port_is_named_with_what_holds_it() -> None:
     assert startup.taken_ports("127.0.0.1", [port]) == []  # free again
 
 
+def test_connections_left_in_time_wait_do_not_hold_a_port() -> None:
+    """The state an earlier instance leaves when it answered a request and closed first: no
+    process holds the port and a listener can bind it, so it is not taken."""
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        served, _ = listener.accept()
+        served.close()  # the server's side closes first: its end waits in TIME_WAIT
+        client.close()
+    # The state is there: a bind without SO_REUSEADDR fails on it.
+    with socket.socket() as plain, pytest.raises(OSError):
+        plain.bind(("127.0.0.1", port))
+    assert startup.taken_ports("127.0.0.1", [port]) == []
+    with socket.socket() as holder:  # a listener on every interface still takes it
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        holder.bind(("0.0.0.0", port))
+        holder.listen()
+        (problem,) = startup.taken_ports("127.0.0.1", [port])
+    assert f"(pid {os.getpid()})" in problem
+
+
 def test_a_port_being_let_go_is_waited_for() -> None:
     holder = socket.socket()
     holder.bind(("127.0.0.1", 0))
