@@ -55,6 +55,7 @@ LIVE_FIELDS: frozenset[str] = frozenset(
         "aliases",
         "startup_timeout",
         "upstream_timeout",
+        "upstream_idle_timeout",
     }
 )
 

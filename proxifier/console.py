@@ -75,6 +75,13 @@ def event_line(event: dict[str, Any]) -> str | None:
         return f"warning: {model}: llama-server exited with code {event.get('code')}{then}"
     if kind == "lost":
         return f"warning: {model}: {event.get('reason')}"
+    if kind == "unreachable":
+        return (
+            f"warning: {model}: its llama-server at {event.get('reason')}; placed elsewhere,"
+            f" and node {event.get('node_id')} takes no new model until it answers"
+        )
+    if kind == "reachable":
+        return f"node {event.get('node_id')} ({event.get('host')}) answers again"
     if kind == "warning":
         where = f"{model}: " if model else ""
         return f"warning: {where}{event.get('message')}"

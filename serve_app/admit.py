@@ -22,7 +22,7 @@ from proxifier.errors import ProxifierError, Unavailable
 from serve_app.backend import ATTEMPTS
 from serve_app.call import MOVED, Accepted, Call, Grant, Granted, Owned
 from serve_app.gate import Inbound
-from serve_app.relay import Relay, StaleLease
+from serve_app.relay import Relay, StaleLease, Unreachable
 from serve_app.replica_slots import RayBackend
 
 QUICK_ANSWER = 1.0  # seconds a queued stream waits before it commits to a 200 and keep-alives
@@ -81,8 +81,19 @@ class Admission:
         try:
             for may_take_over in (True, False):
                 grant = await self.settle(may_take_over)
-                with contextlib.suppress(StaleLease):
+                try:
                     return await self.relay.answer(grant)
+                except StaleLease:
+                    continue
+                except Unreachable as error:
+                    # Confirmed by the controller: the instance is gone from its registry
+                    # and the second round asks for a fresh one, placed where it is reached.
+                    handle = grant.call.handle if isinstance(grant, Granted) else None
+                    if not may_take_over or handle is None:
+                        raise
+                    if not await self.slots.unreachable(model, handle, error.url):
+                        raise
+                    self.choice = None
             raise Unavailable(f"model '{model}' could not be reached; try again", retry_after=1)
         except ProxifierError as error:
             self.relay.metrics.answered(model, error.status)

@@ -19,7 +19,7 @@ from actors.rate_limiter import get_or_create_rate_limiter
 from actors.ray_glue import Background, call
 from proxifier.auth import ADMIN, Caller, may_use_model, models_for
 from proxifier.config import AuthConfig, ModelsConfig
-from proxifier.errors import ActorGone, ModelNotFound, ModelRetired, Unavailable
+from proxifier.errors import ActorGone, ModelNotFound, ModelRetired, ProxifierError, Unavailable
 from serve_app.route import Snapshot
 
 CONFIG_TTL = 1.0  # seconds a replica trusts its copy of the config (reloads show up this fast)
@@ -195,6 +195,24 @@ class Cluster:
         task = asyncio.ensure_future(self.call(ref))
         task.add_done_callback(take)
         return task
+
+    async def unreachable(self, model: str, handle: Any, url: str) -> bool:
+        """Tell the controller this replica could not connect to `handle`'s llama-server at
+        `url`. Whether it confirmed: the instance has left its registry, and asking for the
+        model again places a fresh one where the head can reach it."""
+        wait = (await self.config()).settings.upstream_connect_timeout + CONTROLLER_WAIT
+        ref = self.controller.instance_unreachable.remote(model, handle._actor_id.hex(), url)
+        try:
+            lost = bool(await asyncio.wait_for(self.call(ref), wait))
+        except (ProxifierError, ray.exceptions.RayError, TimeoutError):
+            return False  # unconfirmed: the request's own 504 stands
+        if lost:
+            self.forget(model, handle)
+        return lost
+
+    def report_unreachable(self, model: str, handle: Any, url: str) -> None:
+        """`unreachable`, for a request that cannot start over (its stream has begun)."""
+        self._background.keep(asyncio.ensure_future(self.unreachable(model, handle, url)))
 
     def snapshot(self, model: str) -> Snapshot:
         """The instances of `model` this replica knows, for `serve_app.route` to choose from."""

@@ -23,8 +23,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from proxifier.capabilities import unsupported
+from proxifier.config import ModelsConfig
 from proxifier.endpoints import Shape
 from proxifier.errors import ProxifierError, UpstreamFailed, UpstreamTimeout
+from proxifier.reachability import reached
 from serve_app.backend import Cluster
 from serve_app.call import Accepted, Call, Grant, Granted, Waiting
 from serve_app.http_errors import reshaped, sse_error
@@ -93,6 +95,16 @@ STALE_CONNECTION = (
 
 class StaleLease(Exception):
     """A lease taken over from an earlier request no longer reaches its llama-server."""
+
+
+class Unreachable(UpstreamTimeout):
+    """llama-server did not accept a connection within upstream_connect_timeout, or its host
+    could not be reached at all (a lost host, a firewall): its instance is reported
+    (serve_app.admit) before Ray may notice anything, and the request asks for a fresh one."""
+
+    def __init__(self, message: str, url: str) -> None:
+        super().__init__(message, retry_after=1)
+        self.url = url
 
 
 class OwnedStream(StreamingResponse):
@@ -224,6 +236,8 @@ class Relay:
             self.metrics.waited(call.model, time.monotonic() - call.arrived)
             upstream = await self._open(granted)  # it gives the slot back if it fails
         except ProxifierError as error:
+            if isinstance(error, Unreachable):  # the stream began: others may go elsewhere
+                self.cluster.report_unreachable(call.model, call.handle, error.url)
             self.metrics.answered(call.model, error.status)
             yield sse_error(error, call.shape)
             return
@@ -292,6 +306,16 @@ class Relay:
         try:
             async for chunk in upstream.content.iter_any():
                 yield chunk
+        except TimeoutError:
+            status = 504
+            _, idle = _deadlines(await self.cluster.config(), call.model)
+            yield sse_error(
+                UpstreamTimeout(
+                    f"model '{call.model}' sent nothing for {idle:g} s in the middle of the"
+                    " stream (upstream_idle_timeout)"
+                ),
+                call.shape,
+            )
         except UPSTREAM_ERRORS as exc:
             status = 502
             yield sse_error(
@@ -325,10 +349,7 @@ class Relay:
     async def _send(self, call: Call, lease: dict[str, Any]) -> aiohttp.ClientResponse:
         config = await self.cluster.config()
         model = call.model
-        model_config = config.models.get(model)
-        upstream_timeout = (
-            model_config.upstream_timeout if model_config is not None else None
-        ) or config.settings.upstream_timeout
+        upstream_timeout, idle_timeout = _deadlines(config, model)
         url = f"{lease['url']}{call.path}"
         headers = {
             "Authorization": f"Bearer {lease['api_key']}",
@@ -361,11 +382,19 @@ class Relay:
                 # restart, a stop, a lost node): nothing reached the client yet, so the
                 # request starts over through the queue.
                 raise StaleLease from None
+            if isinstance(exc, aiohttp.ClientConnectorError) and not reached(exc.os_error):
+                raise Unreachable(
+                    f"model '{model}' could not be reached: {exc.os_error}", lease["url"]
+                ) from None
             raise UpstreamFailed(f"model '{model}' refused the request: {exc}") from None
         except aiohttp.ConnectionTimeoutError:
             if call.reused:
                 raise StaleLease from None
-            raise UpstreamTimeout(f"model '{model}' could not be reached in time") from None
+            raise Unreachable(
+                f"model '{model}' did not accept a connection within"
+                f" {config.settings.upstream_connect_timeout:g} s (upstream_connect_timeout)",
+                lease["url"],
+            ) from None
         except TimeoutError:
             raise UpstreamTimeout(f"model '{model}' did not answer in time") from None
         except aiohttp.ClientError as exc:
@@ -374,7 +403,28 @@ class Relay:
             # Restarted on the same port with a new instance key: the held slot is stale.
             upstream.close()
             raise StaleLease
+        _after_first_byte(upstream, idle_timeout)
         return upstream
+
+
+def _deadlines(config: ModelsConfig, model: str) -> tuple[float, float]:
+    """How long the model's llama-server may take to its first byte, and then between two
+    pieces of its answer: the model's own values, else the settings'."""
+    own = config.models.get(model)
+    settings = config.settings
+    first = (own.upstream_timeout if own else None) or settings.upstream_timeout
+    idle = (own.upstream_idle_timeout if own else None) or settings.upstream_idle_timeout
+    return first, idle
+
+
+def _after_first_byte(upstream: aiohttp.ClientResponse, idle: float) -> None:
+    """From the headers on, the socket's read deadline is the between-chunk one: set once
+    here, so relaying a chunk costs nothing more (aiohttp restarts the timer on each read)."""
+    connection = upstream.connection
+    protocol = connection.protocol if connection is not None else None
+    if protocol is not None:
+        protocol.read_timeout = idle
+        protocol.start_timeout()  # the timer running now was set with the first-byte deadline
 
 
 def _comment(position: int | None, state: str) -> bytes:

@@ -15,6 +15,7 @@ import os
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import ray
 
@@ -22,6 +23,7 @@ from actors.controller import views
 from actors.controller.configuration import Configuration
 from actors.controller.events import CONTROLLER_NAME, EventFeed
 from actors.controller.facts import Facts
+from actors.controller.reachability import Reach
 from actors.controller.reconcile import Reconciler, not_found_message
 from actors.controller.registry import Registry
 from actors.controller.upkeep import Spares, Upkeep, preloaded
@@ -66,6 +68,13 @@ class Controller:
             wake,
             self.background,
             self.spares.taken,
+        )
+        self.reach = Reach(
+            self.registry.unreached,
+            lambda: self.config.settings.upstream_connect_timeout,
+            self.reconcile.ray_alive_nodes,
+            self._event,
+            wake.set,
         )
         self.upkeep = Upkeep(
             lambda: self.config,
@@ -131,6 +140,33 @@ class Controller:
 
     def resolve(self, name: str) -> str:
         return self._resolve(name)
+
+    async def instance_unreachable(self, name: str, actor_id: str, url: str) -> bool:
+        """The ingress could not connect to this model's llama-server at `url` within
+        upstream_connect_timeout. Tried again from here: if it fails too, the instance leaves
+        the registry (its actor is killed; the kill lands when the host answers again, or Ray
+        ends it with the node) and its node takes no new model while it stays unreachable.
+        Whether the caller should ask for the model again (a fresh instance, elsewhere)."""
+        handle = self.registry.handles.get(name)
+        if handle is None or handle._actor_id.hex() != actor_id:
+            return True  # replaced already: the next ask finds the one there is now
+        where = urlsplit(url)
+        if where.hostname is None or where.port is None:
+            raise ValueError(f"not a llama-server URL: {url!r}")
+        error = await self.reach.fails(where.hostname, where.port)
+        if error is None or self.registry.handles.get(name) is not handle:
+            return error is not None
+        node_id = self.registry.nodes_of.get(name)
+        limit = self.config.settings.upstream_connect_timeout
+        reason = f"{where.hostname}:{where.port} did not accept a connection in {limit:g} s"
+        if not isinstance(error, TimeoutError):
+            reason = f"{where.hostname}:{where.port} could not be reached ({error})"
+        if node_id is not None:
+            self.reach.mark(node_id, where.hostname, where.port, reason)
+        self.registry.forget(name, handle)
+        self.registry.explain(name, "unreachable", f"its llama-server at {reason}")
+        self._event("unreachable", model=name, node_id=node_id, reason=reason)
+        return True
 
     async def start_model(self, name: str, wait: bool = True) -> dict[str, Any]:
         """An admin start: place the model, start it (skipping a failure cooldown), and wait

@@ -25,6 +25,7 @@ from proxifier.gpu_inventory import declared_gpu_memory
 from proxifier.gpu_memory import PROCESS_OVERHEAD, calibration_key, estimate
 from proxifier.placement import NodeView, actor_options, demand
 from proxifier.planning import RunningModel
+from proxifier.reachability import seen_as_away
 from proxifier.scheduler import Node, Resident, Want, gpu_fraction
 
 READ_WAIT = 0.5  # seconds a status or listing waits for a model file's first header read
@@ -206,7 +207,7 @@ class Facts:
         """What a decision starts from: the cluster's GPUs, the models whose actors exist, and
         the nodes with what is free on them."""
         residents = await self.residents()
-        views = await nodes_now()
+        views = seen_as_away(await nodes_now(), self.registry.unreached)
         return await gpus_now(), residents, node_facts(views, residents, self.sizes(views))
 
     def sizes(self, views: list[NodeView]) -> dict[str, float]:
@@ -253,6 +254,11 @@ class Facts:
                 "node_id": node.node_id,
                 "address": node.address,
                 "alive": node.alive,
+                "unreachable": (
+                    self.registry.unreached[node.node_id].reason
+                    if node.node_id in self.registry.unreached
+                    else None
+                ),
                 "resources": dict(node.total),
                 "free": dict(node.available),
                 "labels": dict(node.labels),

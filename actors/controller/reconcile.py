@@ -129,7 +129,11 @@ class Reconciler:
                 del self.wants[name]  # nobody waits for it any more
 
     async def alive_nodes(self) -> frozenset[str]:
-        """The alive nodes' ids, read at most once per ALIVE_FRESH seconds."""
+        """The ids of the nodes a model could be placed on now: alive to Ray (read at most
+        once per ALIVE_FRESH seconds) and reachable from here."""
+        return await self.ray_alive_nodes() - frozenset(self.registry.unreached)
+
+    async def ray_alive_nodes(self) -> frozenset[str]:
         now = time.monotonic()
         if self._alive is None or now - self._alive[0] > ALIVE_FRESH:
             nodes = await nodes_now()

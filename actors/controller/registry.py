@@ -18,6 +18,7 @@ from actors.ray_glue import Background, call, cluster_gpus
 from proxifier.config import ModelsConfig
 from proxifier.errors import ProxifierError
 from proxifier.placement import actor_options
+from proxifier.reachability import Unreached
 from proxifier.scheduler import Failure
 
 STATS_WAIT = 2.0  # seconds a pass waits for a model's facts before it counts it as starting
@@ -38,6 +39,8 @@ class Registry:
         self.handles: dict[str, Any] = {}
         self.options: dict[str, dict[str, Any]] = {}
         self.placement_failures: dict[str, Failure] = {}
+        # node id -> the connection to it that failed: no new model goes there (reachability)
+        self.unreached: dict[str, Unreached] = {}
         self.retiring: dict[str, Any] = {}  # instances out of the registry, still stopping
         # model -> (actor, options, node id): new instances that take over once ready (reload)
         self.pending: dict[str, tuple[Any, dict[str, Any], str]] = {}

@@ -71,6 +71,11 @@ class Settings(BaseModel):
     # A llama-server that does not accept the connection this fast is unreachable (its host
     # lost, a firewall): the client hears 504 now, not when Ray declares the host dead.
     upstream_connect_timeout: float = Field(5.0, gt=0)
+    # Once llama-server has begun its answer (it sends its headers with the first token), a gap
+    # this long between two pieces of it is a hung server or a host gone silent: the stream
+    # ends with an upstream_timeout error event. upstream_timeout still bounds the first byte,
+    # which waits for the whole prompt to be read.
+    upstream_idle_timeout: float = Field(60.0, gt=0)
     # A ready llama-server answers /health within liveness_timeout, asked every
     # liveness_interval s; after liveness_failures misses in a row it counts as hung, is killed
     # and restarted like a crash (a stopped or wedged process never exits on its own).
@@ -124,6 +129,7 @@ class ModelConfig(BaseModel):
     queue_timeout: float | None = Field(None, gt=0)
     startup_timeout: float | None = Field(None, gt=0)
     upstream_timeout: float | None = Field(None, gt=0)
+    upstream_idle_timeout: float | None = Field(None, gt=0)
     aliases: list[str] = []
 
     @model_validator(mode="before")

@@ -68,6 +68,7 @@ def effective(model: ModelConfig, settings: Settings) -> dict[str, Any]:
         "queue_timeout": settings.queue.queue_timeout,
         "startup_timeout": settings.startup_timeout,
         "upstream_timeout": settings.upstream_timeout,
+        "upstream_idle_timeout": settings.upstream_idle_timeout,
         "llama_server": settings.llama_server,
     }
     for field, default in defaults.items():

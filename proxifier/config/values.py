@@ -105,6 +105,7 @@ ALLOWED: dict[str, str] = {
     "max_body_size": "a size in bytes, or a string such as 10MB",
     "upstream_timeout": "a number of seconds greater than 0",
     "upstream_connect_timeout": "a number of seconds greater than 0",
+    "upstream_idle_timeout": "a number of seconds greater than 0",
     "max_json_keys": "an integer of 1 or more",
     "max_json_items": "an integer of 1 or more",
     "liveness_interval": "a number of seconds greater than 0",

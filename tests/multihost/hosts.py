@@ -247,6 +247,12 @@ class Hosts:
             sh("ip", "netns", "exec", ns, "iptables", "-A", "OUTPUT", "-o", "eth0",
                *match_out, *chance, "-j", "DROP")  # fmt: skip
 
+    def block(self, host: str, port: int) -> None:
+        """A firewall on the host that silently drops connections to one TCP port only: the
+        host, its Ray and its other ports stay reachable."""
+        sh("ip", "netns", "exec", self.hosts[host].ns, "iptables", "-A", "INPUT", "-i", "eth0",
+           "-p", "tcp", "--dport", str(port), "-j", "DROP")  # fmt: skip
+
     def heal(self, host: str) -> None:
         """Every rule `drop` added goes, the cable is in, the host thawed."""
         ns = self.hosts[host].ns

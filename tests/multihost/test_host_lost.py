@@ -181,3 +181,55 @@ def test_workers_that_cannot_reach_each_other_while_the_head_sees_both_serve_on(
         product.assert_quiet(http, list(MODELS))
     assert check(history, lambda op: expected) == []
     assert all(op.outcome == OK for op in history), outcomes(history)
+
+
+def test_a_llama_server_the_head_cannot_reach_is_replaced_before_ray_notices(
+    product: ProductOnHosts,
+) -> None:
+    """A firewall on one worker drops the head's connections to one llama-server's port: Ray's
+    health checks still pass, so Ray never declares anything. The ingress's connection times
+    out (upstream_connect_timeout), the controller tries the address itself, and the model is
+    placed on the other worker; the firewalled worker takes no new model until the address
+    answers again. (Before, every request for the model was a 504 for as long as the firewall
+    stood.)"""
+    net = product.net
+    with product.client(timeout=60) as http:
+        expected, _ = warmed(product, http)
+        victim = product.where(http, "anywhere")
+        assert victim in ("w1", "w2"), product.models(http)
+        other = "w2" if victim == "w1" else "w1"
+        port = product.models(http)["anywhere"]["port"]
+        with Background(product.async_client, list(MODELS)) as load:
+            product.wait_until("the load runs", lambda: len(load.history) > 12, 30)
+            blocked = time.monotonic()
+            net.block(victim, port)
+            moved = product.wait_until(
+                "anywhere answers from the other worker",
+                lambda: (
+                    ask(http, "anywhere").is_success and product.where(http, "anywhere") == other
+                ),
+                90,
+            )
+            assert victim in product.alive_hosts(http)  # Ray saw nothing wrong
+            away = [n for n in product.nodes(http) if n.get("unreachable")]
+            assert [n["labels"].get("host") for n in away] == [victim], away
+            assert str(port) in away[0]["unreachable"]
+            net.heal(victim)
+            healed = time.monotonic()
+            product.wait_until(
+                f"{victim} counts as reachable again",
+                lambda: not any(n.get("unreachable") for n in product.nodes(http)),
+                30,
+            )
+            count = len(load.history)
+            product.wait_until("the load goes on", lambda: len(load.history) > count + 30, 60)
+        history = load.history
+        product.assert_quiet(http, list(MODELS))  # the old instance's llama-server is gone
+
+    window = Window(frozenset({"anywhere"}), blocked, healed)
+    problems = check(history, lambda op: expected, [window])
+    numbers = {"replaced_s": round(moved, 1), "outcomes": outcomes(history)}
+    dump(net.root / "numbers-unreachable.json", numbers)
+    print(f"unreachable llama-server: {numbers}")
+    assert problems == [], problems
+    assert all(op.outcome == OK for op in history if op.model != "anywhere")

@@ -84,6 +84,11 @@ def models_config(fake: Path, real: str, tiny: Path, hub_url: str, cache: Path) 
             "nofim": fake_model(env={"FAKE_LLAMA_NO_FIM": "1"}),
             "slowstream": fake_model(env={"FAKE_LLAMA_TOKEN_DELAY": "0.3"}),
             "sleepy": fake_model(env={"FAKE_LLAMA_TOKEN_DELAY": "5"}, upstream_timeout=2),
+            # Its first token (and with it the headers) takes 3 s, within upstream_timeout;
+            # the 3 s to the next one are past its upstream_idle_timeout.
+            "stalls": fake_model(
+                env={"FAKE_LLAMA_TOKEN_DELAY": "3"}, upstream_timeout=30, upstream_idle_timeout=1
+            ),
             "loading": fake_model(env={"FAKE_LLAMA_LOAD_DELAY": "3"}, parallel=1),
             "tight": fake_model(
                 # queue_timeout: long enough that a second request surely finds the queue

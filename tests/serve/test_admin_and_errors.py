@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.helpers import wait_for
 from tests.serve.conftest import Deployment
 
 CHAT_BODY = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
@@ -159,6 +161,31 @@ def test_an_upstream_that_goes_silent_is_504(deployment: Deployment) -> None:
     )
     assert response.status_code == 504
     assert response.json()["error"]["code"] == "upstream_timeout"
+
+
+def test_a_stream_that_goes_silent_midway_ends_with_a_timeout_event(
+    deployment: Deployment,
+) -> None:
+    """The first token may take as long as upstream_timeout (the prompt is read first); after
+    it, a gap past upstream_idle_timeout ends the stream with an error event, and the slot
+    goes back."""
+    body = {"model": "stalls", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    body["stream"] = True
+    events = []
+    with httpx.stream(
+        "POST", f"{deployment.url}/v1/chat/completions", json=body, timeout=60
+    ) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line[len("data: ") :]))
+    contents = [e["choices"][0]["delta"].get("content") for e in events if e.get("choices")]
+    assert contents[-1], events  # the first token came, 3 s after the request: not cut
+    error = events[-1]["error"]
+    assert error["code"] == "upstream_timeout", events
+    assert "sent nothing for 1 s in the middle of the stream" in error["message"]
+    status_url = f"{deployment.url}/admin/models/stalls/status"
+    wait_for(lambda: httpx.get(status_url, timeout=30).json()["in_flight"] == 0)
 
 
 def test_the_clients_request_timeout_header_changes_nothing(deployment: Deployment) -> None:
