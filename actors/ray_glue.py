@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import ray
 
-from proxifier.errors import ActorGone, ControlPlaneAway, ProxifierError
+from proxifier.errors import ActorGone, ControlPlaneAway, ProxifierError, Unavailable
 from proxifier.placement import NodeView
 
 T = TypeVar("T")
@@ -23,13 +23,18 @@ GCS_DEADLINE = 5.0  # seconds a read of the cluster's state may take before the 
 _GCS_THREADS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="gcs-read")
 
 
-async def call(ref: Any) -> Any:
+async def call(ref: Any, within: float | None = None) -> Any:
     """Await an actor's answer, re-raising its typed error as itself: Ray cannot wrap a
     RayTaskError a second time, and the caller should see QueueFull, not a wrapper. A
     ValueError (a bad argument) comes back as itself too; an actor that died is ActorGone
-    (503, retryable), never an unexplained 500."""
+    (503, retryable), never an unexplained 500; one that does not answer `within` seconds
+    (its host frozen or cut off, which Ray notices only later) is Unavailable (503)."""
     try:
-        return await ref
+        return await asyncio.wait_for(ref, within) if within is not None else await ref
+    except TimeoutError:
+        raise Unavailable(
+            f"the actor serving this did not answer within {within:g} s", retry_after=5
+        ) from None
     except ray.exceptions.RayTaskError as error:
         if isinstance(error.cause, ProxifierError | ValueError):
             raise error.cause from None
@@ -94,18 +99,33 @@ def cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0))
 
 
-async def from_gcs(read: Callable[[], T], deadline: float = GCS_DEADLINE) -> T:
+async def from_gcs(
+    read: Callable[[], T],
+    deadline: float = GCS_DEADLINE,
+    late: Callable[[T], object] | None = None,
+) -> T:
     """`read()` (a blocking call to Ray's GCS) off the event loop, within `deadline`; else
-    ControlPlaneAway. The thread it ran on may stay blocked until Ray gives up."""
+    ControlPlaneAway. The thread it ran on may stay blocked until Ray gives up; what it
+    returns after the deadline goes to `late` (an actor created too late is killed there)."""
     loop = asyncio.get_running_loop()
+    running = loop.run_in_executor(_GCS_THREADS, read)
     try:
-        return await asyncio.wait_for(loop.run_in_executor(_GCS_THREADS, read), deadline)
+        return await asyncio.wait_for(asyncio.shield(running), deadline)
     except TimeoutError:
+        if late is not None:
+            running.add_done_callback(
+                lambda done: late(done.result()) if done.exception() is None else None
+            )
         raise ControlPlaneAway(
             f"Ray's control plane (the GCS on the head node) did not answer within {deadline:g} s;"
             " models already running still serve, starts and cluster views wait for it",
             retry_after=5,
         ) from None
+
+
+def kill_quietly(handle: Any) -> None:
+    with contextlib.suppress(Exception):
+        ray.kill(handle)
 
 
 async def nodes_now() -> list[NodeView]:

@@ -16,7 +16,7 @@ import ray
 
 from actors.controller import get_controller
 from actors.rate_limiter import get_or_create_rate_limiter
-from actors.ray_glue import Background, call
+from actors.ray_glue import Background, call, from_gcs
 from proxifier.auth import ADMIN, Caller, may_use_model, models_for
 from proxifier.config import AuthConfig, ModelsConfig
 from proxifier.errors import ActorGone, ModelNotFound, ModelRetired, ProxifierError, Unavailable
@@ -47,10 +47,10 @@ class Cluster:
             self._controller = get_controller()
         return self._controller
 
-    @property
-    def rate_limiter(self) -> Any:
+    async def rate_limiter(self) -> Any:
+        """The cluster's rate limiter (looked up, or created, once: the GCS, off the loop)."""
         if self._rate_limiter is None:
-            self._rate_limiter = get_or_create_rate_limiter()
+            self._rate_limiter = await from_gcs(get_or_create_rate_limiter, CONTROLLER_WAIT)
         return self._rate_limiter
 
     async def config(self) -> ModelsConfig:
@@ -75,15 +75,22 @@ class Cluster:
             if self._config is not None and time.monotonic() - self._fetched <= CONFIG_TTL:
                 return  # another caller just did
             try:
+                if self._controller is None:  # a name lookup: the GCS, off the event loop
+                    self._controller = await from_gcs(get_controller, CONTROLLER_WAIT)
+                controller = self._controller
                 self._config, self._auth = await asyncio.wait_for(
                     asyncio.gather(
-                        self.call(self.controller.get_config.remote()),
-                        self.call(self.controller.get_auth.remote()),
+                        self.call(controller.get_config.remote()),
+                        self.call(controller.get_auth.remote()),
                     ),
                     CONTROLLER_WAIT,
                 )
-            except (ray.exceptions.RayError, ActorGone, TimeoutError, ValueError) as error:
-                self._controller = None  # look it up again next time
+            except (ray.exceptions.RayError, ProxifierError, TimeoutError, ValueError) as error:
+                if isinstance(error, ActorGone | ray.exceptions.RayActorError | ValueError):
+                    # Gone for good (one Ray restarts keeps its id, and this handle works
+                    # again): the next refresh looks the name up. A slow answer, or the GCS
+                    # away, keeps the handle: a lookup then would only block.
+                    self._controller = None
                 if self._config is None:
                     raise Unavailable(
                         f"the controller is unreachable ({type(error).__name__})",
@@ -145,7 +152,7 @@ class Cluster:
                 # places a fresh one rather than handing the same one out again.
                 moved = self._moved.pop(model, None)
                 ref = self.controller.get_model.remote(model, deadline, moved)
-                handle = await self.call(ref)
+                handle = await self._placed(model, ref, deadline)
                 self._handles[model] = handle
             try:
                 if got_lease is None:
@@ -158,6 +165,19 @@ class Cluster:
             f"model '{model}' kept moving while the request was placed ({last_error}); try again",
             retry_after=1,
         )
+
+    async def _placed(self, model: str, ref: Any, deadline: float) -> Any:
+        """The controller's answer to get_model: it keeps the request's deadline itself, and
+        this one holds when the controller cannot (its loop stuck, Ray restarting it)."""
+        try:
+            return await asyncio.wait_for(
+                self.call(ref), max(0.0, deadline - time.time()) + CONTROLLER_WAIT
+            )
+        except TimeoutError:
+            raise Unavailable(
+                f"model '{model}': the controller did not answer before the request's deadline",
+                retry_after=5,
+            ) from None
 
     async def leased(
         self,
@@ -227,9 +247,9 @@ class Cluster:
         if handle is None or self._handles.get(model) is handle:
             self._handles.pop(model, None)
 
-    async def call(self, ref: Any) -> Any:
-        """Await an actor call; its typed error comes back as itself."""
-        return await call(ref)
+    async def call(self, ref: Any, within: float | None = None) -> Any:
+        """Await an actor call; its typed error comes back as itself (ray_glue.call)."""
+        return await call(ref, within)
 
     def fire(self, ref: Any) -> None:
         """Send a call without waiting for it (release), but still observe its outcome."""

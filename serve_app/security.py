@@ -24,11 +24,13 @@ from proxifier.auth import (
 from proxifier.browser_guard import browser_refusal
 from proxifier.config import AuthConfig
 from proxifier.endpoints import error_shape
+from proxifier.errors import ProxifierError
 from serve_app.backend import Cluster
 from serve_app.http_errors import error_body
 from serve_app.metrics import ReplicaMetrics
 
 CALLER = "proxifier.caller"  # where the authenticated key is left in the ASGI scope
+RATE_LIMIT_WAIT = 5.0  # seconds the rate limiter may take to answer before a 503 (never a pass)
 
 
 def caller_of(scope: Scope) -> Caller | None:
@@ -131,9 +133,20 @@ class Security:
             return
         limit_headers: dict[str, str] = {}
         if caller.limit is not None:
-            allowed, remaining, reset = await self.backend.call(
-                self.backend.rate_limiter.check.remote(caller.name, caller.limit)
-            )
+            try:
+                limiter = await self.backend.rate_limiter()
+                allowed, remaining, reset = await self.backend.call(
+                    limiter.check.remote(caller.name, caller.limit), RATE_LIMIT_WAIT
+                )
+            except ProxifierError as error:  # the limiter cannot say: refused, never let by
+                retry = error.retry_after_header()
+                await _refuse(
+                    scope,
+                    send,
+                    Denied(error.status, error.message, error.code),
+                    {"Retry-After": retry} if retry else None,
+                )
+                return
             limit_headers = {
                 "X-RateLimit-Limit": str(caller.limit),
                 "X-RateLimit-Remaining": str(remaining),

@@ -25,7 +25,7 @@ from actors.controller.events import CONTROLLER_NAME, EventFeed
 from actors.controller.facts import Facts
 from actors.controller.reachability import Reach
 from actors.controller.reconcile import Reconciler, not_found_message
-from actors.controller.registry import Registry
+from actors.controller.registry import VIEW_WAIT, Registry
 from actors.controller.upkeep import Spares, Upkeep, preloaded
 from actors.controller.views import among, by_priority
 from actors.controller.watchers import ServeWatcher, watch_auth_file
@@ -194,13 +194,15 @@ class Controller:
     async def model_status(self, name: str) -> dict[str, Any]:
         return await self._status_of(self._resolve(name))
 
-    async def status(self) -> list[dict[str, Any]]:
+    async def status(self, within: float = VIEW_WAIT) -> list[dict[str, Any]]:
+        """Every model's status; `within`: how long each model actor may take to answer
+        before it is shown `unreachable` (/health asks for less than its own deadline)."""
         names = by_priority(self.config)
-        return list(await asyncio.gather(*(self._status_of(n) for n in names)))
+        return list(await asyncio.gather(*(self._status_of(n, within) for n in names)))
 
     async def model_logs(self, name: str, lines: int = 100) -> list[str]:
         handle = self.registry.handles.get(self._resolve(name))
-        return [] if handle is None else await call(handle.logs.remote(lines))
+        return [] if handle is None else await call(handle.logs.remote(lines), VIEW_WAIT)
 
     async def queue_status(self, name: str | None = None) -> list[dict[str, Any]]:
         handles = self.registry.handles
@@ -209,7 +211,7 @@ class Controller:
     async def clear_queue(self, name: str) -> dict[str, Any]:
         model = self._resolve(name)
         handle = self.registry.handles.get(model)
-        cleared = 0 if handle is None else await call(handle.clear_queue.remote())
+        cleared = 0 if handle is None else await call(handle.clear_queue.remote(), VIEW_WAIT)
         return {"model": model, "cleared": cleared}
 
     async def explain(self, name: str) -> dict[str, Any]:
@@ -367,8 +369,8 @@ class Controller:
     def _groups(self, only: list[str] | None = None) -> list[str]:
         return views.groups_of(self.config, only)
 
-    async def _status_of(self, name: str) -> dict[str, Any]:
-        return await views.status_of(name, self.viewed)
+    async def _status_of(self, name: str, within: float = VIEW_WAIT) -> dict[str, Any]:
+        return await views.status_of(name, self.viewed, within)
 
     def _event(self, kind: str, **details: Any) -> None:
         self.feed.add(kind, **details)

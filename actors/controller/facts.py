@@ -16,7 +16,7 @@ from typing import Any
 
 import ray
 
-from actors.controller.registry import STATS_WAIT, Registry
+from actors.controller.registry import STATS_WAIT, VIEW_WAIT, Registry
 from actors.gpu_probe import node_gpus
 from actors.ray_glue import Background, gpus_now, nodes_now
 from proxifier.config import ModelsConfig, effective
@@ -393,7 +393,8 @@ class Facts:
         registry = self.registry
         names = list(registry.handles)
         stats = await asyncio.gather(
-            *(registry.handles[n].stats.remote() for n in names), return_exceptions=True
+            *(asyncio.wait_for(registry.handles[n].stats.remote(), VIEW_WAIT) for n in names),
+            return_exceptions=True,
         )
         config = self._config()
         running = []

@@ -21,7 +21,7 @@ from actors.controller.events import CONTROLLER_NAME
 from actors.controller.facts import Facts, observed
 from actors.controller.registry import Registry
 from actors.model import create_model_actor
-from actors.ray_glue import Background, nodes_now
+from actors.ray_glue import Background, from_gcs, kill_quietly, nodes_now
 from proxifier.config import ModelsConfig
 from proxifier.config_diff import ModelsDiff
 from proxifier.errors import (
@@ -37,6 +37,7 @@ from proxifier.planning import ReloadPlan
 from proxifier.scheduler import Evict, Fail, Failure, Limits, Place, Wait, decide, in_force
 
 RECONCILE_TICK = 1.0  # seconds between passes while a model waits (nothing else woke one)
+CREATE_DEADLINE = 10.0  # seconds a model actor's creation (its name registered) may take
 
 
 @dataclass
@@ -316,18 +317,24 @@ class Reconciler:
         if wanted is not None:
             timeline["wanted"] = wanted.since
         config = self._config()
-        handle = create_model_actor(
-            name,
-            model,
-            config.settings,
-            config.base_dir,
-            events_to=CONTROLLER_NAME,
-            calibrate=calibrate,
-            timeline=timeline,
-            generation=uuid.uuid4().hex[:8],
-            lifetime="detached",
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
-            **pinned,
+        # A named actor registers its name with the GCS before `.remote()` returns: off the
+        # event loop, within a deadline (the GCS may be away), and killed if it comes late.
+        handle = await from_gcs(
+            lambda: create_model_actor(
+                name,
+                model,
+                config.settings,
+                config.base_dir,
+                events_to=CONTROLLER_NAME,
+                calibrate=calibrate,
+                timeline=timeline,
+                generation=uuid.uuid4().hex[:8],
+                lifetime="detached",
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+                **pinned,
+            ),
+            CREATE_DEADLINE,
+            late=kill_quietly,
         )
         self._event("placed", model=name, node_id=node_id, options=options)
         # This actor likely took the node's spare worker. The next one starts once this

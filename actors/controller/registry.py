@@ -22,6 +22,9 @@ from proxifier.reachability import Unreached
 from proxifier.scheduler import Failure
 
 STATS_WAIT = 2.0  # seconds a pass waits for a model's facts before it counts it as starting
+# seconds a view (status, a queued result) waits for a model actor: one on a frozen or cut-off
+# host would otherwise hold the view until Ray declares that host dead
+VIEW_WAIT = 10.0
 
 
 class Registry:
@@ -238,7 +241,8 @@ class Registry:
             return self.results[request_id]
         actors = [*self.handles.items(), *self.retiring.items()]
         answers = await asyncio.gather(
-            *(handle.result.remote(request_id) for _, handle in actors), return_exceptions=True
+            *(asyncio.wait_for(h.result.remote(request_id), VIEW_WAIT) for _, h in actors),
+            return_exceptions=True,
         )
         for (name, _), answer in zip(actors, answers, strict=True):
             if isinstance(answer, dict) and answer["status"] != "unknown":

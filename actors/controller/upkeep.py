@@ -16,7 +16,7 @@ import ray
 
 from actors.controller.facts import Facts
 from actors.controller.registry import Registry
-from actors.ray_glue import Background, cluster_nodes
+from actors.ray_glue import Background, nodes_now
 from actors.warm_workers import prestart
 from proxifier.config import ModelsConfig
 from proxifier.planning import idle_stops
@@ -60,7 +60,7 @@ class Spares:
         that model loaded (or SPARE_AFTER s). Only then: an unused spare stays (for the
         raylet's keep-alive, then as long as its node has idle room), and asking again would
         pile up idle processes."""
-        nodes = await asyncio.to_thread(cluster_nodes)
+        nodes = await nodes_now()
         alive = {view.node_id for view in nodes if view.alive}
         for table in (self.spares, self.spent):
             for node_id in [n for n in table if n not in alive]:

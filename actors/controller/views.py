@@ -5,6 +5,7 @@ nothing and call only down (registry, facts, the wanted models).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ import ray
 
 from actors.controller.facts import READ_WAIT, Facts
 from actors.controller.reconcile import Wanted
-from actors.controller.registry import Registry
+from actors.controller.registry import VIEW_WAIT, Registry
 from proxifier.capabilities import capabilities
 from proxifier.config import ModelsConfig
 from proxifier.planning import group_members
@@ -99,12 +100,12 @@ async def queue_status(handles: dict[str, Any], names: list[str]) -> list[dict[s
         if handle is None:
             statuses.append({"model": model, "state": "stopped", "depth": 0, "waiting": []})
         else:
-            with contextlib.suppress(ray.exceptions.RayActorError):
-                statuses.append(await handle.queue_status.remote())
+            with contextlib.suppress(ray.exceptions.RayActorError, TimeoutError):
+                statuses.append(await asyncio.wait_for(handle.queue_status.remote(), VIEW_WAIT))
     return statuses
 
 
-async def status_of(name: str, parts: Viewed) -> dict[str, Any]:
+async def status_of(name: str, parts: Viewed, within: float = VIEW_WAIT) -> dict[str, Any]:
     config, registry, facts, wants = parts.config, parts.registry, parts.facts, parts.wants
     model = config().models[name]
     entry: dict[str, Any] = {
@@ -119,9 +120,14 @@ async def status_of(name: str, parts: Viewed) -> dict[str, Any]:
     handle = registry.handles.get(name)
     if handle is not None:
         try:
-            entry.update(await handle.stats.remote())
+            entry.update(await asyncio.wait_for(handle.stats.remote(), within))
         except ray.exceptions.RayActorError as error:
             entry.update(state="failed", last_error=f"model actor died: {error}")
+        except TimeoutError:  # its host frozen or cut off: the view must not wait for Ray
+            entry.update(
+                state="unreachable",
+                last_error=f"its model actor did not answer within {within:g} s",
+            )
     elif name in registry.placement_failures:
         entry.update(state="failed", last_error=registry.placement_failures[name].reason)
     elif name in registry.retiring:

@@ -8,8 +8,8 @@ import threading
 
 import pytest
 
-from actors.ray_glue import from_gcs
-from proxifier.errors import ControlPlaneAway
+from actors.ray_glue import call, from_gcs
+from proxifier.errors import ControlPlaneAway, Unavailable
 
 pytestmark = pytest.mark.asyncio
 
@@ -38,3 +38,27 @@ async def test_a_read_the_gcs_never_answers_is_control_plane_away_and_the_loop_r
     assert away.value.status == 503 and away.value.code == "control_plane_unavailable"
     assert "control plane" in away.value.message
     assert ticks > 5  # the event loop was never blocked by the read
+
+
+async def test_what_a_call_returns_after_its_deadline_goes_to_late() -> None:
+    """An actor created after its deadline (its name registered late) is killed, not lost."""
+    release = threading.Event()
+    late: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    def slow_create() -> str:
+        release.wait()
+        return "handle"
+
+    with pytest.raises(ControlPlaneAway):
+        await from_gcs(slow_create, deadline=0.05, late=late.set_result)
+    release.set()
+    assert await asyncio.wait_for(late, 5) == "handle"
+
+
+async def test_an_actor_call_that_gets_no_answer_in_time_is_a_503_not_a_hang() -> None:
+    never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    with pytest.raises(Unavailable) as unanswered:
+        await call(never, within=0.05)
+    assert unanswered.value.status == 503 and "did not answer within 0.05 s" in str(
+        unanswered.value
+    )
