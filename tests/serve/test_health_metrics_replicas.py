@@ -15,7 +15,7 @@ CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 def test_health(deployment: Deployment) -> None:
     health = httpx.get(f"{deployment.url}/health").json()
     assert health["status"] == "ok" and health["controller"] == "reachable"
-    assert health["models"]["total"] == 17 and health["models"]["ready"] >= 1
+    assert health["models"]["total"] == 18 and health["models"]["ready"] >= 1
 
 
 def test_two_replicas_serve_one_burst_and_metrics_add_up(deployment: Deployment) -> None:

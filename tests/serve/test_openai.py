@@ -87,7 +87,7 @@ def test_aliases_resolve_and_unknown_models_are_404(client: openai.OpenAI) -> No
     assert caught.value.body["message"] == (
         "The model 'gpt-5' does not exist. Available models: broken, chat, crashy, hf, hf-missing, "
         "hf-tagged, loading, model-name, nofim, qwen-32b, real, rerank, seed-embed, seed-rerank, "
-        "sleepy, slowstream, tight"
+        "sleepy, slowstream, stalls, tight"
     )
 
 
