@@ -261,6 +261,15 @@ def build_parser() -> argparse.ArgumentParser:
     group = admin_parser("group", "start, stop or show resource groups")
     group.add_argument("action", choices=["start", "stop", "status"])
     group.add_argument("group", nargs="?")
+    logs = admin_parser("logs", "a model's llama-server log (also of a stopped or failed one)")
+    logs.add_argument("model")
+    logs.add_argument("-n", "--lines", type=int, default=100, help="how many of the last lines")
+    logs.add_argument(
+        "-f", "--follow", action="store_true", help="then print new lines as they come"
+    )
+    logs.add_argument(
+        "--interval", type=float, default=1.0, help="with --follow: seconds between reads"
+    )
     queue = admin_parser("queue", "queue depth and waits; --clear empties a model's queue")
     queue.add_argument("model", nargs="?")
     queue.add_argument("--clear", action="store_true")

@@ -159,6 +159,36 @@ def _start(admin: Admin, model: str, wait: bool) -> int:
         return 130
 
 
+FOLLOW_WINDOW = 400  # lines read each time `logs --follow` looks for new ones
+
+
+def new_lines(seen: list[str], now: list[str]) -> list[str]:
+    """The lines at the end of `now` (a log's last lines, read again) that `seen` (the
+    previous read) did not end with: the longest end of `seen` that `now` begins with, or
+    the whole of `now` when the two do not overlap (more came than one read holds)."""
+    for overlap in range(min(len(seen), len(now)), 0, -1):
+        if seen[-overlap:] == now[:overlap]:
+            return now[overlap:]
+    return now
+
+
+def _logs(admin: Admin, model: str, lines: int, follow: bool, interval: float) -> int:
+    path = f"/admin/models/{model}/logs"
+    seen: list[str] = admin.call("GET", path, lines=lines)["lines"]
+    print("\n".join(seen) if seen else f"({model}: no log lines yet)", flush=True)
+    try:
+        while follow:
+            time.sleep(interval)
+            now = admin.call("GET", path, lines=FOLLOW_WINDOW)["lines"]
+            fresh = new_lines(seen, now)
+            if fresh:
+                print("\n".join(fresh), flush=True)
+            seen = now
+    except KeyboardInterrupt:  # how a follow ends
+        pass
+    return 0
+
+
 def run_admin(args: argparse.Namespace) -> int:
     admin = Admin(args.url, args.key)
     try:
@@ -209,6 +239,8 @@ def run_admin(args: argparse.Namespace) -> int:
             else:
                 answer = admin.call("POST", f"/admin/groups/{args.group}/{args.action}")
                 print(json.dumps(answer, indent=2))
+        elif args.command == "logs":
+            return _logs(admin, args.model, args.lines, args.follow, args.interval)
         elif args.command == "queue":
             if args.clear:
                 if not args.model:

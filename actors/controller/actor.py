@@ -29,10 +29,11 @@ from actors.controller.registry import VIEW_WAIT, Registry
 from actors.controller.upkeep import Spares, Upkeep, preloaded
 from actors.controller.views import among, by_priority
 from actors.controller.watchers import ServeWatcher, watch_auth_file
+from actors.log_reader import log_lines_on
 from actors.model import NAMESPACE, cluster_singleton_options
 from actors.ray_glue import Background, call
 from proxifier.config import AuthConfig, ModelsConfig
-from proxifier.errors import ModelNotFound, NotFound, Refused
+from proxifier.errors import ModelNotFound, NotFound, Refused, Unavailable
 from proxifier.metrics import LOAD_BUCKETS, Histogram
 from proxifier.planning import group_members, group_stop_plan, startup_order
 
@@ -201,8 +202,21 @@ class Controller:
         return list(await asyncio.gather(*(self._status_of(n, within) for n in names)))
 
     async def model_logs(self, name: str, lines: int = 100) -> list[str]:
-        handle = self.registry.handles.get(self._resolve(name))
-        return [] if handle is None else await call(handle.logs.remote(lines), VIEW_WAIT)
+        """The last lines of the model's llama-server log: from its actor while it has one,
+        else from the file on the node it last ran on (a failed start's reason is there)."""
+        model = self._resolve(name)
+        handle = self.registry.handles.get(model)
+        if handle is not None:
+            return await call(handle.logs.remote(lines), VIEW_WAIT)
+        try:
+            ref = log_lines_on(self.registry.last_node.get(model), model, lines)
+            return await call(ref, VIEW_WAIT)
+        except ray.exceptions.RayError as error:  # that node is gone, and its files with it
+            raise Unavailable(
+                f"model '{model}' last ran on a node that is gone ({type(error).__name__});"
+                " its log was there",
+                retry_after=None,
+            ) from None
 
     async def queue_status(self, name: str | None = None) -> list[dict[str, Any]]:
         handles = self.registry.handles

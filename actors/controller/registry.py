@@ -48,6 +48,7 @@ class Registry:
         # model -> (actor, options, node id): new instances that take over once ready (reload)
         self.pending: dict[str, tuple[Any, dict[str, Any], str]] = {}
         self.nodes_of: dict[str, str] = {}  # model -> node id it was placed on
+        self.last_node: dict[str, str] = {}  # ... kept after it stops: where its log is
         self.decisions: dict[str, dict[str, Any]] = {}  # the scheduler's last word per model
         self.orphans: list[tuple[str, Any]] = []
         # Finished async (respond-async) results of model actors that were stopped since.
@@ -94,6 +95,7 @@ class Registry:
         self.handles[name] = handle
         self.options[name] = options
         self.nodes_of[name] = node_id
+        self.last_node[name] = node_id
         self.placement_failures.pop(name, None)
 
     def unregister(self, name: str, handle: Any) -> None:

@@ -1,4 +1,5 @@
-"""The operator commands (`proxifier status|models|start|stop|reload|group|queue`) over HTTP."""
+"""The operator commands (`proxifier status|models|start|stop|reload|group|queue|logs`) over
+HTTP."""
 
 from __future__ import annotations
 
@@ -120,3 +121,17 @@ def test_status_watch_redraws(deployment: Deployment, capsys) -> None:
         assert re.fullmatch(r"every 0.1s, \d\d:\d\d:\d\d \(Ctrl-C quits\)", lines[0])
         assert lines[1] == f"{deployment.url}: ok, controller reachable"
         assert lines[2].split()[:2] == ["MODEL", "STATE"]
+
+
+def test_logs_of_a_failed_and_of_a_stopped_model(deployment: Deployment, capsys) -> None:
+    """`proxifier logs` reads the model's llama-server log also when no instance runs: a
+    failed start's reason, and the lines of one that stopped (before, both were empty)."""
+    run(deployment, capsys, "start", "broken")  # fails: its log says why
+    code, out, _ = run(deployment, capsys, "logs", "broken", "-n", "20")
+    assert code == 0 and "error: corrupt model (fake)" in out.splitlines(), out
+    assert run(deployment, capsys, "start", "nofim")[0] == 0
+    pid = deployment.status("nofim")["pid"]
+    assert run(deployment, capsys, "stop", "nofim")[0] == 0
+    wait_for(lambda: deployment.status("nofim")["state"] == "stopped", timeout=60)
+    code, out, _ = run(deployment, capsys, "logs", "nofim")
+    assert code == 0 and f"(pid {pid})" in out, out  # its "listening on ..." line
