@@ -90,3 +90,12 @@ def find_llama_server(configured: str | None = None) -> str:
         "no llama-server found: set settings.llama_server in models.yaml, put llama-server on "
         f"PATH, or run scripts/install-llama-server (it installs to {installed})"
     )
+
+
+def public_props(props: dict[str, object]) -> dict[str, object]:
+    """llama-server's /props as a client may see it: the model's file by its name only, not
+    where it lies on the host (a path tells a stranger about the host's layout and users)."""
+    path = props.get("model_path")
+    if isinstance(path, str) and path:
+        return {**props, "model_path": os.path.basename(path)}
+    return props

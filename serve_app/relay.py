@@ -26,6 +26,7 @@ from proxifier.capabilities import unsupported
 from proxifier.config import ModelsConfig
 from proxifier.endpoints import Shape
 from proxifier.errors import ProxifierError, UpstreamFailed, UpstreamTimeout
+from proxifier.llama import public_props
 from proxifier.reachability import reached
 from serve_app.backend import Cluster
 from serve_app.call import Accepted, Call, Grant, Granted, Waiting
@@ -204,6 +205,8 @@ class Relay:
         except aiohttp.ClientError as exc:
             raise UpstreamFailed(f"model '{model}' refused the request: {exc}") from None
         self.metrics.answered(model, upstream.status)
+        if request.method == "GET" and path == "/props" and upstream.status == 200:
+            return await _props_answer(upstream)
         # llama-server echoes any Origin in Access-Control-Allow-Origin: never relayed, or
         # any web page could read a model's answers through the proxifier.
         kept = {
@@ -405,6 +408,18 @@ class Relay:
             raise StaleLease
         _after_first_byte(upstream, idle_timeout)
         return upstream
+
+
+async def _props_answer(upstream: aiohttp.ClientResponse) -> Response:
+    """/props with the model's path cut to its file name (proxifier.llama.public_props)."""
+    try:
+        props = json.loads(await upstream.read())
+    except (aiohttp.ClientError, TimeoutError, ValueError):
+        raise UpstreamFailed("llama-server's /props could not be read") from None
+    finally:
+        done_with(upstream)
+    shown = public_props(props) if isinstance(props, dict) else props
+    return JSONResponse(shown)
 
 
 def _deadlines(config: ModelsConfig, model: str) -> tuple[float, float]:

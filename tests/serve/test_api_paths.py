@@ -294,7 +294,8 @@ def test_upstream_starts_the_model_and_relays_its_own_paths(deployment: Deployme
         assert [s["id"] for s in slots.json()] == [0, 1, 2, 3]  # parallel: 4
         assert deployment.status("qwen-32b")["state"] == "ready"
         props = client.get("/upstream/real/props").json()
-        assert props["total_slots"] == 2 and props["model_path"].endswith("tiny.gguf")
+        # The real llama-server's answer, its model's path cut to the file name.
+        assert props["total_slots"] == 2 and props["model_path"] == "tiny.gguf"
         page = client.get("/upstream/chat/")
         assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
         bare = client.get("/upstream/chat", follow_redirects=False)

@@ -13,6 +13,7 @@ from proxifier.llama import (
     build_argv,
     find_llama_server,
     installed_llama_server,
+    public_props,
 )
 
 BASE = ["llama-server", "-m", "/m/a.gguf", "--host", "10.0.0.5", "--port", "12345"]
@@ -189,3 +190,9 @@ def test_nothing_found_says_how_to_fix(isolated: Path) -> None:
     with pytest.raises(LlamaServerNotFound, match="is not an executable file"):
         find_llama_server(str(isolated / "missing" / "llama-server"))
     assert not os.path.exists(isolated / "missing")
+
+
+def test_props_shown_to_clients_name_the_model_file_not_where_it_lies() -> None:
+    props = {"model_path": "/home/alice/models/qwen-7b-q4.gguf", "total_slots": 2}
+    assert public_props(props) == {"model_path": "qwen-7b-q4.gguf", "total_slots": 2}
+    assert public_props({"total_slots": 1}) == {"total_slots": 1}
