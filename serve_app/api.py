@@ -324,9 +324,14 @@ def build_api(backend: RayBackend, bound_host: str | None = None) -> FastAPI:
         )
 
     @app.get("/metrics")
-    async def prometheus() -> Response:
+    async def prometheus(request: Request) -> Response:
+        auth = await backend.auth()
+        # Public by default, and then without names unless a key that may read it came.
+        names = not auth.enabled or auth.metrics_public_labels or caller_of(request.scope)
         data = await ask(ctl().metrics_data.remote())
-        return Response(render(data), media_type="text/plain; version=0.0.4; charset=utf-8")
+        return Response(
+            render(data, names=bool(names)), media_type="text/plain; version=0.0.4; charset=utf-8"
+        )
 
     return app
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
+from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
@@ -90,82 +91,90 @@ class ReplicaMetrics:
 
 
 class _Snapshot:
-    """A prometheus_client collector over one snapshot of the controller's data."""
+    """A prometheus_client collector over one snapshot of the controller's data. Without
+    `names`, every model and key name is left out (an empty label is no label to Prometheus)
+    and the series that only names told apart are summed: what anyone may read."""
 
-    def __init__(self, data: dict[str, Any]) -> None:
+    def __init__(self, data: dict[str, Any], names: bool = True) -> None:
         self.data = data
+        self.names = names
+
+    def _name(self, name: str) -> str:
+        return name if self.names else ""
 
     def collect(self) -> Iterable[Metric]:
-        statuses = self.data["statuses"]
-        state = GaugeMetricFamily(
-            "proxifier_model_state", METRICS["proxifier_model_state"], labels=["model", "state"]
-        )
-        in_flight = GaugeMetricFamily(
-            "proxifier_in_flight", METRICS["proxifier_in_flight"], labels=["model"]
-        )
-        depth = GaugeMetricFamily(
-            "proxifier_queue_depth", METRICS["proxifier_queue_depth"], labels=["model"]
-        )
-        restarts = CounterMetricFamily(
-            "proxifier_model_restarts", METRICS["proxifier_model_restarts_total"], labels=["model"]
-        )
-        gpu_memory = GaugeMetricFamily(
-            "proxifier_model_gpu_memory_bytes",
-            METRICS["proxifier_model_gpu_memory_bytes"],
-            labels=["model", "kind"],
-        )
-        for status in statuses:
-            name = status["name"]
+        name = self._name
+        states: Counter[tuple[str, str]] = Counter()
+        in_flight: Counter[str] = Counter()
+        depth: Counter[str] = Counter()
+        restarts: Counter[str] = Counter()
+        gpu_memory: Counter[tuple[str, str]] = Counter()
+        for status in self.data["statuses"]:
+            model = name(status["name"])
             for value in ModelState:
-                state.add_metric([name, str(value)], 1.0 if status["state"] == value else 0.0)
-            in_flight.add_metric([name], status.get("in_flight", 0))
-            depth.add_metric([name], status.get("queue_depth", 0))
-            restarts.add_metric([name], status.get("restarts", 0))
+                states[model, str(value)] += 1 if status["state"] == value else 0
+            in_flight[model] += status.get("in_flight", 0)
+            depth[model] += status.get("queue_depth", 0)
+            restarts[model] += status.get("restarts", 0)
             memory = status.get("gpu_memory") or {}
             for kind in ("estimated", "measured", "configured"):
                 if memory.get(kind):
-                    gpu_memory.add_metric([name, kind], memory[kind])
-        yield from (state, in_flight, depth, restarts, gpu_memory)
+                    gpu_memory[model, kind] += memory[kind]
+        yield _family(GaugeMetricFamily, "proxifier_model_state", ["model", "state"], states)
+        yield _family(GaugeMetricFamily, "proxifier_in_flight", ["model"], in_flight)
+        yield _family(GaugeMetricFamily, "proxifier_queue_depth", ["model"], depth)
+        yield _family(CounterMetricFamily, "proxifier_model_restarts", ["model"], restarts)
+        yield _family(
+            GaugeMetricFamily, "proxifier_model_gpu_memory_bytes", ["model", "kind"], gpu_memory
+        )
 
         requests = merge_snapshots(self.data["replicas"])
-        total = CounterMetricFamily(
-            "proxifier_requests", METRICS["proxifier_requests_total"], labels=["model", "status"]
-        )
-        for (model, code), count in sorted(requests.requests.items()):
-            total.add_metric([model, code], count)
-        yield total
-        waits = HistogramMetricFamily(
-            "proxifier_queue_wait_seconds",
-            METRICS["proxifier_queue_wait_seconds"],
-            labels=["model"],
-        )
-        for model, histogram in sorted(requests.waits.items()):
-            waits.add_metric([model], histogram.cumulative(), sum_value=histogram.total)
-        yield waits
-        limited = CounterMetricFamily(
-            "proxifier_rate_limited", METRICS["proxifier_rate_limited_total"], labels=["key"]
-        )
-        for key, count in sorted(requests.limited.items()):
-            limited.add_metric([key], count)
-        yield limited
-        loads = HistogramMetricFamily(
-            "proxifier_model_load_seconds",
-            METRICS["proxifier_model_load_seconds"],
-            labels=["model"],
-        )
-        for model, data in sorted(self.data["load_seconds"].items()):
-            histogram = Histogram.from_dict(LOAD_BUCKETS, data)
-            loads.add_metric([model], histogram.cumulative(), sum_value=histogram.total)
-        yield loads
-        evictions = CounterMetricFamily(
-            "proxifier_evictions", METRICS["proxifier_evictions_total"], labels=["reason"]
-        )
-        for reason, count in sorted(self.data["evictions"].items()):
-            evictions.add_metric([reason], count)
-        yield evictions
+        answered: Counter[tuple[str, str]] = Counter()
+        for (model, code), count in requests.requests.items():
+            answered[name(model), code] += count
+        yield _family(CounterMetricFamily, "proxifier_requests", ["model", "status"], answered)
+        yield _histograms("proxifier_queue_wait_seconds", self._merged(requests.waits))
+        limited: Counter[str] = Counter()
+        for key, count in requests.limited.items():
+            limited[name(key)] += count
+        yield _family(CounterMetricFamily, "proxifier_rate_limited", ["key"], limited)
+        loads = {
+            m: Histogram.from_dict(LOAD_BUCKETS, d) for m, d in self.data["load_seconds"].items()
+        }
+        yield _histograms("proxifier_model_load_seconds", self._merged(loads))
+        evictions = Counter({(reason,): n for reason, n in self.data["evictions"].items()})
+        yield _family(CounterMetricFamily, "proxifier_evictions", ["reason"], evictions)
+
+    def _merged(self, by_model: dict[str, Histogram]) -> dict[str, Histogram]:
+        merged: dict[str, Histogram] = {}
+        for model, histogram in by_model.items():
+            key = self._name(model)
+            if key in merged:
+                merged[key].merge(histogram)
+            else:
+                merged[key] = Histogram(histogram.buckets, list(histogram.counts),
+                                        histogram.total, histogram.count)  # fmt: skip
+        return merged
 
 
-def render(data: dict[str, Any]) -> bytes:
+def _family(kind: Any, metric: str, labels: list[str], values: Counter[Any]) -> Metric:
+    """One metric family, its series in label order (a plain key is a one-label tuple)."""
+    documented = METRICS.get(metric) or METRICS[f"{metric}_total"]
+    family = kind(metric, documented, labels=labels)
+    for key, value in sorted(values.items()):
+        family.add_metric(list(key) if isinstance(key, tuple) else [key], value)
+    return family
+
+
+def _histograms(metric: str, by_model: dict[str, Histogram]) -> Metric:
+    family = HistogramMetricFamily(metric, METRICS[metric], labels=["model"])
+    for model, histogram in sorted(by_model.items()):
+        family.add_metric([model], histogram.cumulative(), sum_value=histogram.total)
+    return family
+
+
+def render(data: dict[str, Any], names: bool = True) -> bytes:
+    """The Prometheus text; `names`: whether model and key names are in it (_Snapshot)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Snapshot(data))  # type: ignore[arg-type]
+    registry.register(_Snapshot(data, names))  # type: ignore[arg-type]
     return generate_latest(registry)

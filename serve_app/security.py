@@ -111,6 +111,8 @@ class Security:
                 await _refuse(scope, send, Denied(*refusal))
                 return
         if not auth.enabled or is_public(path, auth) or open_dashboard:
+            if auth.enabled and is_public(path, auth):
+                _note_caller(auth, scope, headers)  # a key that may read it sees more
             await self.app(scope, receive, send)
             return
         names = [k.decode("latin-1").lower() for k, _ in scope["headers"]]
@@ -184,6 +186,17 @@ def _adding_headers(send: Send, extra: dict[str, str]) -> Send:
         await send(message)
 
     return wrapped
+
+
+def _note_caller(auth: AuthConfig, scope: Scope, headers: dict[str, str]) -> None:
+    """On a public path, a valid key whose permissions open it is noted (/metrics then
+    carries names); no key, or any other, changes nothing: the path stays public."""
+    key = presented_key(headers.get("authorization"), headers.get("x-api-key"))
+    if not isinstance(key, str):
+        return
+    caller = identify(key, auth)
+    if isinstance(caller, Caller) and authorize(caller, scope["method"], scope["path"]) is None:
+        scope.setdefault("state", {})[CALLER] = caller
 
 
 async def _refuse(

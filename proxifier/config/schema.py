@@ -322,6 +322,9 @@ class AuthConfig(BaseModel):
     rate_limits: dict[str, int] = {}
     public_endpoints: list[str] = ["/health", "/metrics"]
     cors_origins: list[str] = []
+    # /metrics without a key that may read it: no model or key names, only sums (a stranger
+    # learns neither which models there are nor who uses them). True: the names for anyone.
+    metrics_public_labels: bool = False
 
     @field_validator("rate_limits")
     @classmethod

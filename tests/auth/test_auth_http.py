@@ -111,6 +111,22 @@ def test_a_model_allow_list(secured: Secured) -> None:
         assert client.get("/v1/models/other").status_code == 404
 
 
+def test_public_metrics_name_no_model_and_no_key_unless_a_reader_asks(secured: Secured) -> None:
+    with httpx.Client(base_url=secured.url, timeout=60) as client:
+        served = client.post("/v1/chat/completions", json=CHAT, headers=bearer(KEYS["models"]))
+        assert served.status_code == 200
+        anonymous = client.get("/metrics")
+        models_key = client.get("/metrics", headers=bearer(KEYS["models"]))  # may not read
+        reader = client.get("/metrics", headers=bearer(KEYS["read"]))
+    for nameless in (anonymous, models_key):
+        assert nameless.status_code == 200
+        assert 'model="chat"' not in nameless.text and 'model="other"' not in nameless.text
+        assert 'proxifier_requests_total{model="",status="200"}' in nameless.text  # summed
+        assert 'proxifier_model_state{model="",state="ready"}' in nameless.text
+    assert reader.status_code == 200
+    assert 'proxifier_requests_total{model="chat",status="200"}' in reader.text
+
+
 def test_rate_limit_is_exact_across_replicas(secured: Secured) -> None:
     headers = bearer("k-burst")  # class "burst": 5 per minute
     answers = [

@@ -1,4 +1,5 @@
-"""Counters the replicas keep and the controller sums: rate-limit refusals by key."""
+"""Counters the replicas keep and the controller sums, and the Prometheus text made of them:
+with model and key names, or (for anyone without a key that may read it) without."""
 
 from __future__ import annotations
 
@@ -26,3 +27,34 @@ def test_rate_limit_refusals_are_summed_over_replicas_and_rendered_by_key() -> N
     ).decode()
     assert 'proxifier_rate_limited_total{key="burst"} 2.0' in text
     assert 'proxifier_rate_limited_total{key="ci"} 1.0' in text
+
+
+def test_without_names_every_series_is_summed_and_names_nothing() -> None:
+    replica = RequestMetrics()
+    for model in ("qwen-private", "chat", "chat"):
+        replica.answered(model, 200)
+        replica.waited(model, 0.2)
+    replica.rate_limited("team-secret")
+    statuses = [
+        {"name": "qwen-private", "state": "ready", "in_flight": 1, "queue_depth": 2},
+        {"name": "chat", "state": "ready", "in_flight": 2, "queue_depth": 0},
+        {"name": "sleeper", "state": "stopped"},
+    ]
+    data = {
+        "statuses": statuses,
+        "replicas": [replica.snapshot()],
+        "load_seconds": {},
+        "evictions": {"idle": 1},
+    }
+    text = render(data, names=False).decode()
+    for name in ("qwen-private", "chat", "sleeper", "team-secret"):
+        assert f'"{name}"' not in text
+    assert 'proxifier_model_state{model="",state="ready"} 2.0' in text
+    assert 'proxifier_model_state{model="",state="stopped"} 1.0' in text
+    assert 'proxifier_in_flight{model=""} 3.0' in text
+    assert 'proxifier_requests_total{model="",status="200"} 3.0' in text
+    assert 'proxifier_queue_wait_seconds_count{model=""} 3.0' in text
+    assert 'proxifier_rate_limited_total{key=""} 1.0' in text
+    assert 'proxifier_evictions_total{reason="idle"} 1.0' in text  # reasons name nobody
+    named = render(data).decode()
+    assert 'proxifier_requests_total{model="chat",status="200"} 2.0' in named
