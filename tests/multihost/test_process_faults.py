@@ -20,8 +20,14 @@ from tests.multihost.cluster import ProductOnHosts, dump
 from tests.multihost.history import FAIL, OK, Background, Op, check, outcomes
 
 MODELS: dict[str, dict[str, Any]] = {
-    # Streams of 8 tokens, 50 ms apart: most requests are mid-stream at any moment.
-    "slow-w1": {"num_gpus": 0, "labels": {"host": "w1"}, "env": {"FAKE_LLAMA_TOKEN_DELAY": "0.05"}},
+    # Streams of 8 tokens, 50 ms apart: most requests are mid-stream at any moment; one that
+    # stops for 5 s mid-way is cut (the product's default is 60 s: a test need not wait it).
+    "slow-w1": {
+        "num_gpus": 0,
+        "labels": {"host": "w1"},
+        "env": {"FAKE_LLAMA_TOKEN_DELAY": "0.05"},
+        "upstream_idle_timeout": 5,
+    },
     "steady-w2": {"num_gpus": 0, "labels": {"host": "w2"}},
     # Takes 5 s to load: long enough to lose the controller in the middle.
     "slow-load": {"num_gpus": 0, "labels": {"host": "w2"}, "env": {"FAKE_LLAMA_LOAD_DELAY": "5"}},
@@ -123,6 +129,8 @@ def test_a_hung_llama_server_is_found_by_its_liveness_probe_and_replaced(
     assert check(history, lambda op: expected) == []
     cut = in_flight_at(history, stopped, "slow-w1")
     assert cut and all(op.outcome in (OK, FAIL) for op in cut)
+    # A stream the stop caught mid-way ends after upstream_idle_timeout, before the probe.
+    assert any(op.stream and op.code == "upstream_timeout" for op in cut), outcomes(cut)
     assert all(op.outcome == OK for op in history if op.model == "steady-w2")
 
 

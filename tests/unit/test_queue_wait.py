@@ -13,9 +13,9 @@ import pytest
 
 from actors.model.admission import Admission as ActorAdmission
 from proxifier.config import ModelConfig, Settings
-from proxifier.errors import Unavailable
+from proxifier.errors import QueueTimeout, Unavailable
 from proxifier.lifecycle import ModelState
-from serve_app.admit import Admission
+from serve_app.admit import DEADLINE_GRACE, Admission
 from serve_app.call import Call, Owned
 from serve_app.replica_slots import RayBackend
 
@@ -53,13 +53,17 @@ def _done(loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
     return future
 
 
-def waiting_request(actor: ModelActor) -> tuple[Admission, Call, Owned]:
-    """A request the actor has queued (its answer to `enqueue` said so)."""
+def waiting_request(
+    actor: ModelActor, deadline: float | None = None
+) -> tuple[Admission, Call, Owned]:
+    """A request the actor has queued (its answer to `enqueue` said so), to be answered by
+    `deadline` (wall clock; by default in 30 s)."""
     backend = RayBackend(controller=object())
     backend._handles["m"] = actor
     owned = Owned()
     admission = Admission(backend, relay=None, inbound=None, owned=owned)  # type: ignore[arg-type]
     call = Call("m", "/v1/chat/completions", b"{}", "req_1", 0.0, owned=owned)  # type: ignore[arg-type]
+    call.deadline = time.time() + 30 if deadline is None else deadline
     admission._queued(call, actor)
     call.queued = True
     return admission, call, owned
@@ -140,3 +144,15 @@ async def test_a_slot_granted_then_abandoned_is_given_back_once_by_the_actor() -
     for task in (actor._background, actor._reaper):
         assert task is not None
         task.cancel()
+
+
+async def test_a_wait_the_actor_never_ends_ends_at_the_requests_deadline() -> None:
+    """The actor's own queue_timeout cannot fire on a frozen host: the ingress ends the wait
+    itself (DEADLINE_GRACE after the deadline) with a queue_timeout, and gives the place back."""
+    actor = ModelActor()  # its wait_lease never answers
+    admission, call, owned = waiting_request(actor, deadline=time.time() - DEADLINE_GRACE)
+    with pytest.raises(QueueTimeout) as timed_out:
+        await asyncio.wait_for(admission.wait_granted(call, {"position": 1}), 5)
+    assert "did not answer the queued request by its deadline" in timed_out.value.message
+    assert actor.abandon.calls == [("req_1",)]  # its place goes back, should the actor wake
+    assert not owned.places
