@@ -111,8 +111,9 @@ class Reconciler:
             alive = await self.alive_nodes() if failure.nodes is not None else frozenset()
             if in_force(failure, time.time(), cooldown, alive):
                 raise ModelFailed(failure.reason, retry_after=cooldown)
-            if failure.nodes is not None:
-                # A node it could not count on has joined: it may fit now, so try at once.
+            # A node it could not count on has joined: it may fit now, so try at once.
+            # (Requests that arrive together all get here after the await: one removes it.)
+            if failure.nodes is not None and self.registry.placement_failures.get(name) is failure:
                 del self.registry.placement_failures[name]
         wanted = self.want(name)
         wanted.waiters += 1
