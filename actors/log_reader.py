@@ -17,10 +17,7 @@ def _tail(name: str, lines: int) -> list[str]:
     return log_tail(InstanceLog(name).path, lines)
 
 
-def log_lines_on(node_id: str | None, name: str, lines: int) -> Any:
-    """A ref to the last `lines` lines of the model's log file on `node_id` (None: here,
-    where the controller runs, as on a one-host cluster)."""
-    options: dict[str, Any] = {}
-    if node_id is not None:
-        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id, soft=False)
-    return _tail.options(**options).remote(name, lines)
+def log_lines_on(node_id: str, name: str, lines: int) -> Any:
+    """A ref to the last `lines` lines of the model's log file on `node_id`."""
+    strategy = NodeAffinitySchedulingStrategy(node_id, soft=False)
+    return _tail.options(scheduling_strategy=strategy).remote(name, lines)

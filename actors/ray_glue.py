@@ -30,11 +30,16 @@ async def call(ref: Any, within: float | None = None) -> Any:
     (503, retryable), never an unexplained 500; one that does not answer `within` seconds
     (its host frozen or cut off, which Ray notices only later) is Unavailable (503)."""
     try:
-        return await asyncio.wait_for(ref, within) if within is not None else await ref
-    except TimeoutError:
-        raise Unavailable(
-            f"the actor serving this did not answer within {within:g} s", retry_after=5
-        ) from None
+        if within is None:
+            return await ref
+        try:
+            return await asyncio.wait_for(ref, within)
+        except TimeoutError as error:
+            if isinstance(error, ray.exceptions.RayTaskError):
+                raise  # the actor's own TimeoutError: its answer, handled below
+            raise Unavailable(
+                f"the actor serving this did not answer within {within:g} s", retry_after=5
+            ) from None
     except ray.exceptions.RayTaskError as error:
         if isinstance(error.cause, ProxifierError | ValueError):
             raise error.cause from None
@@ -90,6 +95,7 @@ def cluster_nodes() -> list[NodeView]:
                     for k, v in (node.get("Labels") or {}).items()
                     if not k.startswith("ray.io/")
                 },
+                manager_port=int(node.get("NodeManagerPort") or 0),
             )
         )
     return views
@@ -109,18 +115,26 @@ async def from_gcs(
     returns after the deadline goes to `late` (an actor created too late is killed there)."""
     loop = asyncio.get_running_loop()
     running = loop.run_in_executor(_GCS_THREADS, read)
+    answered = False
     try:
-        return await asyncio.wait_for(asyncio.shield(running), deadline)
+        result = await asyncio.wait_for(asyncio.shield(running), deadline)
+        answered = True
+        return result
     except TimeoutError:
-        if late is not None:
-            running.add_done_callback(
-                lambda done: late(done.result()) if done.exception() is None else None
-            )
         raise ControlPlaneAway(
             f"Ray's control plane (the GCS on the head node) did not answer within {deadline:g} s;"
             " models already running still serve, starts and cluster views wait for it",
             retry_after=5,
         ) from None
+    finally:
+        if not answered and late is not None:  # timed out, or its caller cancelled
+            running.add_done_callback(
+                lambda done: (
+                    late(done.result())
+                    if not done.cancelled() and done.exception() is None
+                    else None
+                )
+            )
 
 
 def kill_quietly(handle: Any) -> None:

@@ -174,8 +174,12 @@ def new_lines(seen: list[str], now: list[str]) -> list[str]:
 
 def _logs(admin: Admin, model: str, lines: int, follow: bool, interval: float) -> int:
     path = f"/admin/models/{model}/logs"
-    seen: list[str] = admin.call("GET", path, lines=lines)["lines"]
-    print("\n".join(seen) if seen else f"({model}: no log lines yet)", flush=True)
+    # Read as much as each later read, so that the next one is matched against all of it.
+    seen: list[str] = admin.call("GET", path, lines=max(lines, FOLLOW_WINDOW) if follow else lines)[
+        "lines"
+    ]
+    shown = seen[-lines:] if lines > 0 else []
+    print("\n".join(shown) if shown else f"({model}: no log lines yet)", flush=True)
     try:
         while follow:
             time.sleep(interval)

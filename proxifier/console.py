@@ -77,7 +77,7 @@ def event_line(event: dict[str, Any]) -> str | None:
         return f"warning: {model}: {event.get('reason')}"
     if kind == "unreachable":
         return (
-            f"warning: {model}: its llama-server at {event.get('reason')}; placed elsewhere,"
+            f"warning: {model}: {event.get('reason')}; placed elsewhere,"
             f" and node {event.get('node_id')} takes no new model until it answers"
         )
     if kind == "reachable":

@@ -20,6 +20,7 @@ class NodeView:
     total: Mapping[str, float]
     available: Mapping[str, float]
     labels: Mapping[str, str] = field(default_factory=dict)
+    manager_port: int = 0  # its raylet's port: a connection there tells the host answers
 
 
 def resolve_num_gpus(model: ModelConfig, cluster_gpus: float) -> float:

@@ -27,6 +27,14 @@ class Unreached:
     port: int
     since: float  # wall clock
     reason: str
+    # Its raylet did not answer either: the whole host is cut off, not one port of it.
+    whole_host: bool = False
+
+
+def why_unreached(what: str, host: str, port: int, error: BaseException, limit: float) -> str:
+    if isinstance(error, TimeoutError):
+        return f"{what} at {host}:{port} did not accept a connection in {limit:g} s"
+    return f"{what} at {host}:{port} could not be reached ({error})"
 
 
 def reached(error: BaseException | None) -> bool:

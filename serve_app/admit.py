@@ -89,12 +89,13 @@ class Admission:
                 except StaleLease:
                     continue
                 except Unreachable as error:
-                    # Confirmed by the controller: the instance is gone from its registry
-                    # and the second round asks for a fresh one, placed where it is reached.
-                    handle = grant.call.handle if isinstance(grant, Granted) else None
-                    if not may_take_over or handle is None:
+                    # Reported; confirmed by the controller, the instance is gone from its
+                    # registry and the second round asks for a fresh one, placed where it is
+                    # reached. A held slot's request starts over anyway (as a stale one).
+                    if not isinstance(grant, Granted) or not may_take_over:
                         raise
-                    if not await self.slots.unreachable(model, handle, error.url):
+                    lost = await self.slots.unreachable(model, grant.call.handle, error.url)
+                    if not (lost or grant.call.reused):
                         raise
                     self.choice = None
             raise Unavailable(f"model '{model}' could not be reached; try again", retry_after=1)
@@ -241,7 +242,9 @@ class Admission:
         # The answer's taker is set up now, not in a task that a cancel could stop before it
         # ran (the lease would reach nobody and wait for lease_ttl); awaiting it shielded, a
         # cancelled request leaves the wait going, and its place (see `abandon`) to give back.
-        answer = self.slots.answer_of(call.handle, ref, lambda h, lease: self._own(call, h, lease))
+        answer = self.slots.answer_of(
+            call.handle, ref, lambda h, lease: self._own(call, h, lease), until_lost=True
+        )
         future = asyncio.shield(answer)
         future.add_done_callback(lambda _: self.slots.left_queue(call.model))
         answer.add_done_callback(lambda _: call.owned.left(call.request_id))

@@ -26,18 +26,30 @@ CONFIG_TTL = 1.0  # seconds a replica trusts its copy of the config (reloads sho
 CONFIG_STALE = 2.0  # ... and uses it while a fresh one comes (never longer: revoked keys)
 CONTROLLER_WAIT = 5.0  # seconds a config refresh waits for the controller before going on without
 ATTEMPTS = 3  # a retired or dead model actor is replaced this many times per request
+# seconds a model actor may take to answer a request for a slot before this replica asks the
+# controller whether its host can be reached (a report costs one connection attempt there)
+ACTOR_ANSWER = 5.0
+
+
+def actor_key(handle: Any) -> Any:
+    """The same key for every handle of one actor (a test's stand-in: itself)."""
+    actor_id = getattr(handle, "_actor_id", None)
+    return actor_id.hex() if actor_id is not None else id(handle)
 
 
 class Cluster:
     def __init__(self, controller: Any = None) -> None:
         self._controller = controller
         self._rate_limiter: Any = None
+        self._limiter_lookup: asyncio.Future[Any] | None = None
         self._config: ModelsConfig | None = None
         self._auth: tuple[int, AuthConfig] | None = None
         self._fetched = 0.0
         self._refreshing: asyncio.Future[None] | None = None
         self._handles: dict[str, Any] = {}
         self._moved: dict[str, str] = {}  # model -> actor id seen retired or dead, to report
+        # actor -> set once the controller confirms it cannot be reached (`unreachable`)
+        self._lost: dict[Any, asyncio.Future[None]] = {}
         self._lock = asyncio.Lock()
         self._background = Background()
 
@@ -47,10 +59,21 @@ class Cluster:
             self._controller = get_controller()
         return self._controller
 
+    async def controller_now(self) -> Any:
+        """The controller's handle, looked up (by name, in the GCS) off the event loop."""
+        if self._controller is None:
+            self._controller = await from_gcs(get_controller, CONTROLLER_WAIT)
+        return self._controller
+
     async def rate_limiter(self) -> Any:
-        """The cluster's rate limiter (looked up, or created, once: the GCS, off the loop)."""
+        """The cluster's rate limiter, looked up (or created) once, off the loop: requests
+        that arrive meanwhile share that one lookup."""
         if self._rate_limiter is None:
-            self._rate_limiter = await from_gcs(get_or_create_rate_limiter, CONTROLLER_WAIT)
+            if self._limiter_lookup is None or self._limiter_lookup.done():
+                self._limiter_lookup = asyncio.ensure_future(
+                    from_gcs(get_or_create_rate_limiter, CONTROLLER_WAIT)
+                )
+            self._rate_limiter = await asyncio.shield(self._limiter_lookup)
         return self._rate_limiter
 
     async def config(self) -> ModelsConfig:
@@ -151,13 +174,15 @@ class Cluster:
                 # An actor that retired or died is named, so the controller checks it and
                 # places a fresh one rather than handing the same one out again.
                 moved = self._moved.pop(model, None)
-                ref = self.controller.get_model.remote(model, deadline, moved)
+                ref = (await self.controller_now()).get_model.remote(model, deadline, moved)
                 handle = await self._placed(model, ref, deadline)
                 self._handles[model] = handle
             try:
                 if got_lease is None:
                     return handle, await self.call(call(handle))
-                return handle, await self.leased(handle, call(handle), got_lease, got_place)
+                return handle, await self.leased(
+                    handle, call(handle), got_lease, got_place, model=model, deadline=deadline
+                )
             except (ModelRetired, ActorGone, ray.exceptions.RayActorError) as error:
                 self.forget(model, handle, moved=True)
                 chosen, last_error = None, error
@@ -185,11 +210,32 @@ class Cluster:
         ref: Any,
         got_lease: Callable[[Any, dict[str, Any]], None],
         got_place: Callable[[Any], None] | None = None,
+        *,
+        model: str | None = None,
+        deadline: float | None = None,
     ) -> Any:
         """Await an actor call whose answer may carry a lease (`{"lease": ...}` or the lease
         itself). The answer is taken in a task of its own: a caller cancelled while it travels
-        does not lose it, `got_lease` still receives it."""
-        return await asyncio.shield(self.answer_of(handle, ref, got_lease, got_place))
+        does not lose it, `got_lease` still receives it. An actor that does not answer within
+        ACTOR_ANSWER s is reported (`unreachable`): one the controller cannot reach either is
+        ActorGone (the request asks for a fresh instance); else the wait goes on, to the
+        request's `deadline` at most."""
+        answer = self.answer_of(handle, ref, got_lease, got_place)
+        try:
+            return await asyncio.wait_for(asyncio.shield(answer), ACTOR_ANSWER)
+        except TimeoutError:
+            if model is None:
+                raise Unavailable("a model actor did not answer in time", retry_after=5) from None
+        if await self.unreachable(model, handle, None):
+            raise ActorGone(f"model '{model}': its instance cannot be reached", retry_after=1)
+        left = max(0.0, (deadline or 0.0) - time.time()) + CONTROLLER_WAIT
+        try:
+            return await asyncio.wait_for(asyncio.shield(answer), left)
+        except TimeoutError:
+            raise Unavailable(
+                f"model '{model}': its instance did not answer before the request's deadline",
+                retry_after=5,
+            ) from None
 
     def answer_of(
         self,
@@ -197,10 +243,15 @@ class Cluster:
         ref: Any,
         got_lease: Callable[[Any, dict[str, Any]], None],
         got_place: Callable[[Any], None] | None = None,
+        *,
+        until_lost: bool = False,
     ) -> asyncio.Future[Any]:
         """The task that takes the answer of `ref`, set up before this returns: nothing the
         caller does next (cancelled before the task ever ran) can lose a lease in it.
-        Await it shielded."""
+        Await it shielded. `until_lost`: it ends with ActorGone as soon as the controller
+        confirms this replica's report that the instance cannot be reached (`unreachable`),
+        so a request waiting in that instance's queue goes to a fresh one, before Ray would
+        declare the host dead."""
 
         def take(task: asyncio.Future[Any]) -> None:
             if task.cancelled() or task.exception() is not None:
@@ -212,21 +263,37 @@ class Cluster:
             elif got_place is not None and isinstance(answer, dict) and "queued" in answer:
                 got_place(handle)
 
-        task = asyncio.ensure_future(self.call(ref))
+        answer = self.call(ref) if not until_lost else self._unless_lost(handle, ref)
+        task = asyncio.ensure_future(answer)
         task.add_done_callback(take)
         return task
 
-    async def unreachable(self, model: str, handle: Any, url: str) -> bool:
+    async def _unless_lost(self, handle: Any, ref: Any) -> Any:
+        lost = self._lost.setdefault(actor_key(handle), asyncio.get_running_loop().create_future())
+        answer = asyncio.ensure_future(self.call(ref))
+        await asyncio.wait({answer, lost}, return_when=asyncio.FIRST_COMPLETED)
+        if answer.done():
+            return answer.result()
+        # The answer can no longer come (the actor is killed): a late one is dropped with it.
+        answer.add_done_callback(lambda done: done.cancelled() or done.exception())
+        raise ActorGone("the model's instance cannot be reached", retry_after=1)
+
+    async def unreachable(self, model: str, handle: Any, url: str | None) -> bool:
         """Tell the controller this replica could not connect to `handle`'s llama-server at
-        `url`. Whether it confirmed: the instance has left its registry, and asking for the
-        model again places a fresh one where the head can reach it."""
+        `url` (None: its actor did not answer). Whether it confirmed: the instance has left
+        its registry, and asking for the model again places a fresh one where the head can
+        reach it."""
         wait = (await self.config()).settings.upstream_connect_timeout + CONTROLLER_WAIT
-        ref = self.controller.instance_unreachable.remote(model, handle._actor_id.hex(), url)
         try:
+            controller = await self.controller_now()
+            ref = controller.instance_unreachable.remote(model, actor_key(handle), url)
             lost = bool(await asyncio.wait_for(self.call(ref), wait))
-        except (ProxifierError, ray.exceptions.RayError, TimeoutError):
+        except (ProxifierError, ray.exceptions.RayError, TimeoutError, ValueError):
             return False  # unconfirmed: the request's own 504 stands
         if lost:
+            signal = self._lost.pop(actor_key(handle), None)
+            if signal is not None and not signal.done():
+                signal.set_result(None)  # requests waiting in its queue go elsewhere
             self.forget(model, handle)
         return lost
 
@@ -243,7 +310,9 @@ class Cluster:
         """Stop using this model's cached actor (`moved`: it retired or died, which the next
         ask for the model tells the controller)."""
         if handle is not None and moved:
-            self._moved[model] = handle._actor_id.hex()
+            self._moved[model] = actor_key(handle)
+        if handle is not None:
+            self._lost.pop(actor_key(handle), None)  # nobody waits for its word any more
         if handle is None or self._handles.get(model) is handle:
             self._handles.pop(model, None)
 

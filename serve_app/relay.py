@@ -192,6 +192,8 @@ class Relay:
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _NOT_FORWARDED} | {
             "Authorization": f"Bearer {where['api_key']}"
         }
+        if path == "/props":  # read here (its path is cut): plain JSON, never compressed
+            headers = {k: v for k, v in headers.items() if k.lower() != "accept-encoding"}
         try:
             upstream = await self.session.request(
                 request.method,
@@ -224,8 +226,8 @@ class Relay:
         try:
             yield _comment(wait.queued["position"], wait.queued["model_state"])
             while (granted := await wait.granted(wait.keepalive)) is None:
-                with contextlib.suppress(Exception):
-                    where = await wait.position()
+                with contextlib.suppress(Exception):  # no answer in time: a comment less
+                    where = await asyncio.wait_for(wait.position(), wait.keepalive)
                     yield _comment(where["position"], where["model_state"])
         except (asyncio.CancelledError, GeneratorExit):
             wait.abandon()
@@ -380,19 +382,17 @@ class Relay:
                 )
         except STALE_CONNECTION as exc:
             # refused, or a fresh connection closed unanswered too
+            if isinstance(exc, aiohttp.ClientConnectorError) and not reached(exc.os_error):
+                raise Unreachable(
+                    f"model '{model}' could not be reached: {exc.os_error}", lease["url"]
+                ) from None
             if call.reused:
                 # A slot held from an earlier request outlived its llama-server (a crash, a
                 # restart, a stop, a lost node): nothing reached the client yet, so the
                 # request starts over through the queue.
                 raise StaleLease from None
-            if isinstance(exc, aiohttp.ClientConnectorError) and not reached(exc.os_error):
-                raise Unreachable(
-                    f"model '{model}' could not be reached: {exc.os_error}", lease["url"]
-                ) from None
             raise UpstreamFailed(f"model '{model}' refused the request: {exc}") from None
         except aiohttp.ConnectionTimeoutError:
-            if call.reused:
-                raise StaleLease from None
             raise Unreachable(
                 f"model '{model}' did not accept a connection within"
                 f" {config.settings.upstream_connect_timeout:g} s (upstream_connect_timeout)",
@@ -437,7 +437,9 @@ def _after_first_byte(upstream: aiohttp.ClientResponse, idle: float) -> None:
     here, so relaying a chunk costs nothing more (aiohttp restarts the timer on each read)."""
     connection = upstream.connection
     protocol = connection.protocol if connection is not None else None
-    if protocol is not None:
+    # A body already complete has no timer (aiohttp dropped it at its end): none is started
+    # on a connection that goes back to the pool.
+    if protocol is not None and not upstream.content.is_eof():
         protocol.read_timeout = idle
         protocol.start_timeout()  # the timer running now was set with the first-byte deadline
 

@@ -111,8 +111,8 @@ class Security:
                 await _refuse(scope, send, Denied(*refusal))
                 return
         if not auth.enabled or is_public(path, auth) or open_dashboard:
-            if auth.enabled and is_public(path, auth):
-                _note_caller(auth, scope, headers)  # a key that may read it sees more
+            if auth.enabled and path == "/metrics" and is_public(path, auth):
+                _note_caller(auth, scope, headers)  # a key that may read it sees the names
             await self.app(scope, receive, send)
             return
         names = [k.decode("latin-1").lower() for k, _ in scope["headers"]]

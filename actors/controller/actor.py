@@ -31,13 +31,15 @@ from actors.controller.views import among, by_priority
 from actors.controller.watchers import ServeWatcher, watch_auth_file
 from actors.log_reader import log_lines_on
 from actors.model import NAMESPACE, cluster_singleton_options
-from actors.ray_glue import Background, call
+from actors.ray_glue import Background, call, nodes_now
 from proxifier.config import AuthConfig, ModelsConfig
 from proxifier.errors import ModelNotFound, NotFound, Refused, Unavailable
 from proxifier.metrics import LOAD_BUCKETS, Histogram
 from proxifier.planning import group_members, group_stop_plan, startup_order
 
 __all__ = ["CONTROLLER_NAME", "Controller", "create_controller", "get_controller"]
+
+METRICS_WAIT = 2.5  # seconds /metrics waits for each model actor before it counts as unreachable
 
 
 class Controller:
@@ -142,31 +144,39 @@ class Controller:
     def resolve(self, name: str) -> str:
         return self._resolve(name)
 
-    async def instance_unreachable(self, name: str, actor_id: str, url: str) -> bool:
+    async def instance_unreachable(self, name: str, actor_id: str, url: str | None) -> bool:
         """The ingress could not connect to this model's llama-server at `url` within
-        upstream_connect_timeout. Tried again from here: if it fails too, the instance leaves
-        the registry (its actor is killed; the kill lands when the host answers again, or Ray
-        ends it with the node) and its node takes no new model while it stays unreachable.
-        Whether the caller should ask for the model again (a fresh instance, elsewhere)."""
+        upstream_connect_timeout (None: its actor did not answer a request for a slot).
+        Tried again from here, at that address or at the raylet of the actor's node: if it
+        fails too, the instance leaves the registry (its actor is killed; the kill lands
+        when the host answers again, or Ray ends it with the node) and its node takes no new
+        model while it stays unreachable. Whether the caller should ask for the model again
+        (a fresh instance, elsewhere)."""
         handle = self.registry.handles.get(name)
         if handle is None or handle._actor_id.hex() != actor_id:
             return True  # replaced already: the next ask finds the one there is now
-        where = urlsplit(url)
-        if where.hostname is None or where.port is None:
-            raise ValueError(f"not a llama-server URL: {url!r}")
-        error = await self.reach.fails(where.hostname, where.port)
-        if error is None or self.registry.handles.get(name) is not handle:
-            return error is not None
         node_id = self.registry.nodes_of.get(name)
-        limit = self.config.settings.upstream_connect_timeout
-        reason = f"{where.hostname}:{where.port} did not accept a connection in {limit:g} s"
-        if not isinstance(error, TimeoutError):
-            reason = f"{where.hostname}:{where.port} could not be reached ({error})"
-        if node_id is not None:
-            self.reach.mark(node_id, where.hostname, where.port, reason)
-        self.registry.forget(name, handle)
-        self.registry.explain(name, "unreachable", f"its llama-server at {reason}")
-        self._event("unreachable", model=name, node_id=node_id, reason=reason)
+        if node_id is None:
+            return False  # nowhere known to try: Ray decides, as before
+        llama = None
+        if url is not None:
+            where = urlsplit(url)
+            if where.hostname is None or where.port is None:
+                raise ValueError(f"not a llama-server URL: {url!r}")
+            llama = (where.hostname, where.port)
+        view = next((v for v in await nodes_now() if v.node_id == node_id and v.alive), None)
+        raylet = (view.address, view.manager_port) if view and view.manager_port else None
+        away = await self.reach.judge(node_id, llama, raylet)
+        if away is None:
+            return False
+        # The llama-server's port alone may be cut (a firewall): only this instance goes.
+        # The host cut off: every instance there goes with it.
+        for model, lost in list(self.registry.handles.items()):
+            there = away.whole_host and self.registry.nodes_of.get(model) == node_id
+            if lost is handle or there:
+                self.registry.forget(model, lost)
+                self.registry.explain(model, "unreachable", away.reason)
+                self._event("unreachable", model=model, node_id=node_id, reason=away.reason)
         return True
 
     async def start_model(self, name: str, wait: bool = True) -> dict[str, Any]:
@@ -209,7 +219,8 @@ class Controller:
         if handle is not None:
             return await call(handle.logs.remote(lines), VIEW_WAIT)
         try:
-            ref = log_lines_on(self.registry.last_node.get(model), model, lines)
+            here = ray.get_runtime_context().get_node_id()  # the head: a one-host cluster's
+            ref = log_lines_on(self.registry.last_node.get(model, here), model, lines)
             return await call(ref, VIEW_WAIT)
         except ray.exceptions.RayError as error:  # that node is gone, and its files with it
             raise Unavailable(
@@ -331,7 +342,8 @@ class Controller:
 
     async def metrics_data(self) -> dict[str, Any]:
         return {
-            "statuses": await self.status(),
+            # Less than a scrape's timeout (10 s by default) even with a host frozen.
+            "statuses": await self.status(within=METRICS_WAIT),
             "replicas": [snapshot for _, snapshot in self.replica_metrics.values()],
             "load_seconds": {m: h.to_dict() for m, h in self.load_seconds.items()},
             "evictions": dict(self.registry.evictions),

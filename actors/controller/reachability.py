@@ -12,7 +12,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from proxifier.reachability import Unreached, reached
+from proxifier.reachability import Unreached, reached, why_unreached
 
 RECHECK_EVERY = 2.0  # seconds between tries at each host the head could not reach
 
@@ -55,10 +55,30 @@ class Reach:
         error = await asyncio.shield(trying)
         return None if reached(error) else error
 
-    def mark(self, node_id: str, host: str, port: int, reason: str) -> None:
-        self.unreached[node_id] = Unreached(node_id, host, port, time.time(), reason)
+    async def judge(
+        self, node_id: str, llama: tuple[str, int] | None, raylet: tuple[str, int] | None
+    ) -> Unreached | None:
+        """Try what a caller could not reach (the instance's llama-server, else the node's
+        raylet) and, at the same time, the raylet: None if the first answers; else the node
+        is marked unreachable (the whole host when its raylet fails too) and returned."""
+        targets = [
+            t for t in (("its llama-server", llama), ("the Ray node it runs on", raylet)) if t[1]
+        ]
+        if not targets:
+            return None
+        errors = await asyncio.gather(*(self.fails(*where) for _, where in targets))
+        if errors[0] is None:
+            return None
+        whole = raylet is not None and errors[-1] is not None
+        what, (host, port) = targets[-1] if whole else targets[0]
+        error = errors[-1] if whole else errors[0]
+        assert error is not None and host is not None
+        reason = why_unreached(what, host, port, error, self._deadline())
+        entry = Unreached(node_id, host, port, time.time(), reason, whole_host=whole)
+        self.unreached[node_id] = entry
         if self._rechecks is None or self._rechecks.done():
             self._rechecks = asyncio.create_task(self._recheck_while_unreached())
+        return entry
 
     async def _recheck_while_unreached(self) -> None:
         while self.unreached:
@@ -67,7 +87,8 @@ class Reach:
                 self._forget_dead(await self._alive())
             for node_id, entry in list(self.unreached.items()):
                 with contextlib.suppress(Exception):
-                    if await self.fails(entry.host, entry.port) is None:
+                    answered = await self.fails(entry.host, entry.port) is None
+                    if answered and self.unreached.get(node_id) is entry:  # not marked anew
                         del self.unreached[node_id]
                         self._event("reachable", node_id=node_id, host=entry.host)
                         self._wake()  # models waiting for a node may be placed there now

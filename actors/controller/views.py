@@ -6,7 +6,6 @@ nothing and call only down (registry, facts, the wanted models).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -94,15 +93,22 @@ def models_view(
 
 
 async def queue_status(handles: dict[str, Any], names: list[str]) -> list[dict[str, Any]]:
-    statuses = []
-    for model in names:
+    """Each model's queue, asked of every actor at once: one that died counts as stopped, one
+    that does not answer within VIEW_WAIT (its host frozen or cut off) as unreachable."""
+
+    async def one(model: str) -> dict[str, Any]:
+        empty = {"model": model, "state": "stopped", "depth": 0, "waiting": []}
         handle = handles.get(model)
         if handle is None:
-            statuses.append({"model": model, "state": "stopped", "depth": 0, "waiting": []})
-        else:
-            with contextlib.suppress(ray.exceptions.RayActorError, TimeoutError):
-                statuses.append(await asyncio.wait_for(handle.queue_status.remote(), VIEW_WAIT))
-    return statuses
+            return empty
+        try:
+            return await asyncio.wait_for(handle.queue_status.remote(), VIEW_WAIT)
+        except ray.exceptions.RayActorError:
+            return empty
+        except TimeoutError:
+            return {**empty, "state": "unreachable"}
+
+    return list(await asyncio.gather(*(one(model) for model in names)))
 
 
 async def status_of(name: str, parts: Viewed, within: float = VIEW_WAIT) -> dict[str, Any]:
@@ -118,7 +124,10 @@ async def status_of(name: str, parts: Viewed, within: float = VIEW_WAIT) -> dict
         "state": "stopped",
     }
     handle = registry.handles.get(name)
-    if handle is not None:
+    away = registry.unreached.get(registry.nodes_of.get(name, ""))
+    if handle is not None and away is not None and away.whole_host:  # known: no need to wait
+        entry.update(state="unreachable", last_error=f"its host is unreachable: {away.reason}")
+    elif handle is not None:
         try:
             entry.update(await asyncio.wait_for(handle.stats.remote(), within))
         except ray.exceptions.RayActorError as error:

@@ -22,8 +22,8 @@ def test_events_an_operator_wants_read_as_one_line() -> None:
     assert event_line({"kind": "config_rejected", "errors": ["a", "b"]}) == (
         "warning: config rejected (the running one is kept): a; b"
     )
-    unreachable = {"kind": "unreachable", "model": "m", "node_id": "ab12",
-                   "reason": "10.0.0.7:8080 did not accept a connection in 5 s"}  # fmt: skip
+    reason = "its llama-server at 10.0.0.7:8080 did not accept a connection in 5 s"
+    unreachable = {"kind": "unreachable", "model": "m", "node_id": "ab12", "reason": reason}
     assert event_line(unreachable) == (
         "warning: m: its llama-server at 10.0.0.7:8080 did not accept a connection in 5 s;"
         " placed elsewhere, and node ab12 takes no new model until it answers"

@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 
 from actors.model.admission import Admission as ActorAdmission
-from proxifier.config import ModelConfig, Settings
+from proxifier.config import ModelConfig, ModelsConfig, Settings
 from proxifier.errors import QueueTimeout, Unavailable
 from proxifier.lifecycle import ModelState
-from serve_app.admit import DEADLINE_GRACE, Admission
+from serve_app.admit import DEADLINE_GRACE, Admission, Requeue
 from serve_app.call import Call, Owned
 from serve_app.replica_slots import RayBackend
 
@@ -41,7 +41,8 @@ class ModelActor:
         self.grant: asyncio.Future[dict[str, Any]] = loop.create_future()
         self.wait_lease = Method(lambda _rid: self.grant)
         self.abandon = Method(lambda _rid: _done(loop))
-        self.release_many = Method(lambda _released: _done(loop))
+        self.gave_back = asyncio.Event()  # a release reached the actor
+        self.release_many = Method(lambda _released: (self.gave_back.set(), _done(loop))[1])
 
     def released(self) -> list[str]:
         return [lease_id for (group,) in self.release_many.calls for lease_id, _ in group]
@@ -104,8 +105,7 @@ async def test_a_lease_granted_after_the_client_left_goes_straight_back(waited: 
     # The actor granted the slot before it heard of the abandon: the answer still arrives,
     # and the slot goes back at once with no request served on it.
     actor.grant.set_result({"lease_id": "lease_1", "request_id": "req_1"})
-    for _ in range(3):
-        await asyncio.sleep(0)
+    await asyncio.wait_for(actor.gave_back.wait(), 5)
     assert actor.released() == ["lease_1"]
     assert owned.leases == {}
 
@@ -156,3 +156,35 @@ async def test_a_wait_the_actor_never_ends_ends_at_the_requests_deadline() -> No
     assert "did not answer the queued request by its deadline" in timed_out.value.message
     assert actor.abandon.calls == [("req_1",)]  # its place goes back, should the actor wake
     assert not owned.places
+
+
+class Controller:
+    """What `Cluster.unreachable` asks: the controller confirms the instance is lost."""
+
+    def __init__(self) -> None:
+        self.instance_unreachable = Method(lambda *_: _answer(True))
+
+
+def _answer(value: Any) -> asyncio.Future[Any]:
+    future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    future.set_result(value)
+    return future
+
+
+async def test_a_wait_on_an_instance_confirmed_unreachable_moves_to_a_fresh_one() -> None:
+    """Its model actor will never answer (its host cut off): once the controller confirms a
+    report, the request waiting in its queue asks again (Requeue) at once, rather than at its
+    deadline or when Ray declares the host dead."""
+    actor = ModelActor()
+    admission, call, _ = waiting_request(actor)
+    controller = Controller()
+    admission.slots._controller = controller
+    admission.slots._config = ModelsConfig()
+    admission.slots._fetched = time.monotonic()
+    task = asyncio.ensure_future(admission.wait_granted(call, {"position": 1}))
+    await asyncio.sleep(0)
+    assert await admission.slots.unreachable("m", actor, "http://10.0.0.7:8080")
+    with pytest.raises(Requeue):
+        await asyncio.wait_for(task, 5)
+    assert controller.instance_unreachable.calls[0][0] == "m"
+    assert "m" not in admission.slots._handles  # the next ask goes to the controller
