@@ -10,25 +10,19 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import httpx
-
 from tests.multihost.cluster import ProductOnHosts, dump
 from tests.multihost.history import OK, Background, check, outcomes
+from tests.multihost.workload import ask
 
 STORE = "store"
 MODELS: dict[str, dict[str, Any]] = {
     "ready-w1": {"num_gpus": 0, "labels": {"host": "w1"}},
     "cold-w2": {"num_gpus": 0, "labels": {"host": "w2"}},
 }
-CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
 # How long a raylet, a driver or a worker waits for a GCS that went away before it exits (Ray's
 # default 60 s, shortened for test time): the outage below stays well inside it.
 RAY_ENV = {"RAY_gcs_rpc_server_reconnect_timeout_s": "25"}
 OUTAGE = 12.0  # seconds the GCS stays down
-
-
-def ask(http: httpx.Client, model: str) -> httpx.Response:
-    return http.post("/v1/chat/completions", json={"model": model, **CHAT})
 
 
 def test_a_gcs_restart_with_redis_keeps_ready_models_serving(product: ProductOnHosts) -> None:

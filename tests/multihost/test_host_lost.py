@@ -18,19 +18,11 @@ import pytest
 from tests.multihost.cluster import ProductOnHosts, dump
 from tests.multihost.history import FAIL, OK, Background, Window, check, outcomes
 from tests.multihost.hosts import Hosts
+from tests.multihost.workload import ANYWHERE_AND_PINNED, ask, warm_and_find
 
 # A cooldown no test waits out: a model that comes back only after it has failed the test.
 SETTINGS = {"cooldown": 3600}
-MODELS: dict[str, dict[str, Any]] = {
-    "anywhere": {"num_gpus": 1, "priority": 8},  # either worker's one GPU
-    "pin-w1": {"num_gpus": 0, "labels": {"host": "w1"}},
-    "pin-w2": {"num_gpus": 0, "labels": {"host": "w2"}},
-}
-CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
-
-
-def ask(http: httpx.Client, model: str) -> httpx.Response:
-    return http.post("/v1/chat/completions", json={"model": model, **CHAT})
+MODELS = ANYWHERE_AND_PINNED
 
 
 def placed(product: ProductOnHosts, http: httpx.Client) -> dict[str, tuple[Any, Any]]:
@@ -61,12 +53,7 @@ def test_a_lost_worker_fails_over_and_serves_at_once_when_back(
     net = product.net
     lose, restore = FAULTS[fault]
     with product.client(timeout=60) as http:
-        warm = {model: ask(http, model) for model in MODELS}
-        assert {m: a.status_code for m, a in warm.items()} == dict.fromkeys(MODELS, 200)
-        expected = warm["anywhere"].json()["choices"][0]["message"]["content"]
-        victim = product.where(http, "anywhere")
-        assert victim in ("w1", "w2"), product.models(http)
-        other = "w2" if victim == "w1" else "w1"
+        expected, victim, other = warm_and_find(product, http)
         stranded, untouched = f"pin-{victim}", f"pin-{other}"
         assert product.where(http, stranded) == victim
 
@@ -194,10 +181,7 @@ def test_a_llama_server_the_head_cannot_reach_is_replaced_before_ray_notices(
     stood.)"""
     net = product.net
     with product.client(timeout=60) as http:
-        expected, _ = warmed(product, http)
-        victim = product.where(http, "anywhere")
-        assert victim in ("w1", "w2"), product.models(http)
-        other = "w2" if victim == "w1" else "w1"
+        expected, victim, other = warm_and_find(product, http)
         port = product.models(http)["anywhere"]["port"]
         with Background(product.async_client, list(MODELS)) as load:
             product.wait_until("the load runs", lambda: len(load.history) > 12, 30)

@@ -8,27 +8,16 @@ the old instance is gone (its kill lands), nothing runs twice, and the host serv
 from __future__ import annotations
 
 import time
-from typing import Any
-
-import httpx
 
 from tests.multihost.cluster import ProductOnHosts, dump
 from tests.multihost.history import OK, Background, Window, check, outcomes
+from tests.multihost.workload import ANYWHERE_AND_PINNED, ask, warm_and_find
 
 # Ray declares a node dead only after 60 missed health checks (about a minute here, as with
 # Ray's defaults on a busy cluster): longer than the product needs, and than the partition.
 RAY_ENV = {"RAY_health_check_failure_threshold": "60"}
 SETTINGS = {"cooldown": 3600}  # a model back only after a cooldown has failed the test
-MODELS: dict[str, dict[str, Any]] = {
-    "anywhere": {"num_gpus": 1, "priority": 8},  # either worker's one GPU
-    "pin-w1": {"num_gpus": 0, "labels": {"host": "w1"}},
-    "pin-w2": {"num_gpus": 0, "labels": {"host": "w2"}},
-}
-CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
-
-
-def ask(http: httpx.Client, model: str) -> httpx.Response:
-    return http.post("/v1/chat/completions", json={"model": model, **CHAT})
+MODELS = ANYWHERE_AND_PINNED
 
 
 def test_a_partitioned_worker_is_left_before_ray_declares_it_dead(
@@ -36,12 +25,7 @@ def test_a_partitioned_worker_is_left_before_ray_declares_it_dead(
 ) -> None:
     net = product.net
     with product.client(timeout=60) as http:
-        warm = {model: ask(http, model) for model in MODELS}
-        assert {m: a.status_code for m, a in warm.items()} == dict.fromkeys(MODELS, 200)
-        expected = warm["anywhere"].json()["choices"][0]["message"]["content"]
-        victim = product.where(http, "anywhere")
-        assert victim in ("w1", "w2"), product.models(http)
-        other = "w2" if victim == "w1" else "w1"
+        expected, victim, other = warm_and_find(product, http)
         with Background(product.async_client, list(MODELS), deadline=60) as load:
             product.wait_until("the load runs", lambda: len(load.history) > 12, 30)
             cut = time.monotonic()

@@ -14,10 +14,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import httpx
-
 from tests.multihost.cluster import ProductOnHosts, dump
 from tests.multihost.history import FAIL, OK, Background, Op, check, outcomes
+from tests.multihost.workload import ask
 
 MODELS: dict[str, dict[str, Any]] = {
     # Streams of 8 tokens, 50 ms apart: most requests are mid-stream at any moment; one that
@@ -33,11 +32,6 @@ MODELS: dict[str, dict[str, Any]] = {
     "slow-load": {"num_gpus": 0, "labels": {"host": "w2"}, "env": {"FAKE_LLAMA_LOAD_DELAY": "5"}},
 }
 LOADED = ["slow-w1", "steady-w2"]  # the models under load
-CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
-
-
-def ask(http: httpx.Client, model: str) -> httpx.Response:
-    return http.post("/v1/chat/completions", json={"model": model, **CHAT})
 
 
 def in_flight_at(history: list[Op], moment: float, model: str) -> list[Op]:
