@@ -30,13 +30,25 @@ def test_a_partitioned_worker_is_left_before_ray_declares_it_dead(
             product.wait_until("the load runs", lambda: len(load.history) > 12, 30)
             cut = time.monotonic()
             net.drop(victim)  # every packet, both ways, without a word
-            moved = product.wait_until(
-                "anywhere answers from the other worker",
-                lambda: (
-                    ask(http, "anywhere").is_success and product.where(http, "anywhere") == other
-                ),
-                45,
-            )
+            polls: list[str] = []  # what each look saw: the failure message names them
+
+            def served_elsewhere() -> bool:
+                started = time.monotonic()
+                try:
+                    answer = ask(http, "anywhere")
+                    where = product.where(http, "anywhere")
+                except httpx.HTTPError as error:
+                    polls.append(f"{started - cut:.1f} s: {type(error).__name__}")
+                    raise
+                polls.append(f"{started - cut:.1f} s: {answer.status_code} from {where}")
+                return answer.is_success and where == other
+
+            try:
+                moved = product.wait_until(
+                    "anywhere answers from the other worker", served_elsewhere, 55
+                )
+            except AssertionError as error:
+                raise AssertionError(f"{error}\npolls: {polls}") from None
             assert victim in product.alive_hosts(http), "Ray noticed first: the test proves nothing"
             refused = ask(http, f"pin-{victim}")  # only the lost host may hold it
             net.heal(victim)
