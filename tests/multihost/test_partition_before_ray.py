@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import time
 
+import httpx
+
 from tests.multihost.cluster import ProductOnHosts, dump
 from tests.multihost.history import OK, Background, Window, check, outcomes
 from tests.multihost.workload import ANYWHERE_AND_PINNED, ask, warm_and_find
