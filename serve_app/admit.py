@@ -19,16 +19,13 @@ from fastapi.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from proxifier.errors import ProxifierError, QueueTimeout, Unavailable
-from serve_app.backend import ATTEMPTS
+from serve_app.backend import ATTEMPTS, time_left
 from serve_app.call import MOVED, Accepted, Call, Grant, Granted, Owned
 from serve_app.gate import Inbound
 from serve_app.relay import Relay, StaleLease, Unreachable
 from serve_app.replica_slots import RayBackend
 
 QUICK_ANSWER = 1.0  # seconds a queued stream waits before it commits to a 200 and keep-alives
-# seconds past a request's deadline (queue_timeout) the ingress waits for its model actor to
-# say so itself, before it ends the wait on its own
-DEADLINE_GRACE = 5.0
 LEASES = "proxifier.leases"  # where LeaseGuard leaves a request's Owned in the ASGI scope
 
 
@@ -196,7 +193,7 @@ class Admission:
                 done, _ = await asyncio.wait({waiting}, timeout=QUICK_ANSWER)
                 if not done:
                     return QueuedStream(self, call, queued, waiting, self.inbound.keepalive)
-            lease = await asyncio.wait_for(asyncio.shield(waiting), past_deadline(call))
+            lease = await asyncio.wait_for(asyncio.shield(waiting), time_left(call.deadline))
         except TimeoutError:
             self.abandon(call, waiting)
             raise unanswered(call) from None
@@ -308,7 +305,7 @@ class QueuedStream:
         while True:
             done, _ = await asyncio.wait({self.waiting}, timeout=timeout)
             if not done:
-                if past_deadline(self.call) <= 0:
+                if time_left(self.call.deadline) <= 0:
                     self.abandon()
                     raise unanswered(self.call)
                 return None
@@ -324,12 +321,6 @@ class QueuedStream:
 
     def abandon(self) -> None:
         self.admission.abandon(self.call, self.waiting)
-
-
-def past_deadline(call: Call) -> float:
-    """Seconds left until the request's wait must end even if its model actor never says so
-    (its host frozen or cut off: the actor's own queue_timeout cannot fire there)."""
-    return max(0.0, call.deadline + DEADLINE_GRACE - time.time())
 
 
 def unanswered(call: Call) -> QueueTimeout:

@@ -8,6 +8,7 @@ All state that matters lives in actors, so any number of replicas can run side b
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -29,6 +30,15 @@ ATTEMPTS = 3  # a retired or dead model actor is replaced this many times per re
 # seconds a model actor may take to answer a request for a slot before this replica asks the
 # controller whether its host can be reached (a report costs one connection attempt there)
 ACTOR_ANSWER = 5.0
+# seconds past a request's deadline (queue_timeout) the ingress waits for the actor that keeps
+# it (the controller, a model actor) to say so itself, before it ends the wait on its own
+DEADLINE_GRACE = 5.0
+
+
+def time_left(deadline: float) -> float:
+    """Seconds until a wait for the request with this deadline (wall clock) ends here even
+    if the actor that should end it never answers (its loop stuck, its host cut off)."""
+    return max(0.0, deadline + DEADLINE_GRACE - time.time())
 
 
 def actor_key(handle: Any) -> Any:
@@ -98,9 +108,7 @@ class Cluster:
             if self._config is not None and time.monotonic() - self._fetched <= CONFIG_TTL:
                 return  # another caller just did
             try:
-                if self._controller is None:  # a name lookup: the GCS, off the event loop
-                    self._controller = await from_gcs(get_controller, CONTROLLER_WAIT)
-                controller = self._controller
+                controller = await self.controller_now()
                 self._config, self._auth = await asyncio.wait_for(
                     asyncio.gather(
                         self.call(controller.get_config.remote()),
@@ -181,7 +189,7 @@ class Cluster:
                 if got_lease is None:
                     return handle, await self.call(call(handle))
                 return handle, await self.leased(
-                    handle, call(handle), got_lease, got_place, model=model, deadline=deadline
+                    handle, call(handle), got_lease, got_place, model, deadline
                 )
             except (ModelRetired, ActorGone, ray.exceptions.RayActorError) as error:
                 self.forget(model, handle, moved=True)
@@ -195,9 +203,7 @@ class Cluster:
         """The controller's answer to get_model: it keeps the request's deadline itself, and
         this one holds when the controller cannot (its loop stuck, Ray restarting it)."""
         try:
-            return await asyncio.wait_for(
-                self.call(ref), max(0.0, deadline - time.time()) + CONTROLLER_WAIT
-            )
+            return await asyncio.wait_for(self.call(ref), time_left(deadline))
         except TimeoutError:
             raise Unavailable(
                 f"model '{model}': the controller did not answer before the request's deadline",
@@ -209,10 +215,9 @@ class Cluster:
         handle: Any,
         ref: Any,
         got_lease: Callable[[Any, dict[str, Any]], None],
-        got_place: Callable[[Any], None] | None = None,
-        *,
-        model: str | None = None,
-        deadline: float | None = None,
+        got_place: Callable[[Any], None] | None,
+        model: str,
+        deadline: float,
     ) -> Any:
         """Await an actor call whose answer may carry a lease (`{"lease": ...}` or the lease
         itself). The answer is taken in a task of its own: a caller cancelled while it travels
@@ -221,16 +226,12 @@ class Cluster:
         ActorGone (the request asks for a fresh instance); else the wait goes on, to the
         request's `deadline` at most."""
         answer = self.answer_of(handle, ref, got_lease, got_place)
-        try:
+        with contextlib.suppress(TimeoutError):
             return await asyncio.wait_for(asyncio.shield(answer), ACTOR_ANSWER)
-        except TimeoutError:
-            if model is None:
-                raise Unavailable("a model actor did not answer in time", retry_after=5) from None
         if await self.unreachable(model, handle, None):
             raise ActorGone(f"model '{model}': its instance cannot be reached", retry_after=1)
-        left = max(0.0, (deadline or 0.0) - time.time()) + CONTROLLER_WAIT
         try:
-            return await asyncio.wait_for(asyncio.shield(answer), left)
+            return await asyncio.wait_for(asyncio.shield(answer), time_left(deadline))
         except TimeoutError:
             raise Unavailable(
                 f"model '{model}': its instance did not answer before the request's deadline",

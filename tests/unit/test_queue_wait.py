@@ -15,7 +15,8 @@ from actors.model.admission import Admission as ActorAdmission
 from proxifier.config import ModelConfig, ModelsConfig, Settings
 from proxifier.errors import QueueTimeout, Unavailable
 from proxifier.lifecycle import ModelState
-from serve_app.admit import DEADLINE_GRACE, Admission, Requeue
+from serve_app.admit import Admission, Requeue
+from serve_app.backend import DEADLINE_GRACE
 from serve_app.call import Call, Owned
 from serve_app.replica_slots import RayBackend
 
