@@ -14,9 +14,10 @@ twice, and a burst of starts never overruns `max_running_models`.
 (the pass loop), counts (placement by amounts), memory (placement by GPU memory), victims (whom
 to stop), explain (the reason texts), state (the pass's working tables), gpus (GPU arithmetic),
 facts (what a pass is told, and the rules every part shares), actions (what it answers).
+`scaling` decides how many replicas each model runs; its answer becomes wants and drains.
 """
 
-from proxifier.scheduler.actions import Action, Evict, Fail, Place, Wait
+from proxifier.scheduler.actions import Action, Drain, Evict, Fail, Place, Wait
 from proxifier.scheduler.decision import decide
 from proxifier.scheduler.facts import (
     EPSILON,
@@ -30,24 +31,43 @@ from proxifier.scheduler.facts import (
 )
 from proxifier.scheduler.failures import Failure, in_force
 from proxifier.scheduler.gpus import GIB, gpu_fraction
+from proxifier.scheduler.scaling import (
+    Policy,
+    Replica,
+    Scale,
+    Trend,
+    desired_replicas,
+    keep_order,
+    surplus,
+    to_drain,
+)
 
 __all__ = [
     "EPSILON",
     "GIB",
     "Action",
+    "Drain",
     "Evict",
     "Fail",
     "Failure",
     "Limits",
     "Node",
     "Place",
+    "Policy",
+    "Replica",
     "Resident",
+    "Scale",
+    "Trend",
     "Wait",
     "Want",
     "decide",
     "demand_order",
+    "desired_replicas",
     "fits",
     "gpu_fraction",
     "in_force",
+    "keep_order",
     "labels_match",
+    "surplus",
+    "to_drain",
 ]

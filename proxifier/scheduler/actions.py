@@ -20,11 +20,21 @@ class Place:
 class Evict:
     """Stop `victim` to make room for `for_model`; the Place that follows needs it gone first.
 
-    reason: "priority" (lower priority), "swap" (equal priority), "capacity" (max_running_models).
+    reason: "priority" (lower priority), "swap" (equal priority), "surplus" (a replica above its
+    model's count), "capacity" (max_running_models).
     """
 
     victim: str
     for_model: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Drain:
+    """Scale in: the replica takes no new request, finishes what it has, then stops."""
+
+    model: str
+    replica: str
     reason: str
 
 
@@ -44,4 +54,4 @@ class Fail:
     reason: str
 
 
-Action = Place | Evict | Wait | Fail
+Action = Place | Evict | Drain | Wait | Fail

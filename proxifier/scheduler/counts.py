@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import bisect
 import operator
+from collections.abc import Set as AbstractSet
 
 from proxifier.scheduler.actions import Action, Evict, Fail, Place, Wait
 from proxifier.scheduler.explain import busy_reason, fail_reason
-from proxifier.scheduler.facts import EPSILON, NeedsKey, SelectorKey, Want, needs_key
+from proxifier.scheduler.facts import EPSILON, NeedsKey, SelectorKey, Want, evict_reason, needs_key
 from proxifier.scheduler.state import BusyPlan, FitList, PassState, PlacePlan, Reach, reach_of
 from proxifier.scheduler.victims import capacity_victims, search
 
@@ -23,11 +24,11 @@ def decide_by_counts(state: PassState, want: Want, actions: list[Action]) -> Non
     if not reach.nodes:
         actions.append(Fail(want.name, fail_reason(state, want.name, selector, needs)))
         return
-    priority = want.priority
+    priority = want.evicts_below
     if state.over_capacity(0) and not capacity_victims(state, priority, 1, set()):
         state.wait(actions, want.name, ("capacity", priority))
         return
-    plan = plan_for(state, selector, needs, priority, reach)
+    plan = plan_for(state, selector, needs, priority, reach, state.siblings_on(want))
     if isinstance(plan, BusyPlan):
         state.reserve(want.name, needs, plan)
         actions.append(Wait(want.name, busy_reason(state, plan)))
@@ -47,16 +48,15 @@ def decide_by_counts(state: PassState, want: Want, actions: list[Action]) -> Non
             actions.append(Evict(resident.name, want.name, "capacity"))
         # What they freed may offer a better node or a free fit. The old plan still works,
         # so this is a place plan again.
-        replanned = plan_for(state, selector, needs, priority, reach)
+        replanned = plan_for(state, selector, needs, priority, reach, state.siblings_on(want))
         if not isinstance(replanned, PlacePlan):  # unreachable; never place blind
             state.wait(actions, want.name, ("wait", selector, needs, priority))
             return
         plan = replanned
     for resident in plan.victims:
         state.evict(resident)
-        reason = "priority" if resident.priority < priority else "swap"
-        actions.append(Evict(resident.name, want.name, reason))
-    state.place(want.name, needs, plan.node_id)
+        actions.append(Evict(resident.name, want.name, evict_reason(resident, want)))
+    state.place(want.name, needs, plan.node_id, of=want.of)
     actions.append(Place(want.name, plan.node_id))
 
 
@@ -64,11 +64,18 @@ def plan_for(
     state: PassState,
     selector: SelectorKey,
     needs: NeedsKey,
-    priority: int,
+    priority: float,
     reach: Reach,
+    siblings: AbstractSet[str] = frozenset(),
 ) -> PlacePlan | BusyPlan | None:
-    """A free fit; else the cheapest idle victim set; else busy lower-priority blockers."""
-    node_id = best_fit(state, needs, reach.node_set)
+    """A free fit (on a node without another instance of the model first: a host loss
+    never takes every replica); else the cheapest idle victim set; else busy
+    lower-priority blockers."""
+    node_id = None
+    if siblings:
+        node_id = best_fit(state, needs, reach.node_set - siblings)
+    if node_id is None:
+        node_id = best_fit(state, needs, reach.node_set)
     if node_id is not None:
         return PlacePlan(node_id, [])
     if known_failure(state, selector, needs, priority):
@@ -116,7 +123,9 @@ def fit_list(state: PassState, signature: tuple[str, ...]) -> list[tuple[tuple[f
     return fit.entries
 
 
-def known_failure(state: PassState, selector: SelectorKey, needs: NeedsKey, priority: int) -> bool:
+def known_failure(
+    state: PassState, selector: SelectorKey, needs: NeedsKey, priority: float
+) -> bool:
     """Whether an earlier want of this pass proved that this one finds nothing either.
 
     An earlier want with the same selector, at least this priority and at most these needs

@@ -46,6 +46,15 @@ class Resident:
     # GPU index on its node -> the fraction of it held, as Ray assigned them (the actor reports
     # them); empty while not known, when the pass assumes Ray's first fit.
     gpus: Mapping[int, float] = field(default_factory=dict)
+    model: str = ""  # the model it is a replica of ("": its name is the model's)
+    # A replica above what its model keeps (min_replicas; every one beyond the first of an
+    # on-demand model): the first victim of any want of its priority or above (DESIGN §13).
+    surplus: bool = False
+
+    @property
+    def of(self) -> str:
+        """The model this instance serves."""
+        return self.model or self.name
 
 
 @dataclass(frozen=True)
@@ -61,6 +70,21 @@ class Want:
     # whole GPUs when it needs more than one holds; `needs` then says nothing of "GPU".
     # 0: placed by `needs` alone.
     gpu_memory: float = 0.0
+    model: str = ""  # the model it is a replica of ("": its name is the model's)
+    # One more replica of a model that already runs: it may stop only lower priorities
+    # (scaling out never swaps out an equal-priority model, DESIGN §13).
+    scale_out: bool = False
+
+    @property
+    def of(self) -> str:
+        """The model this instance would serve."""
+        return self.model or self.name
+
+    @property
+    def evicts_below(self) -> float:
+        """The priority it competes with for victims: its own, or for a scale-out half a
+        level below it, so that `eligible` lets it stop lower priorities only."""
+        return self.priority - 0.5 if self.scale_out else float(self.priority)
 
 
 @dataclass(frozen=True)
@@ -133,6 +157,21 @@ def needs_key(needs: Mapping[str, float]) -> NeedsKey:
     )
 
 
+def rank(resident: Resident) -> int:
+    """Where a resident stands in the victim order: its priority, or 0 for a surplus replica
+    (before every other candidate; whom it may be stopped for is `PassState.eligible`'s)."""
+    return 0 if resident.surplus else resident.priority
+
+
 def victim_order(resident: Resident) -> tuple[int, float, str]:
-    """Lowest priority first, then least recently used, then the name."""
-    return (resident.priority, resident.last_used, resident.name)
+    """Surplus replicas first, then the lowest priority, then least recently used, then the
+    name. Searches stop at the first rank above what a want may stop."""
+    return (rank(resident), resident.last_used, resident.name)
+
+
+def evict_reason(victim: Resident, want: Want) -> str:
+    """Why a victim goes: "surplus" (a replica above its model's count), "priority" (lower),
+    "swap" (equal, past min_residency)."""
+    if victim.surplus:
+        return "surplus"
+    return "priority" if victim.priority < want.priority else "swap"

@@ -17,6 +17,7 @@ from proxifier.scheduler.facts import (
     Resident,
     SelectorKey,
     Want,
+    evict_reason,
     fits,
     labels_match,
     needs_key,
@@ -49,7 +50,7 @@ def decide_by_memory(state: PassState, want: Want, actions: list[Action]) -> Non
     if not candidates:
         actions.append(Fail(want.name, memory_fail_reason(state, want, other, selector)))
         return
-    priority = want.priority
+    priority = want.evicts_below
     if state.over_capacity(0) and not capacity_victims(state, priority, 1, set()):
         state.wait(actions, want.name, ("capacity", priority))
         return
@@ -84,8 +85,7 @@ def decide_by_memory(state: PassState, want: Want, actions: list[Action]) -> Non
         actions.append(Evict(resident.name, want.name, "capacity"))
     for resident in victims:
         state.evict(resident)
-        reason = "priority" if resident.priority < priority else "swap"
-        actions.append(Evict(resident.name, want.name, reason))
+        actions.append(Evict(resident.name, want.name, evict_reason(resident, want)))
     if victims or extra:  # what they freed may offer a better GPU
         fit = memory_fit(state, want, other, candidates)
     if fit is None:  # unreachable: the victims freed room; never place blind
@@ -93,7 +93,7 @@ def decide_by_memory(state: PassState, want: Want, actions: list[Action]) -> Non
         return
     node_id, gpus = fit
     total = sum(gpus.values())
-    state.place(want.name, (*other, ("GPU", total)), node_id, gpus)
+    state.place(want.name, (*other, ("GPU", total)), node_id, gpus, of=want.of)
     asked = round(total, 4) if want.gpu_memory > 0 else None
     actions.append(Place(want.name, node_id, asked))
 
@@ -127,10 +127,12 @@ def memory_fit(
     state: PassState, want: Want, other: NeedsKey, candidates: list[str]
 ) -> tuple[str, dict[int, float]] | None:
     """Where it fits now, and on which GPUs of that node (Ray's choice: the one with the
-    least room that holds a share; the first free ones for whole GPUs)."""
+    least room that holds a share; the first free ones for whole GPUs). Another replica of
+    the model's node comes last, and a GPU it holds a share of after that (DESIGN §13)."""
     other_needs = dict(other)
     spread = state.placement == "spread"
-    if want.gpu_memory > 0 and not spread:
+    siblings = state.siblings_on(want)
+    if want.gpu_memory > 0 and not spread and siblings.isdisjoint(candidates):
         fast = tightest_sized(state, want, other_needs, candidates)
         if fast is not None or all(state.nodes[n].gpu_memory > 0 for n in candidates):
             return fast[1:] if fast is not None else None
@@ -157,10 +159,31 @@ def memory_fit(
             left = float(len(empty) - count)
             gpus = dict.fromkeys(empty[:count], 1.0)
         whole = 0 if share < 1 - EPSILON else 1
-        key = (whole, -sum(table), node_id) if spread else (whole, left, node_id)
+        apart = sibling_rank(state, want, node_id, gpus) if siblings else 0
+        key = (apart, whole, -sum(table) if spread else left, node_id)
         if best is None or key < best[0]:
             best = (key, node_id, gpus)
     return None if best is None else (best[1], best[2])
+
+
+def sibling_rank(state: PassState, want: Want, node_id: str, gpus: dict[int, float]) -> int:
+    """0: no other instance of the model on the node; 1: on the node, not on these GPUs;
+    2: on one of these GPUs (shared only when nothing else fits)."""
+    if node_id not in state.siblings_on(want):
+        return 0
+    for resident in state.on_node.get(node_id, ()):
+        if (
+            resident.of == want.of
+            and resident.name not in state.evicted
+            and not gpus.keys().isdisjoint(state.gpu_holds.get(resident.name, {}))
+        ):
+            return 2
+    for name, _ in state.placed_on.get(node_id, ()):
+        if state.placed_of.get(name) == want.of and not gpus.keys().isdisjoint(
+            state.gpu_holds.get(name, {})
+        ):
+            return 2
+    return 1
 
 
 def tightest_sized(

@@ -21,6 +21,7 @@ from proxifier.scheduler.facts import (
     SelectorKey,
     Want,
     labels_match,
+    rank,
     victim_order,
 )
 from proxifier.scheduler.gpus import first_fit, gpu_fraction
@@ -139,11 +140,18 @@ class PassState:
         self.lowest_busy: dict[str, int] = {}  # node -> lowest priority of a busy candidate
         for resident in self.victim_order:
             if resident.name in self.busy:
-                self.lowest_busy.setdefault(resident.node_id, resident.priority)
+                lowest = self.lowest_busy.get(resident.node_id, resident.priority)
+                self.lowest_busy[resident.node_id] = min(lowest, resident.priority)
+        # model -> the nodes its instances are on (residents, then placements of this pass):
+        # its next replica goes elsewhere when it can (DESIGN §13)
+        self.model_nodes: dict[str, set[str]] = {}
+        for resident in self.residents.values():
+            self.model_nodes.setdefault(resident.of, set()).add(resident.node_id)
         self.evicted: set[str] = set()
         self.reserved: dict[str, str] = {}  # resident -> the waiting want it is kept for
         self.reserved_on: dict[str, list[str]] = {}  # node -> waiting wants it is kept for
         self.placed_on: dict[str, list[tuple[str, NeedsKey]]] = {}
+        self.placed_of: dict[str, str] = {}  # placed in this pass -> the model it serves
         self.running = len(self.residents)
         self.log: list[str] = []  # nodes in the order this pass changed them
         self.stamps: dict[str, int] = {}  # node -> length of the log at its last change
@@ -233,10 +241,14 @@ class PassState:
         """Whether one more model would exceed max_running_models once `leaving` are stopped."""
         return self.limit > 0 and self.running - leaving + 1 > self.limit
 
-    def eligible(self, resident: Resident, priority: int) -> bool:
-        """Whether `resident` may be stopped for a want of `priority` (idleness aside)."""
+    def eligible(self, resident: Resident, priority: float) -> bool:
+        """Whether `resident` may be stopped for a want of `priority` (idleness aside): a
+        lower priority; a surplus replica of no higher one; an equal one past min_residency.
+        (A scale-out competes half a level below its model: lower priorities only.)"""
         if resident.priority < priority:
             return True
+        if resident.surplus:
+            return resident.priority <= priority
         return resident.priority == priority and (
             resident.state in GONE
             or (
@@ -284,15 +296,23 @@ class PassState:
             for gpu, fraction in self.gpu_holds.get(resident.name, {}).items():
                 self.gpu_change(resident.node_id, gpu, fraction)
 
+    def siblings_on(self, want: Want) -> set[str]:
+        """The nodes where another instance of the want's model runs or was just placed."""
+        return self.model_nodes.get(want.of, set())
+
     def place(
         self,
         model: str,
         needs: NeedsKey,
         node_id: str,
         gpus: Mapping[int, float] | None = None,
+        of: str = "",
     ) -> None:
         """Take what the model needs on the node; `gpus`: which GPUs, when the pass chose
-        them (by memory), else Ray's first fit of its GPU count."""
+        them (by memory), else Ray's first fit of its GPU count. `of`: the model it is an
+        instance of (when not `model`)."""
+        self.model_nodes.setdefault(of or model, set()).add(node_id)
+        self.placed_of[model] = of or model
         free = self.free[node_id]
         for resource, amount in needs:
             free[resource] = free.get(resource, 0.0) - amount
@@ -353,7 +373,7 @@ def reach_of(state: PassState, selector: SelectorKey, needs: NeedsKey) -> Reach:
             # is found early and bounds the search of the other nodes.
             cheap = sorted(
                 (nid for nid in nodes if state.victims_on[nid]),
-                key=lambda nid: (state.victims_on[nid][0].priority, nid),
+                key=lambda nid: (rank(state.victims_on[nid][0]), nid),
             )
             found = Reach(nodes, frozenset(nodes), cheap)
             state.reach_by_kinds[(selector, kinds)] = found

@@ -7,7 +7,15 @@ from __future__ import annotations
 
 import bisect
 
-from proxifier.scheduler.facts import EPSILON, NeedsKey, Resident, Want, fits, victim_order
+from proxifier.scheduler.facts import (
+    EPSILON,
+    NeedsKey,
+    Resident,
+    Want,
+    fits,
+    rank,
+    victim_order,
+)
 from proxifier.scheduler.gpus import whole_count
 from proxifier.scheduler.state import (
     BusyPlan,
@@ -20,9 +28,10 @@ from proxifier.scheduler.state import (
 
 
 def _set_cost(victims: list[Resident], node_id: str) -> tuple[int, int, float, str]:
-    """Cheapest first: the highest priority stopped, how many, how recently the newest was used."""
+    """Cheapest first: the highest rank stopped (surplus replicas rank 0), how many, how
+    recently the newest was used."""
     return (
-        max(r.priority for r in victims),
+        max(rank(r) for r in victims),
         len(victims),
         max(r.last_used for r in victims),
         node_id,
@@ -30,14 +39,14 @@ def _set_cost(victims: list[Resident], node_id: str) -> tuple[int, int, float, s
 
 
 def capacity_victims(
-    state: PassState, priority: int, count: int, exclude: set[str]
+    state: PassState, priority: float, count: int, exclude: set[str]
 ) -> list[Resident] | None:
     """The first `count` idle eligible residents anywhere, in victim order; None if fewer."""
     if priority <= state.no_capacity_victim_at_or_below:
         return None
     chosen: list[Resident] = []
     for resident in state.victim_order:
-        if resident.priority > priority:
+        if rank(resident) > priority:
             break
         name = resident.name
         if name in state.evicted or name in state.reserved or name in exclude:
@@ -52,7 +61,7 @@ def capacity_victims(
 
 
 def search(
-    state: PassState, needs: NeedsKey, priority: int, reach: Reach
+    state: PassState, needs: NeedsKey, priority: float, reach: Reach
 ) -> PlacePlan | BusyPlan | None:
     """When it fits nowhere free: the cheapest idle victim set, else busy lower-priority
     blockers (with idle victims) on one node."""
@@ -61,7 +70,7 @@ def search(
         # A set's cost starts with its highest victim priority: once one is found, a node
         # is only searched up to that priority.
         ceiling = priority if best is None else best[0][0]
-        if state.victims_on[node_id][0].priority > ceiling or not may_free(
+        if rank(state.victims_on[node_id][0]) > ceiling or not may_free(
             state, node_id, needs[0], ceiling, with_busy=False
         ):
             continue
@@ -94,7 +103,7 @@ def search(
 
 
 def may_free(
-    state: PassState, node_id: str, need: tuple[str, float], ceiling: int, with_busy: bool
+    state: PassState, node_id: str, need: tuple[str, float], ceiling: float, with_busy: bool
 ) -> bool:
     """Whether stopping every candidate up to `ceiling` (busy ones too, `with_busy`) would
     free enough of the want's scarcest resource: a cheap bound before the real search."""
@@ -116,7 +125,7 @@ def may_free(
             if name in state.busy and not with_busy:
                 continue
             total += state.holds[name].get(resource, 0.0)
-            priorities.append(resident.priority)
+            priorities.append(rank(resident))
             freed.append(total)
         cached = state.potentials[key] = (stamp, priorities, freed)
     upto = bisect.bisect_right(cached[1], ceiling)
@@ -135,9 +144,9 @@ def node_victims(
     state: PassState,
     node_id: str,
     needs: NeedsKey,
-    priority: int,
+    priority: float,
     allow_busy: bool,
-    ceiling: int | None = None,
+    ceiling: float | None = None,
 ) -> list[Resident] | None:
     """Victims on one node, in victim order, until the want fits; None if they never do.
 
@@ -158,7 +167,7 @@ def node_victims(
         return []
     taken: list[Resident] = []
     for resident in state.victims_on[node_id]:
-        if resident.priority > ceiling:
+        if rank(resident) > ceiling:
             break
         name = resident.name
         if name in state.evicted or name in state.reserved:
@@ -185,7 +194,7 @@ def node_victims(
 
 
 def memory_victims(
-    state: PassState, want: Want, other: NeedsKey, candidates: list[str], priority: int
+    state: PassState, want: Want, other: NeedsKey, candidates: list[str], priority: float
 ) -> list[Resident] | None:
     """The cheapest idle victims that free room on one GPU (or whole GPUs) of one node;
     stopping a model on another GPU frees nothing for it."""
@@ -200,7 +209,7 @@ def memory_victims(
             continue
         ceiling = priority if best is None else best[0][0]
         ranked = state.victims_on[node_id]
-        if not ranked or ranked[0].priority > ceiling:
+        if not ranked or rank(ranked[0]) > ceiling:
             continue  # in victim order: its cheapest candidate is already too dear
         if not fits(other_needs, state.free[node_id]):
             continue
@@ -217,7 +226,7 @@ def one_gpu_victims(
     want: Want,
     other_needs: dict[str, float],
     allowed: frozenset[str],
-    priority: int,
+    priority: float,
 ) -> tuple[tuple[int, int, float, str], list[Resident]] | None:
     """The cheapest set on one GPU of a node where the want takes a share of one GPU.
     On a GPU the set is the shortest run of its victims, in victim order, that frees
@@ -230,9 +239,9 @@ def one_gpu_victims(
     evicted, reserved, busy = state.evicted, state.reserved, state.busy
     holds_of, free_of = state.gpu_holds, state.gpu_free
     for resident in state.gpu_victim_order:
-        if resident.priority > priority:
+        if rank(resident) > priority:
             break
-        if best is not None and resident.priority > best[0][0]:
+        if best is not None and rank(resident) > best[0][0]:
             break
         node_id = resident.node_id
         if node_id not in allowed:
@@ -253,12 +262,12 @@ def one_gpu_victims(
             free = free_of[node_id][gpu]
             taken: list[Resident] = []
             for victim in state.victims_on_gpu.get((node_id, gpu), ()):
-                if victim.priority > priority:
+                if rank(victim) > priority:
                     break
                 name = victim.name
                 if name in evicted or name in reserved or name in busy:
                     continue
-                if victim.priority == priority and not state.eligible(victim, priority):
+                if not state.eligible(victim, priority):
                     continue
                 taken.append(victim)
                 free += holds_of[name][gpu]
@@ -271,14 +280,14 @@ def one_gpu_victims(
 
 
 def whole_gpu_victims(
-    state: PassState, node_id: str, count: int, priority: int, ceiling: int
+    state: PassState, node_id: str, count: int, priority: float, ceiling: float
 ) -> list[Resident] | None:
     """For whole GPUs: those of one node that are cheapest to empty entirely, and
     everyone on them."""
     pool = {
         r.name
         for r in state.victims_on[node_id]
-        if r.priority <= ceiling
+        if rank(r) <= ceiling
         and r.name not in state.evicted
         and r.name not in state.reserved
         and r.name not in state.busy
@@ -293,7 +302,7 @@ def whole_gpu_victims(
         if held < 1 - EPSILON:  # a model placed in this pass holds some of it
             continue
         if all(r.name in pool for r in holders):
-            worst = max((r.priority for r in holders), default=0)
+            worst = max((rank(r) for r in holders), default=0)
             emptied.append(((worst, len(holders)), gpu, holders))
     if len(emptied) < count:
         return None
