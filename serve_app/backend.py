@@ -21,7 +21,7 @@ from actors.ray_glue import Background, call, from_gcs
 from proxifier.auth import ADMIN, Caller, may_use_model, models_for
 from proxifier.config import AuthConfig, ModelsConfig
 from proxifier.errors import ActorGone, ModelNotFound, ModelRetired, ProxifierError, Unavailable
-from serve_app.route import Snapshot
+from serve_app.route import ReplicaView, Snapshot
 
 CONFIG_TTL = 1.0  # seconds a replica trusts its copy of the config (reloads show up this fast)
 CONFIG_STALE = 2.0  # ... and uses it while a fresh one comes (never longer: revoked keys)
@@ -303,9 +303,10 @@ class Cluster:
         self._background.keep(asyncio.ensure_future(self.unreachable(model, handle, url)))
 
     def snapshot(self, model: str) -> Snapshot:
-        """The instances of `model` this replica knows, for `serve_app.route` to choose from."""
+        """The instances of `model` this replica knows, for `serve_app.route` to choose from
+        (one today: its load is the model actor's to weigh, in its own queue)."""
         handle = self._handles.get(model)
-        return () if handle is None else (handle,)
+        return () if handle is None else (ReplicaView(handle, model),)
 
     def forget(self, model: str, handle: Any = None, moved: bool = False) -> None:
         """Stop using this model's cached actor (`moved`: it retired or died, which the next
