@@ -277,6 +277,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        code = _command(argv)
+        sys.stdout.flush()  # here, where a reader gone away is still ours to handle
+        return code
+    except BrokenPipeError:
+        # `proxifier status | head`: the reader has what it wanted. The rest goes nowhere,
+        # with no traceback (Python's advice for SIGPIPE, docs: signal, "Note on SIGPIPE").
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _command(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "config" and args.config_command == "validate":
         return config_validate(args.models, args.auth)

@@ -57,9 +57,11 @@ def _gib(value: float | None) -> str:
     return f"{value / 1024**3:.1f}G" if value else "-"
 
 
-def _gpu_text(model: dict[str, Any]) -> str:
+def _gpu_text(model: dict[str, Any], cluster_gpus: bool = True) -> str:
     """Which GPUs and what share of them a model holds, and the memory it needs (measured,
-    else configured, else estimated: `need`)."""
+    else configured, else estimated: `need`); on a cluster without GPUs, nothing."""
+    if not cluster_gpus:
+        return "-"
     memory = model.get("gpu_memory") or {}
     ids = model.get("gpu_ids") or []
     share = memory.get("num_gpus")
@@ -67,7 +69,17 @@ def _gpu_text(model: dict[str, Any]) -> str:
     return f"{held} need {_gib(memory.get('need'))}"
 
 
-def _status_rows(models: list[dict[str, Any]]) -> list[list[str]]:
+def _has_gpus(admin: Admin) -> bool:
+    """Whether some node has a GPU; True when the key may not read the cluster (the GPU
+    column then says what a model would need on one)."""
+    try:
+        nodes = admin.call("GET", "/admin/cluster")["nodes"]
+    except AdminError:
+        return True
+    return any(node.get("resources", {}).get("GPU", 0) > 0 for node in nodes)
+
+
+def _status_rows(models: list[dict[str, Any]], cluster_gpus: bool = True) -> list[list[str]]:
     head = "MODEL STATE PRI GROUP WHERE GPU IN-FLIGHT QUEUED UPTIME ERROR"
     rows = [head.split()]
     for m in models:
@@ -80,7 +92,7 @@ def _status_rows(models: list[dict[str, Any]]) -> list[list[str]]:
                 str(m["priority"]),
                 m["resource_group"],
                 where,
-                _gpu_text(m),
+                _gpu_text(m, cluster_gpus),
                 str(m.get("in_flight", 0)),
                 str(m.get("queue_depth", 0)),
                 _ago(m.get("uptime")),
@@ -94,7 +106,7 @@ def _status_text(admin: Admin) -> str:
     health = admin.call("GET", "/health")
     models = admin.call("GET", "/admin/models/status")["models"]
     head = f"{admin.url}: {health['status']}, controller {health['controller']}"
-    return f"{head}\n{table(_status_rows(models))}"
+    return f"{head}\n{table(_status_rows(models, _has_gpus(admin)))}"
 
 
 CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear the screen: how `watch` and `top` redraw
@@ -111,7 +123,9 @@ def _watch_status(admin: Admin, interval: float, count: int) -> int:
             except AdminError as error:
                 text = f"error: {error}"
             stamp = time.strftime("%H:%M:%S")
-            print(f"{CLEAR}every {interval:g}s, {stamp} (Ctrl-C quits)\n{text}", flush=True)
+            # A terminal is redrawn; a pipe or a file gets one frame after another.
+            start = CLEAR if sys.stdout.isatty() else ("\n" if drawn else "")
+            print(f"{start}every {interval:g}s, {stamp} (Ctrl-C quits)\n{text}", flush=True)
             drawn += 1
             if count and drawn >= count:
                 return 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shlex
 import socket
+import sys
 
 from proxifier.auth import ADMIN, required_permissions
 from proxifier.config import AuthConfig
@@ -48,8 +49,9 @@ def key_names(auth: AuthConfig) -> list[str]:
     )
 
 
-def try_it(base_url: str, model: str, auth: AuthConfig) -> list[str]:
-    """The lines to print under "Try it:"."""
+def try_it(base_url: str, model: str, auth: AuthConfig, python: str = sys.executable) -> list[str]:
+    """The lines to print under "Try it:". `python`: the interpreter the last one names (the
+    one serving, which has the OpenAI client: no virtual environment to activate first)."""
     chat = json.dumps({"model": model, "messages": [{"role": "user", "content": "Hello"}]})
     curl = f"curl {base_url}/v1/chat/completions -H 'Content-Type: application/json'"
     lines = []
@@ -62,12 +64,12 @@ def try_it(base_url: str, model: str, auth: AuthConfig) -> list[str]:
     else:
         key = '"none"'  # the client insists on one; the server asks for none
     lines.append(f"{curl} -d {shlex.quote(chat)}")
-    python = (
+    code = (
         "import os; from openai import OpenAI; "
         f'c = OpenAI(base_url="{base_url}/v1", api_key={key}); '
         f'r = c.chat.completions.create(model="{model}", '
         'messages=[{"role": "user", "content": "Hi"}]); '
         "print(r.choices[0].message.content)"
     )
-    lines.append(f"python3 -c {shlex.quote(python)}")
+    lines.append(f"{shlex.quote(python)} -c {shlex.quote(code)}")
     return lines

@@ -111,7 +111,8 @@ class _Snapshot:
         gpu_memory: Counter[tuple[str, str]] = Counter()
         for status in self.data["statuses"]:
             model = name(status["name"])
-            for value in [*map(str, ModelState), "unreachable"]:  # (its actor did not answer)
+            # unreachable: its actor did not answer; unknown: its status could not be read
+            for value in [*map(str, ModelState), "unreachable", "unknown"]:
                 states[model, value] += 1 if status["state"] == value else 0
             in_flight[model] += status.get("in_flight", 0)
             depth[model] += status.get("queue_depth", 0)

@@ -173,7 +173,10 @@ def serve_forever(
         client_host = reachable_host(host)
         url = f"http://{f'[{client_host}]' if ':' in client_host else client_host}:{port}"
         where = f" (listening on every interface, {host})" if host in ALL_INTERFACES else ""
-        say(f"\nLLM Proxifier is serving {url}/v1{where} (admin: {url}/admin, docs: {url}/docs)")
+        say(
+            f"\nLLM Proxifier is serving {url}/v1{where}"
+            f" (dashboard: {url}/dashboard, API docs: {url}/docs)"
+        )
         _print_models(ray.get(controller.status.remote(), timeout=60))
         say("\nTry it:")
         for line in try_it(url, next(iter(models.models), "MODEL"), auth):

@@ -190,7 +190,11 @@ def _adding_headers(send: Send, extra: dict[str, str]) -> Send:
 
 def _note_caller(auth: AuthConfig, scope: Scope, headers: dict[str, str]) -> None:
     """On a public path, a valid key whose permissions open it is noted (/metrics then
-    carries names); no key, or any other, changes nothing: the path stays public."""
+    carries names); no key, or any other, changes nothing: the path stays public. A key sent
+    twice counts as none, as everywhere else."""
+    names = [k.decode("latin-1").lower() for k, _ in scope["headers"]]
+    if repeated_credentials(names) is not None:
+        return
     key = presented_key(headers.get("authorization"), headers.get("x-api-key"))
     if not isinstance(key, str):
         return

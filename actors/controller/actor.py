@@ -208,8 +208,7 @@ class Controller:
     async def status(self, within: float = VIEW_WAIT) -> list[dict[str, Any]]:
         """Every model's status; `within`: how long each model actor may take to answer
         before it is shown `unreachable` (/health asks for less than its own deadline)."""
-        names = by_priority(self.config)
-        return list(await asyncio.gather(*(self._status_of(n, within) for n in names)))
+        return await views.statuses(by_priority(self.config), self.viewed, within)
 
     async def model_logs(self, name: str, lines: int = 100) -> list[str]:
         """The last lines of the model's llama-server log: from its actor while it has one,
@@ -333,7 +332,11 @@ class Controller:
         """/v1/models: every configured model with its state, priority, group and what it can
         be asked to do."""
         statuses = await self.status()
-        fim = await asyncio.gather(*(self.facts.fill_in_middle(s["name"]) for s in statuses))
+        found = await asyncio.gather(
+            *(self.facts.fill_in_middle(s["name"]) for s in statuses), return_exceptions=True
+        )
+        # A header that cannot be read costs that model its infill capability, nothing more.
+        fim = [None if isinstance(f, BaseException) else f for f in found]
         return views.models_view(self.config, self.configuration.registered_at, statuses, fim)
 
     def report_metrics(self, replica_id: str, snapshot: dict[str, Any]) -> None:
@@ -396,7 +399,7 @@ class Controller:
         return views.groups_of(self.config, only)
 
     async def _status_of(self, name: str, within: float = VIEW_WAIT) -> dict[str, Any]:
-        return await views.status_of(name, self.viewed, within)
+        return await views.guarded_status(name, self.viewed, within)
 
     def _event(self, kind: str, **details: Any) -> None:
         self.feed.add(kind, **details)

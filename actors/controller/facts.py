@@ -338,7 +338,7 @@ class Facts:
                     found["measured"] = measured["process"]  # the GPU's own count
                 elif measured is not None and measured["gpu"] > 0:
                     found["measured"] = measured["gpu"] + PROCESS_OVERHEAD
-            except (GgufError, ValueError) as error:  # EstimateError is a ValueError
+            except (GgufError, ValueError, OSError) as error:  # EstimateError: a ValueError
                 found["error"] = str(error)
         found["need"] = found["configured"] or found["measured"] or found["estimated"]
         return found

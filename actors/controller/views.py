@@ -16,7 +16,7 @@ from actors.controller.facts import READ_WAIT, Facts
 from actors.controller.reconcile import Wanted
 from actors.controller.registry import VIEW_WAIT, Registry
 from proxifier.capabilities import capabilities
-from proxifier.config import ModelsConfig
+from proxifier.config import ModelConfig, ModelsConfig
 from proxifier.planning import group_members
 
 
@@ -111,10 +111,8 @@ async def queue_status(handles: dict[str, Any], names: list[str]) -> list[dict[s
     return list(await asyncio.gather(*(one(model) for model in names)))
 
 
-async def status_of(name: str, parts: Viewed, within: float = VIEW_WAIT) -> dict[str, Any]:
-    config, registry, facts, wants = parts.config, parts.registry, parts.facts, parts.wants
-    model = config().models[name]
-    entry: dict[str, Any] = {
+def _base(name: str, model: ModelConfig) -> dict[str, Any]:
+    return {
         "name": name,
         "priority": model.priority,
         "resource_group": model.resource_group,
@@ -123,6 +121,30 @@ async def status_of(name: str, parts: Viewed, within: float = VIEW_WAIT) -> dict
         "aliases": list(model.aliases),
         "state": "stopped",
     }
+
+
+async def statuses(names: list[str], parts: Viewed, within: float = VIEW_WAIT) -> list[Any]:
+    """Every named model's status, each on its own: one whose facts cannot be read (its file,
+    its header, its actor's answer) shows `unknown` with the error, and every other entry is
+    whole, so no status, listing, health or metrics answer fails for one model."""
+    return list(await asyncio.gather(*(guarded_status(n, parts, within) for n in names)))
+
+
+async def guarded_status(name: str, parts: Viewed, within: float = VIEW_WAIT) -> dict[str, Any]:
+    try:
+        return await status_of(name, parts, within)
+    except Exception as error:  # a bug or a bad fact of this model's: said in its own entry
+        model = parts.config().models.get(name) or ModelConfig()
+        return {
+            **_base(name, model),
+            "state": "unknown",
+            "last_error": f"its status could not be read: {type(error).__name__}: {error}",
+        }
+
+
+async def status_of(name: str, parts: Viewed, within: float = VIEW_WAIT) -> dict[str, Any]:
+    config, registry, facts, wants = parts.config, parts.registry, parts.facts, parts.wants
+    entry = _base(name, config().models[name])
     handle = registry.handles.get(name)
     away = registry.unreached.get(registry.nodes_of.get(name, ""))
     if handle is not None and away is not None and away.whole_host:  # known: no need to wait
@@ -158,7 +180,7 @@ async def status_of(name: str, parts: Viewed, within: float = VIEW_WAIT) -> dict
 async def explain(model: str, parts: Viewed) -> dict[str, Any]:
     """The scheduler's last decision about a model and why (placed where, waiting for
     what, failed because), with where it runs now."""
-    status = await status_of(model, parts)
+    status = await guarded_status(model, parts)
     registry = parts.registry
     last = registry.decisions.get(model)
     return {

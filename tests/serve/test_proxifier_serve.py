@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -160,14 +161,20 @@ def test_the_try_it_lines_run_as_printed_with_auth_on_all_interfaces(
             assert server.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.2)
         text = log.read_text()
+        banner = next(line for line in text.splitlines() if "LLM Proxifier is serving" in line)
+        dashboard = re.search(r"dashboard: (\S+),", banner)
+        assert dashboard, banner  # the banner names the dashboard, at an address that answers
+        assert httpx.get(dashboard.group(1), timeout=30).status_code == 200
         block = text.split("Try it:\n", 1)[1].split("\n\n", 1)[0].splitlines()
         hint, curl, python = (line.strip() for line in block)
         assert hint == (
             "auth is on: export PROXIFIER_API_KEY=<a key with the models permission> (one of: user)"
         )
         assert "0.0.0.0" not in curl + python
-        shell_env = {**env, "PROXIFIER_API_KEY": "sk-try-it"}
-        shell_env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"  # its python3
+        # No virtual environment active: the line names the interpreter that has the client.
+        shell_env = {**env, "PROXIFIER_API_KEY": "sk-try-it", "PATH": "/usr/bin:/bin"}
+        shell_env.pop("VIRTUAL_ENV", None)
+        assert shlex.split(python)[0] == sys.executable
         answered = subprocess.run(
             ["bash", "-c", curl], capture_output=True, text=True, timeout=120, env=shell_env
         )
