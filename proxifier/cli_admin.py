@@ -59,10 +59,11 @@ def _gib(value: float | None) -> str:
 
 def _gpu_text(model: dict[str, Any], cluster_gpus: bool = True) -> str:
     """Which GPUs and what share of them a model holds, and the memory it needs (measured,
-    else configured, else estimated: `need`); on a cluster without GPUs, nothing."""
-    if not cluster_gpus:
-        return "-"
+    else configured, else estimated: `need`); nothing on a cluster without GPUs, or for a
+    model configured to run on none."""
     memory = model.get("gpu_memory") or {}
+    if not cluster_gpus or memory.get("wants_gpu") is False:
+        return "-"
     ids = model.get("gpu_ids") or []
     share = memory.get("num_gpus")
     held = f"GPU {','.join(map(str, ids))} x{share:g}" if ids and share else "-"

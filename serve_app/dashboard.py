@@ -11,7 +11,9 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, StreamingResponse
 
+from proxifier.auth import ADMIN, Caller, may_use_model
 from proxifier.errors import NotFound
+from serve_app.security import caller_of
 
 ASSETS = Path(__file__).resolve().parent / "dashboard"
 FILES = {"app.js": "text/javascript", "style.css": "text/css"}
@@ -45,18 +47,38 @@ async def _updates(
     browser reconnects by itself (and gets the recent events again) if this ends."""
     seq = -1
     first = True
+    caller = caller_of(request.scope)
+    yield _event("caller", who(caller))
     while not await request.is_disconnected():
         statuses, events = await asyncio.gather(
             ask(ctl().status.remote()), ask(ctl().events_since.remote(seq, 200))
         )
+        statuses = [s for s in statuses if visible(caller, s["name"])]
         for status in statuses:
             status.pop("log_tail", None)  # the log has its own view
         yield _event("stats", {"models": statuses})
         if events:
             seq = events[-1]["seq"]
-            yield _event("events", events[-100:] if first else events)
+            shown = [e for e in events if visible(caller, e.get("model"))]
+            yield _event("events", shown[-100:] if first else shown)
         first = False
         await asyncio.sleep(TICK)
+
+
+def who(caller: Caller | None) -> dict[str, Any]:
+    """What the page may offer this caller: its key's permissions (None with auth off, or
+    no key on an open dashboard: every button is offered, and the API has the last word)."""
+    if caller is None:
+        return {"key": None, "permissions": None}
+    return {"key": caller.name, "permissions": sorted(caller.permissions)}
+
+
+def visible(caller: Caller | None, model: str | None) -> bool:
+    """Whether the caller's key may see this model (its allow-list; events of no model are
+    everyone's). The dashboard names no model a key may not use, as /v1/models does not."""
+    if caller is None or model is None or ADMIN in caller.permissions:
+        return True
+    return may_use_model(caller, model)
 
 
 def _event(kind: str, payload: Any) -> bytes:

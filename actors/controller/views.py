@@ -170,6 +170,9 @@ async def status_of(name: str, parts: Viewed, within: float = VIEW_WAIT) -> dict
     if name in config().models:  # a reload may have removed it meanwhile
         memory = await facts.memory_of(name, READ_WAIT)
         memory.pop("calibration_key", None)
+        # Configured to run without one (num_gpus: 0, or no layer offloaded): no GPU need.
+        current = config().models[name]
+        memory["wants_gpu"] = current.num_gpus != 0 and current.gpu_layers != 0
         options = registry.options.get(name)
         if options is not None and handle is not None:
             memory["num_gpus"] = options.get("num_gpus", 0)

@@ -5,7 +5,18 @@
 
 const KEY_STORAGE = "proxifier.key";
 const HISTORY_SECONDS = 300;
-const state = { models: [], events: [], history: {}, view: "overview", logsFor: null };
+const state = { models: [], events: [], history: {}, view: "overview", logsFor: null, caller: null };
+// Which permission each kind of button needs (the API's own table: README, Permissions).
+const NEEDS = { start: "models", stop: "models", reload: "models", "start-all": "models",
+  "stop-all": "models", validate: "config", "config-reload": "config", backup: "config",
+  restore: "config" };
+// States a model action makes no sense in: why the button is off.
+const NOT_IN = {
+  start: { ready: "it is ready", starting: "it is starting", restarting: "it is restarting",
+    stopping: "it is stopping" },
+  stop: { stopped: "it is stopped", stopping: "it is stopping", failed: "it holds nothing (failed)" },
+  reload: { stopped: "it is not running", stopping: "it is stopping", failed: "it is not running" },
+};
 
 // ---------------------------------------------------------------- helpers
 const $ = (selector) => document.querySelector(selector);
@@ -21,6 +32,14 @@ function el(tag, attrs = {}, ...children) {
     node.append(child instanceof Node ? child : document.createTextNode(String(child ?? "")));
   }
   return node;
+}
+
+const STARTING = new Set(["starting", "restarting"]);
+
+// A node as people know it: its address, with the start of Ray's id to tell two apart.
+function nodeName(address, nodeId) {
+  if (!nodeId) return address || "-";
+  return address ? `${address} (${nodeId.slice(0, 6)})` : nodeId.slice(0, 6);
 }
 
 function ago(seconds) {
@@ -42,6 +61,30 @@ function notify(message, ok = false) {
   box.hidden = false;
   clearTimeout(notify.timer);
   notify.timer = setTimeout(() => { box.hidden = true; }, 6000);
+}
+
+// Whether this tab's key may do what a button does (null: not known, the API decides).
+function may(permission) {
+  const granted = state.caller && state.caller.permissions;
+  return !granted || granted.includes("admin") || granted.includes(permission);
+}
+
+// A button the key or the model's state cannot use is shown off, with the reason as its title.
+function gate(button, action, modelState) {
+  const permission = NEEDS[action];
+  let why = null;
+  if (permission && !may(permission)) why = `needs a key with the ${permission} permission`;
+  else if (modelState && NOT_IN[action] && NOT_IN[action][modelState]) why = `not now: ${NOT_IN[action][modelState]}`;
+  button.disabled = why !== null;
+  button.title = why || "";
+  return button;
+}
+
+function gatePage() {
+  for (const button of document.querySelectorAll("[data-action]")) {
+    const action = button.dataset.action === "reload" ? "config-reload" : button.dataset.action;
+    gate(button, action);
+  }
 }
 
 function headers() {
@@ -154,6 +197,7 @@ function handleEvent(block) {
   const payload = JSON.parse(data.join("\n"));
   if (type === "stats") onStats(payload);
   else if (type === "events") onEvents(payload);
+  else if (type === "caller") { state.caller = payload; gatePage(); }
 }
 
 function onStats(payload) {
@@ -187,14 +231,16 @@ function modelActions(model) {
   const name = encodeURIComponent(model.name);
   const cell = el("td");
   cell.append(
-    el("button", { "data-model": model.name, "data-do": "start",
+    gate(el("button", { "data-model": model.name, "data-do": "start",
       onclick: () => act("POST", `/admin/models/${name}/start`, undefined, `${model.name}: started`) }, "Start"),
+      "start", model.state),
     " ",
-    el("button", { "data-model": model.name, "data-do": "stop",
-      onclick: () => stopModel(model) }, "Stop"),
+    gate(el("button", { "data-model": model.name, "data-do": "stop",
+      onclick: () => stopModel(model) }, "Stop"), "stop", model.state),
     " ",
-    el("button", { "data-model": model.name, "data-do": "reload",
+    gate(el("button", { "data-model": model.name, "data-do": "reload",
       onclick: () => act("POST", `/admin/models/${name}/reload`, undefined, `${model.name}: reloaded`) }, "Reload"),
+      "reload", model.state),
     " ",
     el("button", { "data-model": model.name, "data-do": "logs", onclick: () => loadLogs(model.name) }, "Log"),
   );
@@ -217,10 +263,13 @@ function renderModels() {
     el("td", {}, m.name),
     el("td", {}, el("span", { class: `state state-${m.state}`, "data-state": m.state }, m.state),
       // a model fetched from Hugging Face: how far its download has come
-      m.progress ? el("span", { class: "progress" }, ` ${m.progress}`) : ""),
+      m.progress ? el("span", { class: "progress" }, ` ${m.progress}`) : "",
+      // a model loading: for how long so far (its llama-server started then)
+      STARTING.has(m.state) && m.started_at
+        ? el("span", { class: "elapsed" }, ` for ${ago(Date.now() / 1000 - m.started_at)}`) : ""),
     el("td", {}, m.priority),
     el("td", {}, m.resource_group),
-    el("td", {}, m.node_id ? m.node_id.slice(0, 8) : "-"),
+    el("td", { title: m.node_id || "" }, nodeName(m.host, m.node_id)),
     el("td", {}, m.host ? `${m.host}:${m.port}` : "-"),
     el("td", {}, m.in_flight ?? 0),
     el("td", {}, m.queue_depth ?? 0),
@@ -333,7 +382,7 @@ async function loadConfig() {
   if (!backups) return;
   $("#backups tbody").replaceChildren(...backups.backups.map((b) => el("tr", {},
     el("td", {}, b.id), el("td", {}, b.created_at), el("td", {}, b.description),
-    el("td", {}, el("button", { onclick: () => previewRestore(b.id) }, "Restore…")))));
+    el("td", {}, gate(el("button", { onclick: () => previewRestore(b.id) }, "Restore…"), "restore")))));
 }
 
 async function previewRestore(id) {
@@ -363,9 +412,11 @@ async function loadCluster() {
     return `GPU ${g.index}: ${size}, ${free}` + (models.length ? `: ${models.join(", ")}` : "");
   }).join("\n") || "-";
   $("#nodes tbody").replaceChildren(...data.nodes.map((n) => el("tr", {},
-    el("td", {}, n.address), el("td", {}, n.alive ? "yes" : "no"),
+    el("td", { title: n.node_id }, nodeName(n.address, n.node_id)), el("td", {}, n.alive ? "yes" : "no"),
     el("td", {}, Object.keys(n.resources).filter((k) => !k.startsWith("node:") && !k.startsWith("object_store"))
-      .sort().map((k) => `${k} ${+(n.free[k] ?? 0).toFixed(2)}/${+n.resources[k].toFixed(2)}`).join(", ")),
+      .sort().map((k) => k === "memory"
+        ? `memory ${gib(n.free[k] ?? 0)}/${gib(n.resources[k])} GiB`
+        : `${k} ${+(n.free[k] ?? 0).toFixed(2)}/${+n.resources[k].toFixed(2)}`).join(", ")),
     el("td", {}, Object.entries(n.labels).map(([k, v]) => `${k}=${v}`).join(", ") || "-"),
     el("td", {}, names(n)), el("td", { class: "gpus" }, gpus(n)))));
 }

@@ -115,6 +115,13 @@ def test_public_metrics_name_no_model_and_no_key_unless_a_reader_asks(secured: S
     with httpx.Client(base_url=secured.url, timeout=60) as client:
         served = client.post("/v1/chat/completions", json=CHAT, headers=bearer(KEYS["models"]))
         assert served.status_code == 200
+        # Ingress replicas push their counters every few seconds: once a reader sees this
+        # request counted, every later scrape has it.
+        served_line = 'proxifier_requests_total{model="chat",status="200"}'
+        wait_for(
+            lambda: served_line in client.get("/metrics", headers=bearer(KEYS["read"])).text,
+            timeout=30,
+        )
         anonymous = client.get("/metrics")
         models_key = client.get("/metrics", headers=bearer(KEYS["models"]))  # may not read
         reader = client.get("/metrics", headers=bearer(KEYS["read"]))
@@ -127,7 +134,7 @@ def test_public_metrics_name_no_model_and_no_key_unless_a_reader_asks(secured: S
         assert 'proxifier_requests_total{model="",status="200"}' in nameless.text  # summed
         assert 'proxifier_model_state{model="",state="ready"}' in nameless.text
     assert reader.status_code == 200
-    assert 'proxifier_requests_total{model="chat",status="200"}' in reader.text
+    assert served_line in reader.text
 
 
 def test_rate_limit_is_exact_across_replicas(secured: Secured) -> None:

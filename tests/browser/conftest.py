@@ -56,6 +56,7 @@ def dashboard_url(
                 "api_keys": {
                     "admin-key": {"key": ADMIN_KEY, "permissions": ["admin"]},
                     "readonly-key": {"key": "k-read", "permissions": ["read"]},
+                    "chat-reader": {"key": "k-chat", "permissions": ["read"], "models": ["chat"]},
                 }
             }
         )

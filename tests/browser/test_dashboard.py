@@ -14,12 +14,16 @@ from tests.browser.conftest import ADMIN_KEY, CORRUPT, EVIL, HUB_FILE, HUB_REPO,
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
 
-def logged_in(page: Any, url: str) -> Any:
-    page.add_init_script(f"sessionStorage.setItem('proxifier.key', '{ADMIN_KEY}')")
+def logged_in(page: Any, url: str, key: str = ADMIN_KEY) -> Any:
+    page.add_init_script(f"sessionStorage.setItem('proxifier.key', '{key}')")
     page.goto(f"{url}/dashboard")
     page.wait_for_selector("#live.live")
     page.wait_for_selector("tr[data-model='chat'] [data-state='ready']")
     return page
+
+
+def button(page: Any, action: str, model: str) -> Any:
+    return page.locator(f"button[data-do='{action}'][data-model='{model}']")
 
 
 def row_state(page: Any, model: str) -> str:
@@ -47,6 +51,10 @@ def test_a_failed_model_shows_in_its_row_what_its_log_says(page: Any, dashboard_
     cell.filter(has_text="corrupt (fake)").wait_for(timeout=30_000)
     text = cell.inner_text()
     assert "exited with code 1 while loading" in text and text.endswith(CORRUPT), text
+    # One line however long the error (its whole text is the cell's title): a screen holds
+    # many models, not five.
+    assert page.locator("tr[data-model='broken']").bounding_box()["height"] < 60
+    assert CORRUPT in (cell.get_attribute("title") or "")
     assert page.console_errors == []
 
 
@@ -162,4 +170,71 @@ def test_a_download_shows_its_progress_in_the_models_row(
         gate.set()
     page.wait_for_selector("tr[data-model='hub'] [data-state='ready']", timeout=30_000)
     assert page.locator("tr[data-model='hub'] .progress").count() == 0
+    assert page.console_errors == []
+
+
+def test_a_starting_model_shows_how_long_it_has_been_loading(page: Any, dashboard_url: str) -> None:
+    logged_in(page, dashboard_url)
+    started = httpx.post(
+        f"{dashboard_url}/admin/models/slow/start", params={"wait": "false"}, headers=ADMIN
+    )
+    assert started.status_code == 200, started.text
+    try:
+        elapsed = page.locator("tr[data-model='slow'] .elapsed")
+        elapsed.wait_for(timeout=30_000)
+        first = int(re.fullmatch(r" for (\d+)s", elapsed.inner_text()).group(1))
+        # It counts up live (the stream's next updates), not a number fixed at the start.
+        page.wait_for_function(
+            "(first) => { const t = document.querySelector(\"tr[data-model='slow'] .elapsed\");"
+            " const m = t && t.textContent.match(/for (\\d+)s/); return m && +m[1] >= first + 2; }",
+            arg=first,
+            timeout=30_000,
+        )
+        assert row_state(page, "slow") == "starting"
+        # Starting already: its Start is off and says why; Stop is on.
+        assert button(page, "start", "slow").is_disabled()
+        assert button(page, "start", "slow").get_attribute("title") == "not now: it is starting"
+        assert button(page, "stop", "slow").is_enabled()
+        screenshot(page, "starting")
+    finally:
+        httpx.post(f"{dashboard_url}/admin/models/slow/stop", headers=ADMIN, timeout=60)
+    page.wait_for_selector("tr[data-model='slow'] [data-state='stopped']", timeout=30_000)
+    assert page.locator("tr[data-model='slow'] .elapsed").count() == 0
+    assert page.console_errors == []
+
+
+def test_buttons_follow_the_keys_permissions_and_the_models_state(
+    page: Any, dashboard_url: str
+) -> None:
+    logged_in(page, dashboard_url, "k-read")
+    for action in ("start", "stop", "reload"):
+        for model in ("chat", "idle"):
+            assert button(page, action, model).is_disabled(), (action, model)
+            title = button(page, action, model).get_attribute("title")
+            assert title == "needs a key with the models permission"
+    assert button(page, "logs", "chat").is_enabled()  # reading a log is what it may do
+    assert page.locator("[data-action='start-all']").is_disabled()
+    assert page.locator("[data-action='validate']").is_disabled()
+    assert page.console_errors == []
+
+
+def test_an_admin_gets_the_buttons_the_models_state_allows(page: Any, dashboard_url: str) -> None:
+    logged_in(page, dashboard_url)
+    assert button(page, "start", "chat").is_disabled()  # ready already
+    assert button(page, "start", "chat").get_attribute("title") == "not now: it is ready"
+    assert button(page, "stop", "chat").is_enabled() and button(page, "reload", "chat").is_enabled()
+    page.wait_for_selector("tr[data-model='idle'] [data-state='stopped']", timeout=30_000)
+    assert button(page, "start", "idle").is_enabled()
+    assert button(page, "stop", "idle").is_disabled()
+    assert page.locator("[data-action='start-all']").is_enabled()
+    assert page.console_errors == []
+
+
+def test_a_key_limited_to_some_models_sees_only_those(page: Any, dashboard_url: str) -> None:
+    logged_in(page, dashboard_url, "k-chat")
+    assert page.locator("#models tbody tr td:first-child").all_inner_texts() == ["chat"]
+    page.click("#tabs button[data-view='events']")
+    page.wait_for_selector("#events li")
+    shown = page.inner_text("#events")
+    assert "broken" not in shown and EVIL not in shown
     assert page.console_errors == []

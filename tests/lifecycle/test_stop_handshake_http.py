@@ -130,3 +130,45 @@ def test_the_scheduler_explains_where_a_model_runs_and_why_another_cannot(
     assert explained["last_decision"]["reason"] == message
     unknown = httpx.get(f"{url}/admin/scheduler/explain?model=nope", timeout=30)
     assert unknown.status_code == 404 and "does not exist" in unknown.json()["error"]["message"]
+
+
+VIEWS = ["/health", "/metrics", "/v1/models", "/admin/models/status", "/admin/cluster"]
+VIEWS += ["/admin/queue/status", "/admin/groups/status", "/admin/config/files", "/dashboard"]
+
+
+def test_after_a_bad_reload_no_answer_breaks(
+    setup: tuple[str, Path], fake_fields: dict[str, Any], tmp_path: Path
+) -> None:
+    """Issue 29, item 1: a path out of the Hub cache is refused at the reload and the running
+    config stays; a model whose file is no GGUF is taken, shows its own error, and every view
+    still answers."""
+    url, path = setup
+    running = path.read_text()
+    config = yaml.safe_load(running)
+    config["models"]["escape"] = {
+        **{k: v for k, v in fake_fields.items() if k != "model_path"},
+        "hf_repo": "owner/name",
+        "hf_file": "../../../../etc/passwd",
+    }
+    path.write_text(yaml.safe_dump(config))
+    refused = httpx.post(f"{url}/admin/config/reload", timeout=120)
+    assert 400 <= refused.status_code < 500 and "hf_file" in refused.text, refused.text
+    assert "escape" not in httpx.get(f"{url}/v1/models", timeout=30).text
+    garbage = tmp_path / "not-a-model.gguf"
+    garbage.write_bytes(b"GGUF" + bytes(range(256)) * 4)
+    del config["models"]["escape"]
+    config["models"]["garbage"] = {**fake_fields, "model_path": str(garbage)}
+    path.write_text(yaml.safe_dump(config))
+    try:
+        taken = httpx.post(f"{url}/admin/config/reload", timeout=120)
+        assert taken.status_code == 200, taken.text
+        for view in VIEWS:
+            answer = httpx.get(f"{url}{view}", timeout=60)
+            assert answer.status_code == 200, f"{view}: {answer.status_code} {answer.text[:300]}"
+        shown = status(url, "garbage")
+        assert shown["state"] == "stopped"
+        assert "not a GGUF model file" in shown["gpu_memory"]["error"], shown["gpu_memory"]
+        assert status(url, "chat")["state"] == "ready"  # the others stay whole
+    finally:
+        path.write_text(running)
+        assert httpx.post(f"{url}/admin/config/reload", timeout=120).status_code == 200

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -135,6 +136,25 @@ def test_a_body_of_many_keys_is_refused_before_a_slot_naming_the_limit(
     assert again.status_code == 400
     after = httpx.get(f"{deployment.url}/admin/models/chat/status", timeout=30).json()
     assert after["leases_granted"] == served["leases_granted"]  # no slot was ever asked for
+
+
+def test_costly_bodies_never_hold_a_real_llama_servers_slots(deployment: Deployment) -> None:
+    """Issue 29's attack on the real llama-server (2 slots): two bodies of many unused keys
+    used to fill both for a minute and leave a normal user a 503. They are refused at the
+    gate, and the normal request beside them is answered."""
+    costly = {"model": "real", **CHAT_BODY, "junk": {f"k{i}": 0 for i in range(5000)}}
+    normal = {"model": "real", **CHAT_BODY}
+    with httpx.Client(timeout=120) as client, ThreadPoolExecutor(3) as pool:
+        assert client.post(f"{deployment.url}/v1/chat/completions", json=normal).status_code == 200
+        before = client.get(f"{deployment.url}/admin/models/real/status").json()
+        sent = [
+            pool.submit(client.post, f"{deployment.url}/v1/chat/completions", json=body)
+            for body in (costly, costly, normal)
+        ]
+        answers = [future.result() for future in sent]
+        after = client.get(f"{deployment.url}/admin/models/real/status").json()
+    assert [a.status_code for a in answers] == [400, 400, 200], [a.text[:200] for a in answers]
+    assert after["leases_granted"] == before["leases_granted"] + 1  # the normal one alone
 
 
 def test_no_model_message(deployment: Deployment) -> None:

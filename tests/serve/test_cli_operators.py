@@ -40,7 +40,7 @@ def test_status_prints_a_table_of_every_model(deployment: Deployment, capsys) ->
     ]
     chat = next(line for line in lines if line.startswith("chat "))
     assert chat.split()[1:4] == ["ready", "9", "production"]
-    # No GPU anywhere in this cluster: the column says so, not what a GPU would need.
+    # Configured with num_gpus: 0: the column says no GPU, not what one would need.
     assert chat.split()[5] == "-" and "need" not in chat
 
 

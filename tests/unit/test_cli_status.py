@@ -23,6 +23,8 @@ def test_the_gpu_column_names_a_need_only_where_there_are_gpus() -> None:
     on_gpus = _status_rows([MODEL], cluster_gpus=True)[1]
     assert on_gpus[5] == "- need 0.3G"  # none held; what it would need on one
     assert _status_rows([MODEL], cluster_gpus=False)[1][5] == "-"
+    on_cpu = {**MODEL, "gpu_memory": {**MODEL["gpu_memory"], "wants_gpu": False}}
+    assert _status_rows([on_cpu], cluster_gpus=True)[1][5] == "-"  # num_gpus: 0
 
 
 def test_output_to_a_reader_that_went_away_ends_without_a_traceback(tmp_path: Path) -> None:
