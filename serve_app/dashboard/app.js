@@ -229,7 +229,7 @@ function render() {
 
 function modelActions(model) {
   const name = encodeURIComponent(model.name);
-  const cell = el("td");
+  const cell = el("td", { class: "actions" });
   cell.append(
     gate(el("button", { "data-model": model.name, "data-do": "start",
       onclick: () => act("POST", `/admin/models/${name}/start`, undefined, `${model.name}: started`) }, "Start"),
@@ -269,7 +269,7 @@ function renderModels() {
         ? el("span", { class: "elapsed" }, ` for ${ago(Date.now() / 1000 - m.started_at)}`) : ""),
     el("td", {}, m.priority),
     el("td", {}, m.resource_group),
-    el("td", { title: m.node_id || "" }, nodeName(m.host, m.node_id)),
+    el("td", { class: "node", title: m.node_id || "" }, nodeName(m.host, m.node_id)),
     el("td", {}, m.host ? `${m.host}:${m.port}` : "-"),
     el("td", {}, m.in_flight ?? 0),
     el("td", {}, m.queue_depth ?? 0),
