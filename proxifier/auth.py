@@ -29,7 +29,12 @@ ROUTES: list[tuple[str, str, frozenset[str], str]] = [
     ("GET", r"/upstream/[^/]+(/.*)?", frozenset({"models"}), "raw upstream"),
     ("POST", r"/upstream/[^/]+(/.*)?", frozenset({"models"}), "raw upstream"),
     ("GET", r"/v1/models(/[^/]+)?", frozenset({"models", "read"}), "list models"),
-    ("POST", r"/admin/models/[^/]+/(start|stop|reload)", frozenset({"models"}), "model actions"),
+    (
+        "POST",
+        r"/admin/models/[^/]+/(start|stop|reload|scale)",
+        frozenset({"models"}),
+        "model actions",
+    ),
     ("POST", r"/admin/(start-all|stop-all)", frozenset({"models"}), "model actions"),
     ("POST", r"/admin/groups/[^/]+/(start|stop)", frozenset({"models"}), "model actions"),
     ("POST", r"/admin/queue/[^/]+/clear", frozenset({"models"}), "model actions"),

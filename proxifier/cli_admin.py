@@ -27,9 +27,9 @@ class Admin:
         self.url = url.rstrip("/")
         self.client = httpx.Client(base_url=self.url, headers=headers, timeout=300)
 
-    def call(self, method: str, path: str, **params: Any) -> Any:
+    def call(self, method: str, path: str, body: Any = None, **params: Any) -> Any:
         try:
-            response = self.client.request(method, path, params=params or None)
+            response = self.client.request(method, path, params=params or None, json=body)
         except httpx.TransportError as exc:
             raise AdminError(
                 f"cannot reach {self.url} ({exc}); is `proxifier serve` running there?"
@@ -80,8 +80,18 @@ def _has_gpus(admin: Admin) -> bool:
     return any(node.get("resources", {}).get("GPU", 0) > 0 for node in nodes)
 
 
+def _replicas_text(model: dict[str, Any]) -> str:
+    """Ready replicas of how many wanted (`2/4`); `-` for a model of one instance."""
+    replicas = model.get("replicas")
+    if not replicas:
+        return "-"
+    ready = sum(1 for r in replicas if r["state"] == "ready")
+    wanted = (model.get("desired") or {}).get("replicas", len(replicas))
+    return f"{ready}/{wanted}"
+
+
 def _status_rows(models: list[dict[str, Any]], cluster_gpus: bool = True) -> list[list[str]]:
-    head = "MODEL STATE PRI GROUP WHERE GPU IN-FLIGHT QUEUED UPTIME ERROR"
+    head = "MODEL STATE REPLICAS PRI GROUP WHERE GPU IN-FLIGHT QUEUED UPTIME ERROR"
     rows = [head.split()]
     for m in models:
         where = f"{m['host']}:{m['port']}" if m.get("host") else "-"
@@ -90,6 +100,7 @@ def _status_rows(models: list[dict[str, Any]], cluster_gpus: bool = True) -> lis
             [
                 m["name"],
                 f"{m['state']} ({m['progress']})" if m.get("progress") else m["state"],
+                _replicas_text(m),
                 str(m["priority"]),
                 m["resource_group"],
                 where,
@@ -217,6 +228,11 @@ def run_admin(args: argparse.Namespace) -> int:
             print(_status_text(admin))
         elif args.command == "start":
             return _start(admin, args.model, wait=not args.no_wait)
+        elif args.command == "scale":
+            answer = admin.call(
+                "POST", f"/admin/models/{args.model}/scale", {"replicas": args.replicas}
+            )
+            print(f"{answer['model']}: {answer['replicas']} replicas ({answer['running']} now)")
         elif args.command == "models":
             listed = admin.call("GET", "/v1/models")["data"]
             rows = [["MODEL", "STATE", "PRIORITY", "GROUP", "ALIASES"]]

@@ -47,6 +47,8 @@ LIVE_FIELDS: frozenset[str] = frozenset(
     {
         "priority",
         "resource_group",
+        "replicas",  # the scaler applies a new count at its next pass
+        "autoscaling",
         "preload",
         "auto_start",
         "idle_timeout",

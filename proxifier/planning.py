@@ -23,6 +23,7 @@ class RunningModel:
     idle_for: float
     idle_timeout: float
     demand: Mapping[str, float] = field(default_factory=dict)
+    model: str = ""  # the model it is a replica of ("": its name is the model's)
 
 
 def by_priority(names: list[str], models: Mapping[str, ModelConfig]) -> list[str]:
@@ -56,6 +57,11 @@ def idle_stops(running: list[RunningModel]) -> list[str]:
         and model.idle_timeout > 0
         and model.idle_for > model.idle_timeout
     ]
+    # A model stops as a whole: its replicas only once every one of them is idle long enough
+    # (one stopped while another still serves would only be started again by the scaler).
+    idle_names = {m.name for m in idle}
+    kept = {m.model or m.name for m in running if m.name not in idle_names}
+    idle = [m for m in idle if (m.model or m.name) not in kept]
     idle.sort(key=lambda m: (-m.idle_for, m.name))
     return [model.name for model in idle]
 

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable
 
+from proxifier.config import ModelConfig
+from proxifier.scheduler.scaling import Policy
+
 SEPARATOR = "#"
 
 
@@ -48,3 +51,23 @@ def instances_of(model: str, names: Iterable[str], models: Collection[str]) -> l
     """The instance names among `names` that belong to `model`, by replica number."""
     found = [n for n in names if model_of(n, models) == model]
     return sorted(found, key=lambda n: index_of(n, model))
+
+
+def policy_of(model: ModelConfig, fixed: int | None = None) -> Policy:
+    """The model's replica rule: `fixed` (a count set at runtime, `proxifier scale`), else
+    `replicas: N` (min = max = N), else its autoscaling, else one on-demand instance. The
+    target defaults to the model's `parallel`: a replica is full when its slots are."""
+    if fixed is not None:
+        return Policy(fixed, fixed, float(model.parallel))
+    scaling = model.autoscaling
+    if scaling is not None:
+        return Policy(
+            scaling.min_replicas,
+            scaling.max_replicas,
+            scaling.target_ongoing_requests or float(model.parallel),
+            scaling.upscale_delay_s,
+            scaling.downscale_delay_s,
+        )
+    if model.replicas is not None:
+        return Policy(model.replicas, model.replicas, float(model.parallel))
+    return Policy(0, 1, float(model.parallel))

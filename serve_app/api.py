@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 from fastapi import Body, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
 
 from proxifier.auth import ADMIN, Caller, may_use_model, models_for
 from proxifier.endpoints import ENDPOINTS, STORED_RESPONSES, Endpoint
@@ -53,6 +54,13 @@ def inference_schema(endpoint: Endpoint) -> dict[str, Any]:
     else:
         schema["required"] = ["model"]
     return extra
+
+
+class ScaleBody(BaseModel):
+    """`POST /admin/models/{m}/scale`: a fixed replica count."""
+
+    model_config = ConfigDict(extra="forbid")
+    replicas: int = Field(ge=1, le=64)
 
 
 HEALTH_WAIT = 5.0  # seconds /health waits for the controller before it answers 503
@@ -189,6 +197,12 @@ def build_api(backend: RayBackend, bound_host: str | None = None) -> FastAPI:
         model: str, request: Request, force: Annotated[bool, Query()] = False
     ) -> dict[str, Any]:
         return await ask(ctl().stop_model.remote(await visible(request, model), force))
+
+    @app.post("/admin/models/{model}/scale")
+    async def scale_model(model: str, body: ScaleBody, request: Request) -> dict[str, Any]:
+        """Run this many replicas of the model from now on (until its entry in models.yaml
+        changes); `proxifier scale MODEL N`."""
+        return await ask(ctl().scale.remote(await visible(request, model), body.replicas))
 
     @app.post("/admin/models/{model}/reload")
     async def reload_model(model: str, request: Request) -> dict[str, Any]:

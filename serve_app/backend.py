@@ -8,9 +8,11 @@ All state that matters lives in actors, so any number of replicas can run side b
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 import ray
@@ -21,7 +23,7 @@ from actors.ray_glue import Background, call, from_gcs
 from proxifier.auth import ADMIN, Caller, may_use_model, models_for
 from proxifier.config import AuthConfig, ModelsConfig
 from proxifier.errors import ActorGone, ModelNotFound, ModelRetired, ProxifierError, Unavailable
-from serve_app.route import ReplicaView, Snapshot
+from serve_app.route import ReplicaView, Snapshot, choose, route
 
 CONFIG_TTL = 1.0  # seconds a replica trusts its copy of the config (reloads show up this fast)
 CONFIG_STALE = 2.0  # ... and uses it while a fresh one comes (never longer: revoked keys)
@@ -29,6 +31,10 @@ CONTROLLER_WAIT = 5.0  # seconds a config refresh waits for the controller befor
 ATTEMPTS = 3  # a retired or dead model actor is replaced this many times per request
 # seconds a model actor may take to answer a request for a slot before this replica asks the
 # controller whether its host can be reached (a report costs one connection attempt there)
+# seconds a replica list is used before it is asked again (in the background: a request
+# never waits for it but the first, and that one a second at most)
+REPLICAS_TTL = 1.0
+REPLICAS_WAIT = 1.0
 ACTOR_ANSWER = 5.0
 # seconds past a request's deadline (queue_timeout) the ingress waits for the actor that keeps
 # it (the controller, a model actor) to say so itself, before it ends the wait on its own
@@ -62,6 +68,12 @@ class Cluster:
         self._lost: dict[Any, asyncio.Future[None]] = {}
         self._lock = asyncio.Lock()
         self._background = Background()
+        # model -> (when fetched, its replicas as the controller last said), and the requests
+        # this replica routed to each since (the router counts them as load: no herd onto
+        # the one that looked emptiest a second ago)
+        self._replicas: dict[str, tuple[float, Snapshot]] = {}
+        self._replica_lookups: dict[str, asyncio.Future[None]] = {}
+        self._routed: dict[str, collections.Counter[str]] = {}
 
     @property
     def controller(self) -> Any:
@@ -150,7 +162,47 @@ class Cluster:
         """The model `name` means for this caller (as `resolve`), and the instances of it this
         replica knows, for serve_app.route to choose from."""
         model = await self.resolve(name, caller)
-        return model, self.snapshot(model)
+        return model, await self.replicas_of(model)
+
+    async def replicas_of(self, model: str) -> Snapshot:
+        """The model's replicas with their load, as the controller said at most REPLICAS_TTL
+        s ago; refreshed in the background, so only a first request waits (REPLICAS_WAIT at
+        most). None known: the instance this replica has cached, if any."""
+        entry = self._replicas.get(model)
+        if entry is None or time.monotonic() - entry[0] > REPLICAS_TTL:
+            lookup = self._replica_lookups.get(model)
+            if lookup is None or lookup.done():
+                lookup = asyncio.ensure_future(self._fetch_replicas(model))
+                lookup.add_done_callback(lambda done: done.cancelled() or done.exception())
+                self._replica_lookups[model] = lookup
+            if entry is None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(asyncio.shield(lookup), REPLICAS_WAIT)
+                entry = self._replicas.get(model)
+        return (entry[1] if entry else ()) or self.snapshot(model)
+
+    async def _fetch_replicas(self, model: str) -> None:
+        controller = await self.controller_now()
+        found = await self.call(controller.replicas.remote(model), CONTROLLER_WAIT)
+        views = tuple(
+            ReplicaView(r["handle"], r["name"], r["state"], r["in_use"], r["queued"], r["slots"])
+            for r in found
+        )
+        self._replicas[model] = (time.monotonic(), views)
+        self._routed.pop(model, None)  # counted in the fresh loads now
+
+    def pick(self, model: str, snapshot: Snapshot) -> Any:
+        """serve_app.route's choice among the snapshot, each replica's load counting the
+        requests this ingress replica sent it since the snapshot was taken."""
+        if len(snapshot) <= 1:
+            return route(snapshot)
+        routed = self._routed.setdefault(model, collections.Counter())
+        seen = tuple(replace(v, queued=v.queued + routed[v.name]) for v in snapshot)
+        view = choose(seen)
+        if view is None:
+            return None
+        routed[view.name] += 1
+        return view.handle
 
     async def visible_models(self, caller: Caller | None) -> list[str] | None:
         """The models the caller's key may use; None when it may use every model."""
@@ -317,6 +369,8 @@ class Cluster:
             self._lost.pop(actor_key(handle), None)  # nobody waits for its word any more
         if handle is None or self._handles.get(model) is handle:
             self._handles.pop(model, None)
+        if handle is not None:
+            self._replicas.pop(model, None)  # it moved: ask which replicas there are now
 
     async def call(self, ref: Any, within: float | None = None) -> Any:
         """Await an actor call; its typed error comes back as itself (ray_glue.call)."""

@@ -16,7 +16,6 @@ from serve_app.gate import gate, raw_gate, upstream_model
 from serve_app.metrics import ReplicaMetrics
 from serve_app.relay import Relay
 from serve_app.replica_slots import RayBackend
-from serve_app.route import route
 
 
 class Proxy:
@@ -37,7 +36,7 @@ class Proxy:
         arrived, arrived_at = time.monotonic(), time.time()
         self.metrics.start_flushing(self.backend.controller)
         inbound = await gate(self.backend, request, endpoint, model, arrived, arrived_at)
-        choice = route(inbound.instances)
+        choice = self.backend.pick(inbound.model, inbound.instances)
         admission = Admission(self.backend, self.relay, inbound, owned_by(request.scope))
         return await admission.serve(choice)
 

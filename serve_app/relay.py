@@ -108,6 +108,16 @@ class Unreachable(UpstreamTimeout):
         self.url = url
 
 
+REPLICA_HEADER = "x-proxifier-replica"
+
+
+def replica_header(granted: Granted) -> dict[str, str]:
+    """Which replica answered (its model actor's name: the model's own for its first)."""
+    name = granted.lease.get("model")
+    plain = isinstance(name, str) and name.isascii() and name.isprintable()
+    return {REPLICA_HEADER: name} if plain else {}
+
+
 class OwnedStream(StreamingResponse):
     """A streamed answer that owns a slot or a place in a queue. A body generator that never
     started never runs its `finally`, so when the client is gone before the first byte,
@@ -118,8 +128,10 @@ class OwnedStream(StreamingResponse):
         body: AsyncGenerator[bytes, None],
         call: Call,
         unstarted: Callable[[], Awaitable[None]],
+        headers: dict[str, str] | None = None,
     ) -> None:
-        super().__init__(body, media_type="text/event-stream", headers=STREAM_HEADERS)
+        headers = STREAM_HEADERS if not headers else {**STREAM_HEADERS, **headers}
+        super().__init__(body, media_type="text/event-stream", headers=headers)
         self.body, self.call, self.unstarted = body, call, unstarted
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -276,7 +288,9 @@ class Relay:
                 release()
                 self.metrics.answered(model, 499)
 
-            return OwnedStream(self.relay(granted, upstream), call, unstarted)
+            return OwnedStream(
+                self.relay(granted, upstream), call, unstarted, replica_header(granted)
+            )
         clean = False
         try:
             content = await upstream.read()
@@ -297,7 +311,10 @@ class Relay:
             return JSONResponse(failure, status)
         self.metrics.answered(model, status)
         return Response(
-            content, status, media_type=upstream.headers.get("content-type", "application/json")
+            content,
+            status,
+            media_type=upstream.headers.get("content-type", "application/json"),
+            headers=replica_header(granted),
         )
 
     async def relay(

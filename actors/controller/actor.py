@@ -33,12 +33,15 @@ from actors.log_reader import log_lines_on
 from actors.model import NAMESPACE, cluster_singleton_options
 from actors.ray_glue import Background, call, nodes_now
 from proxifier.config import AuthConfig, ModelsConfig
-from proxifier.errors import ModelNotFound, NotFound, Refused, Unavailable
+from proxifier.errors import InvalidRequest, ModelNotFound, NotFound, Refused, Unavailable
 from proxifier.metrics import LOAD_BUCKETS, Histogram
 from proxifier.planning import group_members, group_stop_plan, startup_order
+from proxifier.replicas import model_of as replica_model
 
 __all__ = ["CONTROLLER_NAME", "Controller", "create_controller", "get_controller"]
 
+ROUTER_WAIT = 1.0  # seconds a replica's load may take to come for an ingress's router
+MAX_SCALE = 64  # replicas one `scale` may ask for: a typo of 1000 should not fill a cluster
 METRICS_WAIT = 2.5  # seconds /metrics waits for each model actor before it counts as unreachable
 
 
@@ -55,7 +58,8 @@ class Controller:
             Path(models_path).resolve(),
             Path(auth_path).resolve() if auth_path else None,
             self._event,
-            lambda: self.registry.handles,
+            # the models with an instance now (any replica of theirs)
+            lambda: {replica_model(n, self.config.models) or n for n in self.registry.handles},
             lambda diff, plan, new: self.reconcile.apply(diff, plan, new),
         )
         wake = asyncio.Event()
@@ -89,7 +93,11 @@ class Controller:
             self.background,
         )
         self.viewed = views.Viewed(
-            lambda: self.config, self.registry, self.facts, self.reconcile.wants
+            lambda: self.config,
+            self.registry,
+            self.facts,
+            self.reconcile.wants,
+            self.reconcile.scales,
         )
         self.serve_watcher = ServeWatcher(self.shutdown, self._event)
         self.replica_metrics: dict[str, tuple[float, dict[str, Any]]] = {}
@@ -136,10 +144,64 @@ class Controller:
         when its stop completes or the next upkeep finds it dead."""
         self._ensure_upkeep()
         model = self._resolve(name)
-        handle = self.registry.handles.get(model)
-        if moved is not None and handle is not None and handle._actor_id.hex() == moved:
-            await self.registry.check_moved(model, handle)
+        if moved is not None:
+            found = self._instance_with(model, moved)
+            if found is not None:
+                await self.registry.check_moved(*found)
         return await self.reconcile.ensure_actor(model, deadline)
+
+    def _instance_with(self, model: str, actor_id: str) -> tuple[str, Any] | None:
+        """The registered instance of the model whose actor this is: (its name, its handle)."""
+        for instance in self.reconcile.instances(model):
+            handle = self.registry.handles[instance]
+            if handle._actor_id.hex() == actor_id:
+                return instance, handle
+        return None
+
+    async def replicas(self, name: str) -> list[dict[str, Any]]:
+        """The model's registered replicas for an ingress's router (serve_app.route): each
+        one's name, handle, state and load as its actor says (none that does not answer
+        within a second: a router must not wait for a stuck one)."""
+        model = self._resolve(name)
+        names = self.reconcile.instances(model)
+        handles = [self.registry.handles[n] for n in names]
+        stats = await asyncio.gather(
+            *(asyncio.wait_for(h.stats.remote(), ROUTER_WAIT) for h in handles),
+            return_exceptions=True,
+        )
+        return [
+            {
+                "name": instance,
+                "handle": handle,
+                "state": stat["state"],
+                "in_use": stat["in_flight"],
+                "queued": stat["queue_depth"],
+                "slots": stat["slots"],
+            }
+            for instance, handle, stat in zip(names, handles, stats, strict=True)
+            if isinstance(stat, dict)
+        ]
+
+    async def scale(self, name: str, replicas: int) -> dict[str, Any]:
+        """`POST /admin/models/{m}/scale`: run this many replicas from now on (until the
+        model's entry in models.yaml changes); the scaler applies it at its next pass."""
+        model = self._resolve(name)
+        if not 1 <= replicas <= MAX_SCALE:
+            raise InvalidRequest(f"replicas must be 1 to {MAX_SCALE}, not {replicas}")
+        config = self.config.models[model]
+        if config.port is not None and replicas > 1:
+            raise InvalidRequest(
+                f"model '{model}' has a fixed port ({config.port}): two replicas on one node"
+                " cannot share it; leave port out of its config to run more than one"
+            )
+        was = len(self.reconcile.instances(model))
+        self.reconcile.fixed[model] = replicas
+        self.reconcile.trends.pop(model, None)
+        self._event("scale_set", model=model, replicas=replicas)
+        if was == 0:
+            self.reconcile.want(model, keep=True)  # it starts; the scaler adds the rest
+        self.reconcile.ensure_running()
+        return {"model": model, "replicas": replicas, "running": was}
 
     def resolve(self, name: str) -> str:
         return self._resolve(name)
@@ -152,9 +214,10 @@ class Controller:
         when the host answers again, or Ray ends it with the node) and its node takes no new
         model while it stays unreachable. Whether the caller should ask for the model again
         (a fresh instance, elsewhere)."""
-        handle = self.registry.handles.get(name)
-        if handle is None or handle._actor_id.hex() != actor_id:
+        found = self._instance_with(name, actor_id)
+        if found is None:
             return True  # replaced already: the next ask finds the one there is now
+        name, handle = found
         node_id = self.registry.nodes_of.get(name)
         if node_id is None:
             return False  # nowhere known to try: Ray decides, as before
@@ -199,8 +262,15 @@ class Controller:
                 f"model '{model}' is preloaded and stays running; stop it with force=true "
                 "(or set preload: false)"
             )
-        await self.registry.stop(model, "stopped by an admin")
+        await self._stop_model(model, "stopped by an admin")
         return {"model": model, "state": "stopped"}
+
+    async def _stop_model(self, model: str, reason: str) -> None:
+        """Stop every replica of the model (and ask for none: the scaler starts over once a
+        request starts it again)."""
+        self.reconcile.drop_replicas(model)
+        names = self.reconcile.instances(model) or [model]
+        await asyncio.gather(*(self.registry.stop(n, reason) for n in names))
 
     async def model_status(self, name: str) -> dict[str, Any]:
         return await self._status_of(self._resolve(name))
@@ -230,13 +300,14 @@ class Controller:
 
     async def queue_status(self, name: str | None = None) -> list[dict[str, Any]]:
         handles = self.registry.handles
-        return await views.queue_status(handles, [self._resolve(name)] if name else sorted(handles))
+        names = self.reconcile.instances(self._resolve(name)) if name else sorted(handles)
+        return await views.queue_status(handles, names or [self._resolve(name or "")])
 
     async def clear_queue(self, name: str) -> dict[str, Any]:
         model = self._resolve(name)
-        handle = self.registry.handles.get(model)
-        cleared = 0 if handle is None else await call(handle.clear_queue.remote(), VIEW_WAIT)
-        return {"model": model, "cleared": cleared}
+        handles = [self.registry.handles[n] for n in self.reconcile.instances(model)]
+        counts = await asyncio.gather(*(call(h.clear_queue.remote(), VIEW_WAIT) for h in handles))
+        return {"model": model, "cleared": sum(counts)}
 
     async def explain(self, name: str) -> dict[str, Any]:
         """The scheduler's last decision about a model and why (placed where, waiting for
@@ -257,7 +328,7 @@ class Controller:
         to_stop, kept = among(to_stop, only), among(kept, only)
         if not to_stop and not kept:
             raise NotFound(f"no model is in resource group '{group}'; groups: {self._groups(only)}")
-        await asyncio.gather(*(self.registry.stop(n, f"group '{group}' stopped") for n in to_stop))
+        await asyncio.gather(*(self._stop_model(n, f"group '{group}' stopped") for n in to_stop))
         return {"group": group, "stopped": to_stop, "kept_preloaded": kept}
 
     async def start_all(self, only: list[str] | None = None) -> dict[str, Any]:
@@ -266,7 +337,7 @@ class Controller:
 
     async def stop_all(self, only: list[str] | None = None) -> dict[str, Any]:
         names = among([n for n, m in self.config.models.items() if not m.preload], only)
-        await asyncio.gather(*(self.registry.stop(n, "stop-all") for n in names))
+        await asyncio.gather(*(self._stop_model(n, "stop-all") for n in names))
         return {"stopped": sorted(names), "kept_preloaded": among(preloaded(self.config), only)}
 
     async def groups_status(self, only: list[str] | None = None) -> dict[str, Any]:

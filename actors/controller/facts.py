@@ -26,6 +26,7 @@ from proxifier.gpu_memory import PROCESS_OVERHEAD, calibration_key, estimate
 from proxifier.placement import NodeView, actor_options, demand
 from proxifier.planning import RunningModel
 from proxifier.reachability import seen_as_away
+from proxifier.replicas import model_of
 from proxifier.scheduler import Node, Resident, Want, gpu_fraction
 
 READ_WAIT = 0.5  # seconds a status or listing waits for a model file's first header read
@@ -280,22 +281,37 @@ class Facts:
         """Model `name` as demand for the scheduler (under `as_name`, for a second instance).
         A model that offloads to a GPU without an explicit `num_gpus` is placed by the GPU
         memory it needs when some node's GPU size is known (`sized`), else on a whole GPU."""
-        model = self._config().models[name]
+        config = self._config()
+        of = model_of(name, config.models) or name
+        model = config.models[of]
         needs = demand(actor_options(model, gpus))
         memory = 0.0
         if sized and model.num_gpus is None and needs.get("GPU", 0.0) > 0:
-            need = (await self.memory_of(name))["need"]
+            need = (await self.memory_of(of))["need"]
             if need:
                 memory = float(need)
                 needs.pop("GPU")
-        return Want(as_name or name, needs, dict(model.labels), model.priority, since, memory)
+        # One more replica of a model that runs: a scale-out, which stops lower priorities only.
+        others = [
+            n for n in self.registry.handles if n != name and model_of(n, config.models) == of
+        ]
+        return Want(
+            as_name or name,
+            needs,
+            dict(model.labels),
+            model.priority,
+            since,
+            memory,
+            model=of,
+            scale_out=bool(others) and as_name is None,
+        )
 
     async def share_changed(self, name: str, sizes: dict[str, float]) -> bool:
         """Whether a running model placed by GPU memory would ask another share now.
         `sizes`: each node's GPU size (`sizes`)."""
         options = self.registry.options.get(name) or {}
         held = options.get("num_gpus") or 0.0
-        model = self._config().models[name]
+        model = self._config().models[model_of(name, self._config().models) or name]
         size = sizes.get(self.registry.nodes_of.get(name, ""))
         if model.num_gpus is not None or not held or not size:
             return model.num_gpus is not None and held != model.num_gpus
@@ -308,6 +324,7 @@ class Facts:
         runs); `need` is the first of them there is. `wait`: as for `header` (a status does
         not wait for a first read; a placement does)."""
         config = self._config()
+        name = model_of(name, config.models) or name  # a replica needs what its model needs
         model = config.models[name]
         found: dict[str, Any] = {
             "configured": model.gpu_memory,
@@ -361,13 +378,16 @@ class Facts:
             for name, (_, options, node) in registry.pending.items()
         ]
         for name, stat in zip(names, stats, strict=True):
-            model = config.models.get(name)
+            of = model_of(name, config.models) or name
+            model = config.models.get(of)
             holds = demand(registry.options.get(name, {}))
             priority, preload = (model.priority, model.preload) if model else (10, True)
             if isinstance(stat, BaseException):
                 node = registry.nodes_of.get(name, "")
                 residents.append(
-                    Resident(name, node, holds, priority, preload, "starting", 0, 0, now, None)
+                    Resident(
+                        name, node, holds, priority, preload, "starting", 0, 0, now, None, model=of
+                    )
                 )
                 continue
             node = registry.nodes_of.get(name) or stat.get("node_id") or ""
@@ -384,6 +404,7 @@ class Facts:
                     last_used=stat["last_used"] or stat["ready_at"] or stat["started_at"] or 0.0,
                     ready_since=stat["ready_at"],
                     gpus=gpu_shares(stat.get("gpu_ids") or [], holds.get("GPU", 0.0)),
+                    model=of,
                 )
             )
         return residents
@@ -399,13 +420,15 @@ class Facts:
         config = self._config()
         running = []
         for name, stat in zip(names, stats, strict=True):
-            model = config.models.get(name)
+            of = model_of(name, config.models)
+            model = config.models.get(of) if of is not None else None
             if isinstance(stat, BaseException) or model is None:
                 continue
             values = effective(model, config.settings)
             running.append(
                 RunningModel(
                     name=name,
+                    model=of or name,
                     priority=model.priority,
                     preload=model.preload,
                     state=stat["state"],

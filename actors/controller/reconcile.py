@@ -11,7 +11,7 @@ import contextlib
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import ray
@@ -34,7 +34,26 @@ from proxifier.errors import (
 )
 from proxifier.placement import actor_options, cpu_fallback_warning
 from proxifier.planning import ReloadPlan
-from proxifier.scheduler import Evict, Fail, Failure, Limits, Place, Wait, decide, in_force
+from proxifier.replicas import free_names, instances_of, model_of, policy_of
+from proxifier.scheduler import (
+    Evict,
+    Fail,
+    Failure,
+    Limits,
+    Place,
+    Policy,
+    Replica,
+    Resident,
+    Scale,
+    Trend,
+    Wait,
+    decide,
+    desired_replicas,
+    in_force,
+    surplus,
+    to_drain,
+)
+from proxifier.scheduler.scaling import counted
 
 RECONCILE_TICK = 1.0  # seconds between passes while a model waits (nothing else woke one)
 CREATE_DEADLINE = 10.0  # seconds a model actor's creation (its name registered) may take
@@ -93,7 +112,12 @@ class Reconciler:
         self._wake = wake
         self.background = background
         self._took_spare = took_spare  # a new actor likely took its node's spare worker
-        self.wants: dict[str, Wanted] = {}  # models that must run and have no actor yet
+        self.wants: dict[str, Wanted] = {}  # instances that must run and have no actor yet
+        # Replicas (DESIGN §13): what the scaler remembers per model, its last answer, and
+        # counts set at runtime (`proxifier scale`), kept until the model's config changes.
+        self.trends: dict[str, Trend] = {}
+        self.scales: dict[str, Scale] = {}
+        self.fixed: dict[str, int] = {}
         self._alive: tuple[float, frozenset[str]] | None = None  # (when read, alive node ids)
         self._reconciler: asyncio.Task[None] | None = None
 
@@ -102,7 +126,7 @@ class Reconciler:
         """The model's actor, once the scheduler has placed it. Until `deadline` (wall clock)
         the caller waits while the model waits for room; then it is told what the model waits
         for. A model no node could ever hold fails at once (and for `cooldown` after)."""
-        handle = self.registry.handles.get(name)
+        handle = self.any_instance(name)
         if handle is not None:
             return handle
         failure = self.registry.placement_failures.get(name)
@@ -129,6 +153,32 @@ class Reconciler:
             wanted.waiters -= 1
             if wanted.waiters == 0 and not wanted.keep and self.wants.get(name) is wanted:
                 del self.wants[name]  # nobody waits for it any more
+
+    def instances(self, model: str) -> list[str]:
+        """The registered instances of a model, by replica number."""
+        return instances_of(model, self.registry.handles, self._config().models)
+
+    def any_instance(self, model: str) -> Any:
+        """A registered instance of the model (its first replica if it runs), or None."""
+        names = self.instances(model)
+        return self.registry.handles[names[0]] if names else None
+
+    def drop_replicas(self, model: str) -> None:
+        """Ask for no more replicas of the model (it is being stopped): its unplaced replica
+        wants go; a request's want of the model itself stays."""
+        models = self._config().models
+        for name in [n for n in self.wants if n != model and model_of(n, models) == model]:
+            self._drain(name)
+        self.trends.pop(model, None)
+
+    def policy(self, model: str) -> Policy:
+        return policy_of(self._config().models[model], self.fixed.get(model))
+
+    def scalable(self) -> list[str]:
+        """The models that run and may have more than one replica: the scaler's to watch."""
+        models = self._config().models
+        running = {model_of(n, models) for n in self.registry.handles}
+        return sorted(m for m in running if m is not None and self.policy(m).max_replicas > 1)
 
     async def alive_nodes(self) -> frozenset[str]:
         """The ids of the nodes a model could be placed on now: alive to Ray (read at most
@@ -206,7 +256,7 @@ class Reconciler:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), RECONCILE_TICK)
             self._wake.clear()
-            if not self.wants:
+            if not self.wants and not self.scalable():
                 continue
             try:
                 await self._reconcile_once()
@@ -224,11 +274,15 @@ class Reconciler:
 
     async def _reconcile_once(self) -> None:
         registry = self.registry
-        for name in [n for n in self.wants if n not in self._config().models]:
+        models = self._config().models
+        for name in [n for n in self.wants if model_of(n, models) is None]:
             message = not_found_message(self._config(), name)
             self.wants.pop(name).future.set_exception(ModelNotFound(message))
         for name in [n for n in self.wants if n in registry.handles]:
             self.wants.pop(name).future.set_result(registry.handles[name])
+        scalable = self.scalable()
+        if scalable:
+            self._scale(scalable, await self.facts.residents())
         failures = registry.placement_failures
         by_nodes = any(f.nodes is not None for f in failures.values())
         alive = await self.alive_nodes() if by_nodes else frozenset()
@@ -238,12 +292,13 @@ class Reconciler:
         if not set(self.wants) - cooling:
             return
         gpus, residents, nodes = await self.facts.gather()
+        residents = self._marked(residents)
         sized = any(node.gpu_memory > 0 for node in nodes)
         # A snapshot: the awaits below let requests add wants, or drop theirs, meanwhile.
         wants = [
             await self.facts.want_for(name, gpus, entry.since, sized=sized)
             for name, entry in list(self.wants.items())
-            if name not in cooling and name in self._config().models
+            if name not in cooling and model_of(name, self._config().models) is not None
         ]
         settings = self._config().settings
         limits = Limits(settings.max_running_models, settings.min_residency, settings.placement)
@@ -285,6 +340,69 @@ class Reconciler:
         if placed:
             self.background.keep(asyncio.create_task(start_in_turn(placed)))
 
+    def _replicas(self, model: str, residents: list[Resident]) -> list[Replica]:
+        """A model's replicas as the scaler sees them: its instances, and the replicas it
+        asked for that are not placed yet (as starting: on their way)."""
+        models = self._config().models
+        found = [
+            Replica(r.name, r.state, r.in_flight, r.queued, r.ready_since)
+            for r in residents
+            if model_of(r.name, models) == model
+        ]
+        known = {r.name for r in found}
+        found += [
+            Replica(name, "starting", 0, 0, None)
+            for name in self.wants
+            if name not in known and model_of(name, models) == model
+        ]
+        return found
+
+    def _scale(self, models: list[str], residents: list[Resident]) -> None:
+        """The scaler's step (DESIGN §13): each running model's count from its replicas'
+        load; one more asks the scheduler for a replica (a scale-out want), one less drains
+        the replica `to_drain` names (no new request, finish, stop)."""
+        now = time.time()
+        for model in models:
+            replicas = self._replicas(model, residents)
+            scale = desired_replicas(
+                self.policy(model), replicas, 0, self.trends.get(model, Trend()), now
+            )
+            self.trends[model], self.scales[model] = scale.trend, scale
+            current = len(counted(replicas))
+            if current == 0:
+                continue  # none serving: the next request places one (on demand, as ever)
+            if scale.desired > current:
+                taken = [*self.registry.handles, *self.wants, *self.registry.retiring]
+                for name in free_names(model, taken, scale.desired - current):
+                    self.want(name, keep=True)
+                self._event("scaled_out", model=model, replicas=scale.desired, reason=scale.reason)
+            elif scale.desired < current:
+                for name in to_drain(replicas, current - scale.desired):
+                    self._drain(name)
+                self._event("scaled_in", model=model, replicas=scale.desired, reason=scale.reason)
+
+    def _drain(self, name: str) -> None:
+        """Scale in one replica: an unplaced one is simply no longer asked for; a running one
+        leaves the registry (no new request reaches it) and drains, then stops."""
+        entry = self.wants.pop(name, None)
+        if entry is not None and not entry.future.done():
+            entry.future.set_exception(Unavailable(f"replica '{name}' is no longer needed"))
+        handle = self.registry.handles.get(name)
+        if handle is not None:
+            timeout = self._config().settings.upstream_timeout
+            self.registry.unregister(name, handle)
+            self.background.keep(asyncio.create_task(self.registry.scale_in(name, handle, timeout)))
+
+    def _marked(self, residents: list[Resident]) -> list[Resident]:
+        """The residents with their surplus replicas marked: above what each model keeps,
+        the first victims of its priority and above."""
+        models = self._config().models
+        extra: set[str] = set()
+        for model in {model_of(r.name, models) for r in residents} - {None}:
+            assert model is not None
+            extra |= surplus(self.policy(model), self._replicas(model, residents))
+        return [replace(r, surplus=True) if r.name in extra else r for r in residents]
+
     async def _create(
         self, name: str, node_id: str, gpus: float, num_gpus: float | None = None
     ) -> Any:
@@ -303,7 +421,7 @@ class Reconciler:
     ) -> tuple[Any, dict[str, Any]]:
         """A new actor for the model's current config, pinned to `node_id` (Ray never second-
         guesses the scheduler), under a name of its own generation."""
-        model = self._config().models[name]
+        model = self._config().models[model_of(name, self._config().models) or name]
         warning = cpu_fallback_warning(name, model, gpus)
         if warning:
             self._event("warning", model=name, message=warning)
@@ -364,21 +482,40 @@ class Reconciler:
         for name in [n for n in plan.restart if await self.facts.share_changed(n, sizes)]:
             plan.restart.remove(name)
             plan.recreate.append(name)
+        for name, fields in {**diff.live, **diff.restart}.items():
+            if {"replicas", "autoscaling"} & set(fields):
+                self.fixed.pop(name, None)  # the file's count replaces one set at runtime
+        for name in diff.removed:
+            self.fixed.pop(name, None)
+        models = new.models
         for name in plan.drain:
-            handle = registry.handles[name]
-            registry.unregister(name, handle)  # no new request reaches it
-            self.background.keep(asyncio.create_task(registry.retire(name, handle)))
-        replacing = {name: await self._replace(name) for name in plan.recreate}
+            for instance in instances_of(name, registry.handles, [name]):
+                handle = registry.handles[instance]
+                registry.unregister(instance, handle)  # no new request reaches it
+                self.background.keep(asyncio.create_task(registry.retire(instance, handle)))
+        for name in plan.recreate:
+            # Its other replicas drain; the scaler places them again with the new config.
+            for instance in instances_of(name, registry.handles, models):
+                if instance != name:
+                    self._drain(instance)
+        replacing: dict[str, str] = {}
+        for name in plan.recreate:
+            if name in registry.handles:
+                replacing[name] = await self._replace(name)
+            else:  # only other replicas ran, and they drain: a fresh first one
+                self.want(name, keep=True)
+                replacing[name] = "stop, then start"
+        changed = plan.restart + plan.live
         reloads = [
-            registry.handles[name].reload.remote(new.models[name], new.settings)
-            for name in plan.restart + plan.live
+            registry.handles[instance].reload.remote(new.models[name], new.settings)
+            for name in changed
+            for instance in instances_of(name, registry.handles, models)
         ]
         if diff.settings:  # settings defaults reach every running model
-            reloads += [
-                registry.handles[n].reload.remote(new.models[n], new.settings)
-                for n in registry.handles
-                if n not in plan.restart + plan.live
-            ]
+            for instance, handle in registry.handles.items():
+                of = model_of(instance, models)
+                if of is not None and of not in changed:
+                    reloads.append(handle.reload.remote(models[of], new.settings))
         await asyncio.gather(*reloads, return_exceptions=True)
         started = await self.start_in_order(plan.start)
         self._event("config_reloaded", changes=diff.summary(), replacing=replacing)

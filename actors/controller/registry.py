@@ -19,6 +19,7 @@ from proxifier.config import ModelsConfig
 from proxifier.errors import ProxifierError
 from proxifier.placement import actor_options
 from proxifier.reachability import Unreached
+from proxifier.replicas import model_of as replica_model
 from proxifier.scheduler import Failure
 
 STATS_WAIT = 2.0  # seconds a pass waits for a model's facts before it counts it as starting
@@ -66,9 +67,10 @@ class Registry:
                 continue
             with contextlib.suppress(ValueError):
                 handle = ray.get_actor(name, namespace=NAMESPACE)
-                if model in config.models and model not in self.handles:
+                of = replica_model(model, config.models)  # `model` names an instance
+                if of is not None and model not in self.handles:
                     self.handles[model] = handle
-                    self.options[model] = actor_options(config.models[model], cluster_gpus())
+                    self.options[model] = actor_options(config.models[of], cluster_gpus())
                     self._event("adopted", model=model)
                 else:
                     self.orphans.append((model, handle))  # retired once the loop runs
@@ -170,6 +172,12 @@ class Registry:
             await handle.drain.remote("removed from the configuration", timeout)
         await self.dispose(name, handle)
         self._event("removed", model=name)
+
+    async def scale_in(self, name: str, handle: Any, timeout: float) -> None:
+        """A replica out of the registry (scale-in): it finishes what it has, then stops."""
+        with contextlib.suppress(ray.exceptions.RayActorError):
+            await handle.drain.remote("scaled in", timeout)
+        await self.dispose(name, handle)
 
     async def dispose(self, name: str, handle: Any) -> None:
         """Keep the actor's finished async results, then kill it and forget it."""

@@ -20,6 +20,7 @@ from actors.ray_glue import Background, nodes_now
 from actors.warm_workers import prestart
 from proxifier.config import ModelsConfig
 from proxifier.planning import idle_stops
+from proxifier.replicas import instances_of, model_of
 
 SPARE_AFTER = 30.0  # seconds after a model actor took a node's spare worker, a new one starts
 SPARE_DELAY = 5.0  # ... or this long after that model became ready (or failed), if sooner
@@ -128,9 +129,10 @@ class Upkeep:
                 registry.count_eviction("idle")
         registry.expire_results(self._config().settings.result_ttl)
         by_name = {r.name: r for r in running}
+        models = self._config().models
         for name in preloaded(self._config()):
             state = by_name[name].state if name in by_name else "stopped"
-            if name not in registry.handles:
+            if not instances_of(name, registry.handles, models):
                 self._want(name, keep=True)  # placed (and started) by the next pass
             elif state in ("stopped", "failed"):
                 self.background.fire(registry.handles[name].start.remote())
@@ -148,8 +150,13 @@ class Upkeep:
             if not isinstance(answer, ray.exceptions.RayActorError):
                 continue
             self.registry.forget(name, handles[name])
+            models = self._config().models
+            of = model_of(name, models)
             self._event("lost", model=name, reason=f"its actor died: {answer}")
-            model = self._config().models.get(name)
+            if of is not None and of != name:
+                self._event("replica_lost", model=of, replica=name, reason=f"{answer}")
+                continue  # the scaler restores the count
+            model = models.get(name)
             if model is not None and (model.preload or model.auto_start):
                 self._want(name, keep=True)  # placed again where it fits, or failed with why
 

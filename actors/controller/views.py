@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
@@ -18,6 +18,8 @@ from actors.controller.registry import VIEW_WAIT, Registry
 from proxifier.capabilities import capabilities
 from proxifier.config import ModelConfig, ModelsConfig
 from proxifier.planning import group_members
+from proxifier.replicas import instances_of
+from proxifier.scheduler import Scale
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,7 @@ class Viewed:
     registry: Registry
     facts: Facts
     wants: dict[str, Wanted]
+    scales: dict[str, Scale] = field(default_factory=dict)  # the scaler's last word per model
 
 
 def among(names: list[str], only: list[str] | None) -> list[str]:
@@ -142,9 +145,10 @@ async def guarded_status(name: str, parts: Viewed, within: float = VIEW_WAIT) ->
         }
 
 
-async def status_of(name: str, parts: Viewed, within: float = VIEW_WAIT) -> dict[str, Any]:
-    config, registry, facts, wants = parts.config, parts.registry, parts.facts, parts.wants
-    entry = _base(name, config().models[name])
+async def instance_status(name: str, parts: Viewed, within: float) -> dict[str, Any]:
+    """One instance's part of a status: its actor's stats, or what is known without them."""
+    registry, wants = parts.registry, parts.wants
+    entry: dict[str, Any] = {"state": "stopped"}
     handle = registry.handles.get(name)
     away = registry.unreached.get(registry.nodes_of.get(name, ""))
     if handle is not None and away is not None and away.whole_host:  # known: no need to wait
@@ -167,14 +171,50 @@ async def status_of(name: str, parts: Viewed, within: float = VIEW_WAIT) -> dict
         entry["replacing"] = True  # a new instance loads and takes over when ready
     if name in wants:
         entry["waiting_for"] = wants[name].reason  # not placed yet: why
+    return entry
+
+
+def _replica(stats: dict[str, Any]) -> dict[str, Any]:
+    return {key: stats.get(key) for key in REPLICA_FIELDS} | (
+        {"waiting_for": stats["waiting_for"]} if "waiting_for" in stats else {}
+    )
+
+
+REPLICA_FIELDS = ("node_id", "host", "port", "state", "in_flight", "queue_depth", "ready_at")
+
+
+async def status_of(name: str, parts: Viewed, within: float = VIEW_WAIT) -> dict[str, Any]:
+    config, registry, facts = parts.config, parts.registry, parts.facts
+    models = config().models
+    entry = _base(name, models[name])
+    registered = instances_of(name, registry.handles, models)
+    leaving = [*registry.retiring, *parts.wants]
+    others = [n for n in instances_of(name, leaving, models) if n not in registered]
+    primary = registered[0] if registered else name
+    entry.update(await instance_status(primary, parts, within))
+    entry["name"] = name  # the model (its stats name the instance)
+    scale = parts.scales.get(name)
+    rest = [n for n in [*registered[1:], *others] if n != primary]
+    if rest or scale is not None:
+        found = await asyncio.gather(*(instance_status(n, parts, within) for n in rest))
+        replicas = [{"name": primary, **_replica(entry)}]
+        replicas += [{"name": n, **_replica(e)} for n, e in zip(rest, found, strict=True)]
+        entry["replicas"] = replicas
+        serving = [r for r in replicas if r["name"] in registered]
+        entry["in_flight"] = sum(r.get("in_flight") or 0 for r in serving)
+        entry["queue_depth"] = sum(r.get("queue_depth") or 0 for r in serving)
+        if any(r["state"] == "ready" for r in serving):
+            entry["state"] = "ready"  # the model answers while one replica does
+        if scale is not None:
+            entry["desired"] = {"replicas": scale.desired, "reason": scale.reason}
     if name in config().models:  # a reload may have removed it meanwhile
         memory = await facts.memory_of(name, READ_WAIT)
         memory.pop("calibration_key", None)
         # Configured to run without one (num_gpus: 0, or no layer offloaded): no GPU need.
         current = config().models[name]
         memory["wants_gpu"] = current.num_gpus != 0 and current.gpu_layers != 0
-        options = registry.options.get(name)
-        if options is not None and handle is not None:
+        options = registry.options.get(primary)
+        if options is not None and primary in registry.handles:
             memory["num_gpus"] = options.get("num_gpus", 0)
         entry["gpu_memory"] = memory
     return entry
@@ -192,4 +232,6 @@ async def explain(model: str, parts: Viewed) -> dict[str, Any]:
         "node_id": status.get("node_id") or registry.nodes_of.get(model),
         "waiting": model in parts.wants,
         "last_decision": last,
+        # how many replicas and why not more (or fewer): the scaler's last word
+        "replicas": status.get("desired"),
     }

@@ -15,6 +15,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -93,6 +94,29 @@ class Settings(BaseModel):
         return parse_size(value)
 
 
+class Autoscaling(BaseModel):
+    """A model's replica count chosen from its load, in Ray Serve's `autoscaling_config` names
+    (README: Replicas)."""
+
+    model_config = _STRICT
+
+    min_replicas: int = Field(0, ge=0)  # 0: start on demand, stop when idle (as one instance)
+    max_replicas: int = Field(1, ge=1)
+    # In flight + queued per replica the scaler aims at; default: the model's `parallel`.
+    target_ongoing_requests: float | None = Field(None, gt=0)
+    upscale_delay_s: float = Field(30.0, ge=0)
+    downscale_delay_s: float = Field(600.0, ge=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Autoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) is more than max_replicas"
+                f" ({self.max_replicas})"
+            )
+        return self
+
+
 class ModelConfig(BaseModel):
     """One entry of the `models:` mapping. `None` means "use the settings default"."""
 
@@ -131,6 +155,35 @@ class ModelConfig(BaseModel):
     upstream_timeout: float | None = Field(None, gt=0)
     upstream_idle_timeout: float | None = Field(None, gt=0)
     aliases: list[str] = []
+    # Replicas (README: Replicas): a fixed count, or one chosen from the load; neither: one
+    # instance, started on demand.
+    replicas: int | None = Field(None, ge=1)
+    autoscaling: Autoscaling | None = None
+
+    @field_validator("replicas", "autoscaling")
+    @classmethod
+    def _one_count(cls, value: object, info: ValidationInfo) -> object:
+        if value is None:
+            return value
+        if info.field_name == "autoscaling" and info.data.get("replicas") is not None:
+            raise ValueError(
+                "replicas is set too: give a fixed count (replicas: N) or a range chosen"
+                " from the load (autoscaling: {min_replicas, max_replicas}), not both"
+            )
+        most = value.max_replicas if isinstance(value, Autoscaling) else value
+        port = info.data.get("port")
+        if port is not None and isinstance(most, int) and most > 1:
+            raise ValueError(
+                f"port {port} is fixed, and two replicas on one node cannot share it:"
+                " leave port out (each replica gets a free one) or keep one replica"
+            )
+        return value
+
+    @property
+    def max_replicas(self) -> int:
+        if self.autoscaling is not None:
+            return self.autoscaling.max_replicas
+        return self.replicas or 1
 
     @model_validator(mode="before")
     @classmethod

@@ -29,6 +29,7 @@ def test_status_prints_a_table_of_every_model(deployment: Deployment, capsys) ->
     assert lines[1].split() == [
         "MODEL",
         "STATE",
+        "REPLICAS",
         "PRI",
         "GROUP",
         "WHERE",
@@ -39,9 +40,9 @@ def test_status_prints_a_table_of_every_model(deployment: Deployment, capsys) ->
         "ERROR",
     ]
     chat = next(line for line in lines if line.startswith("chat "))
-    assert chat.split()[1:4] == ["ready", "9", "production"]
+    assert chat.split()[1:5] == ["ready", "-", "9", "production"]  # one instance: no count
     # Configured with num_gpus: 0: the column says no GPU, not what one would need.
-    assert chat.split()[5] == "-" and "need" not in chat
+    assert chat.split()[6] == "-" and "need" not in chat
 
 
 def test_models(deployment: Deployment, capsys) -> None:

@@ -21,10 +21,10 @@ MODEL = {
 
 def test_the_gpu_column_names_a_need_only_where_there_are_gpus() -> None:
     on_gpus = _status_rows([MODEL], cluster_gpus=True)[1]
-    assert on_gpus[5] == "- need 0.3G"  # none held; what it would need on one
-    assert _status_rows([MODEL], cluster_gpus=False)[1][5] == "-"
+    assert on_gpus[6] == "- need 0.3G"  # none held; what it would need on one
+    assert _status_rows([MODEL], cluster_gpus=False)[1][6] == "-"
     on_cpu = {**MODEL, "gpu_memory": {**MODEL["gpu_memory"], "wants_gpu": False}}
-    assert _status_rows([on_cpu], cluster_gpus=True)[1][5] == "-"  # num_gpus: 0
+    assert _status_rows([on_cpu], cluster_gpus=True)[1][6] == "-"  # num_gpus: 0
 
 
 def test_output_to_a_reader_that_went_away_ends_without_a_traceback(tmp_path: Path) -> None:
@@ -39,3 +39,14 @@ def test_output_to_a_reader_that_went_away_ends_without_a_traceback(tmp_path: Pa
     os.close(write)
     assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr, done.stderr
     assert done.returncode == 1
+
+
+def test_replicas_show_ready_of_wanted() -> None:
+    replicated = {
+        **MODEL,
+        "state": "ready",
+        "replicas": [{"name": "chat", "state": "ready"}, {"name": "chat#2", "state": "starting"}],
+        "desired": {"replicas": 4, "reason": "scaled out"},
+    }
+    assert _status_rows([replicated])[1][2] == "1/4"
+    assert _status_rows([MODEL])[1][2] == "-"
