@@ -47,12 +47,16 @@ def test_test_command_sets_up_everything(repo: Path) -> None:
 
 def test_readme_yaml_examples_load(repo: Path) -> None:
     blocks = re.findall(r"```yaml\n(.*?)```", (repo / "README.md").read_text(), re.S)
-    assert len(blocks) == 3
-    models = validate_models(yaml.safe_load(blocks[0]), file="README models.yaml")
+    assert len(blocks) == 4
+    replicas = validate_models(yaml.safe_load(blocks[0]), file="README Replicas")
+    assert replicas.models["chat"].replicas == 2
+    scaling = replicas.models["docs"].autoscaling
+    assert scaling is not None and scaling.max_replicas == 4
+    models = validate_models(yaml.safe_load(blocks[1]), file="README models.yaml")
     assert models.models["chat"].aliases == ["gpt-4o-mini"]
-    hub = validate_models(yaml.safe_load(blocks[1]), file="README Hugging Face models")
+    hub = validate_models(yaml.safe_load(blocks[2]), file="README Hugging Face models")
     assert hub.models["gemma"].hf_repo == "ggml-org/gemma-3-1b-it-GGUF:Q4_K_M"
-    auth = validate_auth(yaml.safe_load(blocks[2]), file="README auth.yaml")
+    auth = validate_auth(yaml.safe_load(blocks[3]), file="README auth.yaml")
     assert auth.api_keys["ops"].models == ["qwen-*"]
 
 
