@@ -74,6 +74,7 @@ class Cluster:
         self._replicas: dict[str, tuple[float, Snapshot]] = {}
         self._replica_lookups: dict[str, asyncio.Future[None]] = {}
         self._routed: dict[str, collections.Counter[str]] = {}
+        self._replica_handles: dict[str, dict[Any, Any]] = {}  # model -> actor key -> handle
 
     @property
     def controller(self) -> Any:
@@ -184,8 +185,26 @@ class Cluster:
     async def _fetch_replicas(self, model: str) -> None:
         controller = await self.controller_now()
         found = await self.call(controller.replicas.remote(model), CONTROLLER_WAIT)
+        # One handle object per actor: held slots are matched to a replica by identity
+        # (proxifier.lease_reuse), so a replica keeps the object this replica already uses.
+        known = self._replica_handles.get(model, {})
+        cached = self._handles.get(model)
+        if cached is not None:
+            known = {**known, actor_key(cached): cached}
+        handles = {}
+        for r in found:
+            key = actor_key(r["handle"])
+            handles[key] = known.get(key, r["handle"])
+        self._replica_handles[model] = handles
         views = tuple(
-            ReplicaView(r["handle"], r["name"], r["state"], r["in_use"], r["queued"], r["slots"])
+            ReplicaView(
+                handles[actor_key(r["handle"])],
+                r["name"],
+                r["state"],
+                r["in_use"],
+                r["queued"],
+                r["slots"],
+            )
             for r in found
         )
         self._replicas[model] = (time.monotonic(), views)

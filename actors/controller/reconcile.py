@@ -345,7 +345,14 @@ class Reconciler:
         asked for that are not placed yet (as starting: on their way)."""
         models = self._config().models
         found = [
-            Replica(r.name, r.state, r.in_flight, r.queued, r.ready_since)
+            # A registered instance that says "stopped" has not launched yet: on its way.
+            Replica(
+                r.name,
+                "starting" if r.state == "stopped" else r.state,
+                r.in_flight,
+                r.queued,
+                r.ready_since,
+            )
             for r in residents
             if model_of(r.name, models) == model
         ]
@@ -401,7 +408,10 @@ class Reconciler:
         for model in {model_of(r.name, models) for r in residents} - {None}:
             assert model is not None
             extra |= surplus(self.policy(model), self._replicas(model, residents))
-        return [replace(r, surplus=True) if r.name in extra else r for r in residents]
+        # (A preloaded model keeps its floor; a surplus replica of it is a victim like any.)
+        return [
+            replace(r, surplus=True, preload=False) if r.name in extra else r for r in residents
+        ]
 
     async def _create(
         self, name: str, node_id: str, gpus: float, num_gpus: float | None = None
