@@ -23,6 +23,7 @@ from actors.ray_glue import Background, call, from_gcs
 from proxifier.auth import ADMIN, Caller, may_use_model, models_for
 from proxifier.config import AuthConfig, ModelsConfig
 from proxifier.errors import ActorGone, ModelNotFound, ModelRetired, ProxifierError, Unavailable
+from serve_app.call import Owned
 from serve_app.route import ReplicaView, Snapshot, choose, route
 
 CONFIG_TTL = 1.0  # seconds a replica trusts its copy of the config (reloads show up this fast)
@@ -69,12 +70,13 @@ class Cluster:
         self._lock = asyncio.Lock()
         self._background = Background()
         # model -> (when fetched, its replicas as the controller last said), and the requests
-        # this replica routed to each since (the router counts them as load: no herd onto
+        # this replica has on each now (the router counts them as load at once: no herd onto
         # the one that looked emptiest a second ago)
         self._replicas: dict[str, tuple[float, Snapshot]] = {}
         self._replica_lookups: dict[str, asyncio.Future[None]] = {}
         self._routed: dict[str, collections.Counter[str]] = {}
         self._replica_handles: dict[str, dict[Any, Any]] = {}  # model -> actor key -> handle
+        self._routed_then: dict[str, dict[str, int]] = {}  # ... as it was when last fetched
 
     @property
     def controller(self) -> Any:
@@ -208,19 +210,40 @@ class Cluster:
             for r in found
         )
         self._replicas[model] = (time.monotonic(), views)
-        self._routed.pop(model, None)  # counted in the fresh loads now
+        self._routed_then[model] = dict(self._routed.get(model, {}))
 
-    def pick(self, model: str, snapshot: Snapshot) -> Any:
-        """serve_app.route's choice among the snapshot, each replica's load counting the
-        requests this ingress replica sent it since the snapshot was taken."""
+    def replica_count(self, model: str) -> int:
+        """How many replicas of the model this replica last heard of (0: none known)."""
+        entry = self._replicas.get(model)
+        return len(entry[1]) if entry else 0
+
+    def pick(self, model: str, snapshot: Snapshot, owned: Owned | None = None) -> Any:
+        """serve_app.route's choice among the snapshot. A replica's slots in use are at least
+        the requests this ingress replica has on it now (known at once; the snapshot's
+        figures are up to a second old); `owned`: the request, whose end takes it off."""
         if len(snapshot) <= 1:
             return route(snapshot)
-        routed = self._routed.setdefault(model, collections.Counter())
-        seen = tuple(replace(v, queued=v.queued + routed[v.name]) for v in snapshot)
+        local = self._routed.setdefault(model, collections.Counter())
+        # Others' load: what the replica reported beyond what this one had on it then.
+        then = self._routed_then.get(model, {})
+        seen = tuple(
+            replace(
+                v,
+                in_use=local[v.name] + max(0, v.in_use + v.queued - then.get(v.name, 0)),
+                queued=0,
+            )
+            for v in snapshot
+        )
         view = choose(seen)
         if view is None:
             return None
-        routed[view.name] += 1
+        if owned is not None:
+            local[view.name] += 1
+
+            def done() -> None:
+                local[view.name] -= 1
+
+            owned.done = done
         return view.handle
 
     async def visible_models(self, caller: Caller | None) -> list[str] | None:

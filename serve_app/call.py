@@ -31,6 +31,7 @@ class Owned:
         self.leases: dict[str, tuple[Any, Callable[[], None]]] = {}
         self.places: dict[str, Callable[[], None]] = {}  # request id -> leave the queue
         self.closed = False
+        self.done: Callable[[], None] = _nothing  # the router's count of it ends (backend.pick)
 
     def add(self, lease_id: str, handle: Any, release: Callable[[], None]) -> None:
         """The request got a slot; `release` gives it back (it calls `drop`). A slot that
@@ -56,6 +57,8 @@ class Owned:
 
     def close(self) -> None:
         self.closed = True
+        self.done()
+        self.done = _nothing
         for request_id in list(self.places):
             self.left(request_id)()
         for _, release in list(self.leases.values()):

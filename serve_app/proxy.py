@@ -36,8 +36,9 @@ class Proxy:
         arrived, arrived_at = time.monotonic(), time.time()
         self.metrics.start_flushing(self.backend.controller)
         inbound = await gate(self.backend, request, endpoint, model, arrived, arrived_at)
-        choice = self.backend.pick(inbound.model, inbound.instances)
-        admission = Admission(self.backend, self.relay, inbound, owned_by(request.scope))
+        owned = owned_by(request.scope)
+        choice = self.backend.pick(inbound.model, inbound.instances, owned)
+        admission = Admission(self.backend, self.relay, inbound, owned)
         return await admission.serve(choice)
 
     async def passthrough(self, request: Request, name: str, rest: str) -> Response:

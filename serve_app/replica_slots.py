@@ -181,6 +181,10 @@ class RayBackend(Cluster):
         `deadline`, wall clock, which the actor then enforces), or the slots went back."""
         held = self._leases(model)
         line = self._lines.setdefault(model, collections.deque())
+        if self.replica_count(model) > 1:
+            # The router chose a replica for it: its slot is asked there (a hand-over here
+            # would tie it to whichever replica this one's requests hold; measured slower).
+            return None
         if not held.may_wait_locally(len(line)):
             return None
         future: asyncio.Future[HeldLease | None] = asyncio.get_running_loop().create_future()
