@@ -116,6 +116,13 @@ class ModelRetired(Unavailable):
     code = "model_stopping"
 
 
+class Rerouted(Unavailable):
+    """The replica a request waited for gave its place up to a replica with a free slot (the
+    controller moves waiting requests there): the caller routes the request again."""
+
+    code = "model_rerouted"
+
+
 class InvalidRequest(ProxifierError):
     status = 400
     error_type = "invalid_request_error"

@@ -10,7 +10,6 @@ upstream bytes (serve_app.relay).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import time
 from typing import Any
@@ -18,13 +17,14 @@ from typing import Any
 from fastapi.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from proxifier.errors import ProxifierError, QueueTimeout, Unavailable
+from proxifier.errors import ProxifierError, QueueTimeout, Rerouted, Unavailable
 from serve_app.backend import ATTEMPTS, time_left
 from serve_app.call import MOVED, Accepted, Call, Grant, Granted, Owned
 from serve_app.gate import Inbound
 from serve_app.relay import Relay, StaleLease, Unreachable
 from serve_app.replica_slots import RayBackend
 
+REROUTES = 4  # times a waiting request may be sent on to a replica with room (then it waits)
 QUICK_ANSWER = 1.0  # seconds a queued stream waits before it commits to a 200 and keep-alives
 LEASES = "proxifier.leases"  # where LeaseGuard leaves a request's Owned in the ASGI scope
 
@@ -51,7 +51,12 @@ class LeaseGuard:
 
 class Requeue(Exception):
     """The model instance a request waited for was retired or went away before granting it a
-    slot: the request starts over with the instance the controller has now."""
+    slot (the request starts over with the instance the controller has now), or gave its place
+    up to a replica with room (`rerouted`: it is routed again)."""
+
+    def __init__(self, rerouted: bool = False) -> None:
+        super().__init__()
+        self.rerouted = rerouted
 
 
 def owned_by(scope: Scope) -> Owned:
@@ -125,13 +130,19 @@ class Admission:
                 return self._own(call.take_over(held), held.handle, held.lease)
         if inbound.respond_async:
             return await self.submit(call)
-        for _ in range(ATTEMPTS):
+        moves = reroutes = 0
+        while moves < ATTEMPTS:
             answer = await self.enqueue(call)
             if "queued" not in answer:
                 return self._granted(call, answer["lease"])
             call.queued = True
-            with contextlib.suppress(Requeue):
+            try:
                 return await self.wait_granted(call, answer["queued"])
+            except Requeue as requeue:
+                if requeue.rerouted and reroutes < REROUTES:
+                    reroutes += 1
+                else:
+                    moves += 1
         raise Unavailable(
             f"model '{model}' kept stopping while the request waited; try again",
             retry_after=1,
@@ -202,6 +213,8 @@ class Admission:
             raise
         except MOVED:
             raise self.moved(call) from None
+        except Rerouted:
+            raise await self.rerouted(call) from None
         return self._granted(call, lease)
 
     def moved(self, call: Call) -> Requeue:
@@ -211,6 +224,13 @@ class Admission:
         self.slots.forget(call.model, call.handle, moved=True)
         self.choice = None
         return Requeue()
+
+    async def rerouted(self, call: Call) -> Requeue:
+        """The replica the request waited for sent it on (others have free slots): route it
+        again over a fresh look at the model's replicas."""
+        call.owned.left(call.request_id)
+        self.choice = await self.slots.reroute(call.model, call.owned)
+        return Requeue(rerouted=True)
 
     async def wait_again(self, call: Call) -> asyncio.Future[Any]:
         """After a move: a slot at once (as a finished future) or a new wait in the queue."""
@@ -300,6 +320,7 @@ class QueuedStream:
     ) -> None:
         self.admission, self.call, self.queued = admission, call, queued
         self.waiting, self.keepalive, self.moves = waiting, keepalive, 0
+        self.reroutes = 0
 
     async def granted(self, timeout: float) -> Granted | None:
         while True:
@@ -312,6 +333,14 @@ class QueuedStream:
             if _moved_away(self.waiting) and self.moves < ATTEMPTS:
                 self.moves += 1
                 self.admission.moved(self.call)
+                self.waiting = await self.admission.wait_again(self.call)
+                continue
+            if _rerouted(self.waiting) and (self.reroutes < REROUTES or self.moves < ATTEMPTS):
+                if self.reroutes < REROUTES:
+                    self.reroutes += 1
+                else:  # sent on that often: each more counts as a move
+                    self.moves += 1
+                await self.admission.rerouted(self.call)
                 self.waiting = await self.admission.wait_again(self.call)
                 continue
             return self.admission._granted(self.call, self.waiting.result())
@@ -333,3 +362,7 @@ def unanswered(call: Call) -> QueueTimeout:
 
 def _moved_away(waiting: asyncio.Future[Any]) -> bool:
     return not waiting.cancelled() and isinstance(waiting.exception(), MOVED)
+
+
+def _rerouted(waiting: asyncio.Future[Any]) -> bool:
+    return not waiting.cancelled() and isinstance(waiting.exception(), Rerouted)

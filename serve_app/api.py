@@ -264,7 +264,10 @@ def build_api(backend: RayBackend, bound_host: str | None = None) -> FastAPI:
     # ------------------------------------------------------------------ admin: config
     @app.post("/admin/config/reload")
     async def reload_config() -> dict[str, Any]:
-        return await ask(ctl().reload_config.remote())
+        try:
+            return await ask(ctl().reload_config.remote())
+        finally:
+            backend.config_changed()
 
     @app.get("/admin/config/validate")
     async def validate_config() -> dict[str, Any]:
@@ -291,7 +294,10 @@ def build_api(backend: RayBackend, bound_host: str | None = None) -> FastAPI:
 
     @app.post("/admin/config/restore/{backup_id}")
     async def restore_config(backup_id: str) -> dict[str, Any]:
-        return await ask(ctl().restore.remote(backup_id))
+        try:
+            return await ask(ctl().restore.remote(backup_id))
+        finally:
+            backend.config_changed()
 
     # ------------------------------------------------------------------ admin: cluster, events
     @app.get("/admin/cluster")

@@ -30,12 +30,12 @@ CONFIG_TTL = 1.0  # seconds a replica trusts its copy of the config (reloads sho
 CONFIG_STALE = 2.0  # ... and uses it while a fresh one comes (never longer: revoked keys)
 CONTROLLER_WAIT = 5.0  # seconds a config refresh waits for the controller before going on without
 ATTEMPTS = 3  # a retired or dead model actor is replaced this many times per request
-# seconds a model actor may take to answer a request for a slot before this replica asks the
-# controller whether its host can be reached (a report costs one connection attempt there)
 # seconds a replica list is used before it is asked again (in the background: a request
 # never waits for it but the first, and that one a second at most)
 REPLICAS_TTL = 1.0
 REPLICAS_WAIT = 1.0
+# seconds a model actor may take to answer a request for a slot before this replica asks the
+# controller whether its host can be reached (a report costs one connection attempt there)
 ACTOR_ANSWER = 5.0
 # seconds past a request's deadline (queue_timeout) the ingress waits for the actor that keeps
 # it (the controller, a model actor) to say so itself, before it ends the wait on its own
@@ -118,6 +118,11 @@ class Cluster:
         assert self._config is not None
         return self._config
 
+    def config_changed(self) -> None:
+        """A reload or restore went through this replica: its next request reads the config
+        afresh, so a model just added answers at once here (others see it within CONFIG_TTL)."""
+        self._fetched = 0.0
+
     async def _refresh(self) -> None:
         async with self._lock:
             if self._config is not None and time.monotonic() - self._fetched <= CONFIG_TTL:
@@ -194,23 +199,28 @@ class Cluster:
         if cached is not None:
             known = {**known, actor_key(cached): cached}
         handles = {}
+        views = []
         for r in found:
             key = actor_key(r["handle"])
             handles[key] = known.get(key, r["handle"])
-        self._replica_handles[model] = handles
-        views = tuple(
-            ReplicaView(
-                handles[actor_key(r["handle"])],
-                r["name"],
-                r["state"],
-                r["in_use"],
-                r["queued"],
-                r["slots"],
+            views.append(
+                ReplicaView(
+                    handles[key], r["name"], r["state"], r["in_use"], r["queued"], r["slots"]
+                )
             )
-            for r in found
-        )
-        self._replicas[model] = (time.monotonic(), views)
+        self._replica_handles[model] = handles
+        self._replicas[model] = (time.monotonic(), tuple(views))
         self._routed_then[model] = dict(self._routed.get(model, {}))
+
+    async def reroute(self, model: str, owned: Owned) -> Any:
+        """A new choice for a request a replica sent on (the controller saw free slots
+        elsewhere): the replicas' load read afresh, not the snapshot that sent it there."""
+        owned.done()  # off the count of the replica it leaves
+        owned.done = lambda: None
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._fetch_replicas(model), REPLICAS_WAIT)
+        entry = self._replicas.get(model)
+        return self.pick(model, entry[1] if entry else (), owned)
 
     def replica_count(self, model: str) -> int:
         """How many replicas of the model this replica last heard of (0: none known)."""
@@ -218,9 +228,10 @@ class Cluster:
         return len(entry[1]) if entry else 0
 
     def pick(self, model: str, snapshot: Snapshot, owned: Owned | None = None) -> Any:
-        """serve_app.route's choice among the snapshot. A replica's slots in use are at least
-        the requests this ingress replica has on it now (known at once; the snapshot's
-        figures are up to a second old); `owned`: the request, whose end takes it off."""
+        """serve_app.route's choice among the snapshot. A replica's load is the requests this
+        ingress replica has on it now (known at once) plus what the replica reported beyond
+        those it had then (other ingress replicas': up to a second old); `owned`: the
+        request, whose end takes it off."""
         if len(snapshot) <= 1:
             return route(snapshot)
         local = self._routed.setdefault(model, collections.Counter())

@@ -11,7 +11,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, StreamingResponse
 
-from proxifier.auth import ADMIN, Caller, may_use_model
+from proxifier.auth import Caller, may_use_model
 from proxifier.errors import NotFound
 from serve_app.security import caller_of
 
@@ -76,9 +76,7 @@ def who(caller: Caller | None) -> dict[str, Any]:
 def visible(caller: Caller | None, model: str | None) -> bool:
     """Whether the caller's key may see this model (its allow-list; events of no model are
     everyone's). The dashboard names no model a key may not use, as /v1/models does not."""
-    if caller is None or model is None or ADMIN in caller.permissions:
-        return True
-    return may_use_model(caller, model)
+    return caller is None or model is None or may_use_model(caller, model)
 
 
 def _event(kind: str, payload: Any) -> bytes:

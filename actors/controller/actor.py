@@ -147,7 +147,7 @@ class Controller:
         if moved is not None:
             found = self._instance_with(model, moved)
             if found is not None:
-                await self.registry.check_moved(*found)
+                await self.registry.check_moved(*found, model)
         return await self.reconcile.ensure_actor(model, deadline)
 
     def _instance_with(self, model: str, actor_id: str) -> tuple[str, Any] | None:
@@ -240,6 +240,9 @@ class Controller:
                 self.registry.forget(model, lost)
                 self.registry.explain(model, "unreachable", away.reason)
                 self._event("unreachable", model=model, node_id=node_id, reason=away.reason)
+                of = replica_model(model, self.config.models)
+                if of is not None and of != model:  # the scaler restores the count
+                    self._event("replica_lost", model=of, replica=model, reason=away.reason)
         return True
 
     async def start_model(self, name: str, wait: bool = True) -> dict[str, Any]:

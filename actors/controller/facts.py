@@ -204,10 +204,13 @@ class Facts:
                 save_measured(self.measured)
 
     # ------------------------------------------------------------------ nodes and GPUs
-    async def gather(self) -> tuple[float, list[Resident], list[Node]]:
-        """What a decision starts from: the cluster's GPUs, the models whose actors exist, and
-        the nodes with what is free on them."""
-        residents = await self.residents()
+    async def gather(
+        self, residents: list[Resident] | None = None
+    ) -> tuple[float, list[Resident], list[Node]]:
+        """What a decision starts from: the cluster's GPUs, the models whose actors exist
+        (`residents`, when this pass read them already), and the nodes with what is free."""
+        if residents is None:
+            residents = await self.residents()
         views = seen_as_away(await nodes_now(), self.registry.unreached)
         return await gpus_now(), residents, node_facts(views, residents, self.sizes(views))
 
@@ -292,9 +295,7 @@ class Facts:
                 memory = float(need)
                 needs.pop("GPU")
         # One more replica of a model that runs: a scale-out, which stops lower priorities only.
-        others = [
-            n for n in self.registry.handles if n != name and model_of(n, config.models) == of
-        ]
+        others = any(n != name and model_of(n, config.models) == of for n in self.registry.handles)
         return Want(
             as_name or name,
             needs,
@@ -303,7 +304,7 @@ class Facts:
             since,
             memory,
             model=of,
-            scale_out=bool(others) and as_name is None,
+            scale_out=others and as_name is None,
         )
 
     async def share_changed(self, name: str, sizes: dict[str, float]) -> bool:

@@ -47,13 +47,14 @@ from proxifier.scheduler import (
     Scale,
     Trend,
     Wait,
+    counted,
     decide,
     desired_replicas,
     in_force,
     surplus,
     to_drain,
+    to_move,
 )
-from proxifier.scheduler.scaling import counted
 
 RECONCILE_TICK = 1.0  # seconds between passes while a model waits (nothing else woke one)
 CREATE_DEADLINE = 10.0  # seconds a model actor's creation (its name registered) may take
@@ -280,9 +281,11 @@ class Reconciler:
             self.wants.pop(name).future.set_exception(ModelNotFound(message))
         for name in [n for n in self.wants if n in registry.handles]:
             self.wants.pop(name).future.set_result(registry.handles[name])
+        known: list[Resident] | None = None
         scalable = self.scalable()
         if scalable:
-            self._scale(scalable, await self.facts.residents())
+            known = await self.facts.residents()
+            self._scale(scalable, known)
         failures = registry.placement_failures
         by_nodes = any(f.nodes is not None for f in failures.values())
         alive = await self.alive_nodes() if by_nodes else frozenset()
@@ -291,7 +294,8 @@ class Reconciler:
             self.wants[name].reason = "cooling down after a failure: " + failures[name].reason
         if not set(self.wants) - cooling:
             return
-        gpus, residents, nodes = await self.facts.gather()
+        # The scaler's residents serve the placements too: its wants add no resident.
+        gpus, residents, nodes = await self.facts.gather(known)
         residents = self._marked(residents)
         sized = any(node.gpu_memory > 0 for node in nodes)
         # A snapshot: the awaits below let requests add wants, or drop theirs, meanwhile.
@@ -375,6 +379,7 @@ class Reconciler:
                 self.policy(model), replicas, 0, self.trends.get(model, Trend()), now
             )
             self.trends[model], self.scales[model] = scale.trend, scale
+            self._move_waiting(model, replicas)
             current = len(counted(replicas))
             if current == 0:
                 continue  # none serving: the next request places one (on demand, as ever)
@@ -387,6 +392,16 @@ class Reconciler:
                 for name in to_drain(replicas, current - scale.desired):
                     self._drain(name)
                 self._event("scaled_in", model=model, replicas=scale.desired, reason=scale.reason)
+
+    def _move_waiting(self, model: str, replicas: list[Replica]) -> None:
+        """Requests waiting behind a full replica while another has free slots (a replica just
+        ready, or one a routing guess left idle) leave that queue; their ingress routes them
+        again, to the room."""
+        slots = self._config().models[model].parallel
+        for name, count in to_move(replicas, slots).items():
+            handle = self.registry.handles.get(name)
+            if handle is not None:
+                self.background.fire(handle.shed.remote(count))
 
     def _drain(self, name: str) -> None:
         """Scale in one replica: an unplaced one is simply no longer asked for; a running one

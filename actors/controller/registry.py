@@ -79,13 +79,14 @@ class Registry:
         while self.orphans:
             self.background.keep(asyncio.create_task(self.retire(*self.orphans.pop())))
 
-    async def check_moved(self, name: str, handle: Any) -> None:
+    async def check_moved(self, name: str, handle: Any, model: str) -> None:
+        """A caller saw the instance `name` (of `model`) retired or dead: out of the registry
+        if so, so a fresh one is placed."""
         try:
             stats = await asyncio.wait_for(handle.stats.remote(), STATS_WAIT)
         except ray.exceptions.RayActorError as error:
             if self.handles.get(name) is handle:
-                self.forget(name, handle)
-                self._event("lost", model=name, reason=f"its actor died: {error}")
+                self.lost(name, handle, model, error)
             return
         except TimeoutError:
             return  # alive but slow: keep it
@@ -115,6 +116,14 @@ class Registry:
             del self.retiring[name]
         ray.kill(handle)
         self._wake()  # its resources are free: waiting models may fit now
+
+    def lost(self, name: str, handle: Any, model: str | None, error: Exception) -> None:
+        """The instance's actor died (its node lost, or killed): forget it, and say so; a
+        replica's loss is the model's event too (the scaler restores the count)."""
+        self.forget(name, handle)
+        self._event("lost", model=name, reason=f"its actor died: {error}")
+        if model is not None and model != name:
+            self._event("replica_lost", model=model, replica=name, reason=f"{error}")
 
     def discard_pending(self, name: str, handle: Any) -> None:
         entry = self.pending.get(name)

@@ -149,12 +149,10 @@ class Upkeep:
         for name, answer in zip(names, answers, strict=True):
             if not isinstance(answer, ray.exceptions.RayActorError):
                 continue
-            self.registry.forget(name, handles[name])
             models = self._config().models
             of = model_of(name, models)
-            self._event("lost", model=name, reason=f"its actor died: {answer}")
+            self.registry.lost(name, handles[name], of, answer)
             if of is not None and of != name:
-                self._event("replica_lost", model=of, replica=name, reason=f"{answer}")
                 continue  # the scaler restores the count
             model = models.get(name)
             if model is not None and (model.preload or model.auto_start):

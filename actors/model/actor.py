@@ -248,6 +248,11 @@ class ModelActor:
             raise self.admission.queue_full()
         return {"queued": await self.submit(request_id, path, body, deadline, owner)}
 
+    async def shed(self, count: int) -> int:
+        """The controller saw free slots on other replicas of the model: up to `count` of the
+        oldest waiting requests leave this queue, and their ingress routes them again."""
+        return self.admission.shed(count, keep=set(self.jobs.jobs))
+
     async def queue_position(self, request_id: str) -> dict[str, Any]:
         return {
             "position": self.admission.slots.position(request_id),

@@ -23,6 +23,7 @@ from proxifier.errors import (
     QueueCleared,
     QueueFull,
     QueueTimeout,
+    Rerouted,
     Unavailable,
 )
 from proxifier.lifecycle import ModelState
@@ -177,6 +178,25 @@ class Admission:
         if cleared:
             self._event("queue_cleared", count=cleared, reason=reason)
         return cleared
+
+    def shed(self, count: int, keep: set[str]) -> int:
+        """Send up to `count` of the oldest waiting requests away (Rerouted), none in `keep`
+        (the actor's own async jobs): another replica has free slots for them. How many went."""
+        moved = 0
+        for request_id in list(self.slots.waiters):
+            if moved >= count:
+                break
+            if request_id in keep or request_id not in self.waiters:
+                continue
+            self.slots.cancel(request_id)
+            self._fail_waiter(
+                request_id,
+                Rerouted(f"model '{self.name}': the request moves to a replica with a free slot"),
+            )
+            moved += 1
+        if moved:
+            self._event("rerouted", count=moved)
+        return moved
 
     def queue_status(self) -> dict[str, Any]:
         now = time.time()

@@ -36,10 +36,12 @@ from proxifier.scheduler.scaling import (
     Replica,
     Scale,
     Trend,
+    counted,
     desired_replicas,
     keep_order,
     surplus,
     to_drain,
+    to_move,
 )
 
 __all__ = [
@@ -60,6 +62,7 @@ __all__ = [
     "Trend",
     "Wait",
     "Want",
+    "counted",
     "decide",
     "demand_order",
     "desired_replicas",
@@ -70,4 +73,5 @@ __all__ = [
     "labels_match",
     "surplus",
     "to_drain",
+    "to_move",
 ]

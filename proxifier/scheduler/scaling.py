@@ -141,3 +141,23 @@ def to_drain(replicas: Sequence[Replica], count: int) -> list[str]:
         key=lambda r: (r.ready_since is not None, r.ongoing, -(r.ready_since or 0.0), r.name),
     )
     return [r.name for r in candidates[: max(0, count)]]
+
+
+def to_move(replicas: Sequence[Replica], slots: int) -> dict[str, int]:
+    """How many waiting requests leave each replica's queue for the replicas with free slots
+    (DESIGN §13: a burst does not stay stuck behind the first replica once others are ready):
+    as many as the ready replicas nobody waits for have free slots, one at a time from the
+    longest queue, so the queues even out. Their ingress routes them again, to the room."""
+    free = sum(
+        max(0, slots - r.in_flight) for r in replicas if r.state == "ready" and r.queued == 0
+    )
+    queues = {r.name: r.queued for r in replicas if r.queued > 0}
+    moves: dict[str, int] = {}
+    while free > 0 and queues:
+        name = max(queues, key=lambda n: (queues[n], n))
+        moves[name] = moves.get(name, 0) + 1
+        free -= 1
+        queues[name] -= 1
+        if queues[name] == 0:
+            del queues[name]
+    return moves

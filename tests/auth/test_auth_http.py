@@ -232,8 +232,9 @@ def test_an_open_dashboard_still_needs_a_key_for_actions(secured: Secured) -> No
             with httpx.stream("GET", f"{secured.url}/dashboard/stream", timeout=30) as stream:
                 if stream.status_code != 200:
                     return False
-                first = next(stream.iter_lines())
-                return first == "event: stats"
+                # The caller's permissions come first, then the models' stats.
+                events = (line for line in stream.iter_lines() if line.startswith("event: "))
+                return [next(events), next(events)] == ["event: caller", "event: stats"]
 
         wait_for(stream_is_open, timeout=30)
         start = httpx.post(f"{secured.url}/admin/models/chat/start")

@@ -30,6 +30,19 @@ def models_config(fake: dict[str, Any]) -> dict[str, Any]:
         "models": {
             "chat": {**fake, "preload": True},
             "pair": {**slow, "replicas": 2, "parallel": 2},
+            # A second replica takes a second to load: a burst queues at the first meanwhile.
+            "burst": {
+                **slow,
+                "env": {**slow["env"], "FAKE_LLAMA_LOAD_DELAY": "1"},
+                "parallel": 1,
+                "autoscaling": {
+                    "min_replicas": 1,
+                    "max_replicas": 2,
+                    "target_ongoing_requests": 1,
+                    "upscale_delay_s": 0,
+                    "downscale_delay_s": 600,
+                },
+            },
             "elastic": {
                 **slow,
                 "parallel": 1,
@@ -120,6 +133,18 @@ def test_a_count_set_at_runtime(url: str) -> None:
     wait_for(lambda: len(status(url, "pair")["replicas"]) == 2, timeout=60)
     refused = httpx.post(f"{url}/admin/models/pair/scale", json={"replicas": 0}, timeout=30)
     assert refused.status_code == 400 and refused.json()["error"]["message"]
+
+
+def test_requests_waiting_at_the_first_replica_are_served_by_a_new_one(url: str) -> None:
+    """Every request of the burst is routed to the only replica there is and waits in its
+    queue; once the second is ready, waiting requests leave that queue and it serves them."""
+    assert ask(url, "burst").status_code == 200
+    assert len(status(url, "burst").get("replicas", [])) <= 1
+    with ThreadPoolExecutor(5) as pool:
+        answers = list(pool.map(lambda _: ask(url, "burst", tokens=40), range(5)))
+    assert [a.status_code for a in answers] == [200] * 5
+    served = Counter(a.headers[REPLICA] for a in answers)
+    assert served["burst#2"] >= 1, served
 
 
 def test_load_scales_a_model_out_and_back_in_without_failing_a_request(url: str) -> None:

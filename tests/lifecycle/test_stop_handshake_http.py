@@ -52,7 +52,9 @@ def setup(
 
 
 def status(url: str, model: str) -> dict[str, Any]:
-    return httpx.get(f"{url}/admin/models/{model}/status", timeout=30).json()
+    answer = httpx.get(f"{url}/admin/models/{model}/status", timeout=30)
+    assert answer.status_code == 200, f"{model}: {answer.status_code} {answer.text[:300]}"
+    return answer.json()
 
 
 def ask(url: str, model: str) -> int:

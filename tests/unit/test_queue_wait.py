@@ -13,12 +13,13 @@ import pytest
 
 from actors.model.admission import Admission as ActorAdmission
 from proxifier.config import ModelConfig, ModelsConfig, Settings
-from proxifier.errors import QueueTimeout, Unavailable
+from proxifier.errors import QueueTimeout, Rerouted, Unavailable
 from proxifier.lifecycle import ModelState
 from serve_app.admit import Admission, Requeue
 from serve_app.backend import DEADLINE_GRACE
 from serve_app.call import Call, Owned
 from serve_app.replica_slots import RayBackend
+from serve_app.route import ReplicaView
 
 pytestmark = pytest.mark.asyncio
 
@@ -189,3 +190,57 @@ async def test_a_wait_on_an_instance_confirmed_unreachable_moves_to_a_fresh_one(
         await asyncio.wait_for(task, 5)
     assert controller.instance_unreachable.calls[0][0] == "m"
     assert "m" not in admission.slots._handles  # the next ask goes to the controller
+
+
+async def test_the_oldest_waiters_leave_a_queue_the_controller_sheds() -> None:
+    """Another replica has free slots (DESIGN §13): the oldest waiting requests leave this
+    queue with Rerouted, the actor's own async jobs stay, and the rest keep their order."""
+    actor = ActorAdmission(
+        "m", ModelConfig(parallel=1), Settings(), Instance(), lambda *a, **k: None, lambda _: None
+    )
+    actor.open(1, time.time())
+    actor.enqueue("req_0", None, holder="replica")  # holds the one slot
+    for rid in ("job_1", "req_2", "req_3", "req_4"):
+        assert "queued" in actor.enqueue(rid, None, holder="replica")
+    waits = {rid: asyncio.ensure_future(actor.wait(rid)) for rid in ("req_2", "req_3", "req_4")}
+    await asyncio.sleep(0)
+    assert actor.shed(2, keep={"job_1"}) == 2
+    for rid in ("req_2", "req_3"):
+        with pytest.raises(Rerouted):
+            await waits[rid]
+    assert list(actor.slots.waiters) == ["job_1", "req_4"] and not waits["req_4"].done()
+    waits["req_4"].cancel()
+    for task in (actor._background, actor._reaper):
+        assert task is not None
+        task.cancel()
+
+
+class Routed:
+    """A controller that names the model's replicas for the router: one ready, with room."""
+
+    def __init__(self, handle: Any) -> None:
+        self.replicas = Method(
+            lambda _m: _answer(
+                [{"name": "m#2", "handle": handle, "state": "ready", "in_use": 0, "queued": 0,
+                  "slots": 1}]
+            )
+        )  # fmt: skip
+
+
+async def test_a_request_sent_on_is_routed_again_over_a_fresh_look() -> None:
+    """The replica it waited at sent it on: the request leaves that queue (nothing to give
+    back there), asks the controller for the replicas' load now, and goes to the one with room,
+    not back to the full one its stale snapshot named."""
+    full, free = ModelActor(), ModelActor()
+    admission, call, owned = waiting_request(full)
+    admission.slots._controller = Routed(free)
+    admission.slots._replicas["m"] = (
+        time.monotonic(), (ReplicaView(full, "m", in_use=1, parallel=1),)
+    )  # fmt: skip
+    task = asyncio.ensure_future(admission.wait_granted(call, {"position": 1}))
+    await asyncio.sleep(0)
+    full.grant.set_exception(Rerouted("sent on"))
+    with pytest.raises(Requeue) as requeue:
+        await asyncio.wait_for(task, 5)
+    assert requeue.value.rerouted and admission.choice is free
+    assert full.abandon.calls == [] and not owned.places

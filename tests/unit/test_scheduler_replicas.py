@@ -22,6 +22,7 @@ from proxifier.scheduler import (
     desired_replicas,
     surplus,
     to_drain,
+    to_move,
 )
 from tests.unit.test_scheduler import NOW, node, resident, run, want
 
@@ -257,3 +258,23 @@ def test_max_running_models_counts_every_replica() -> None:
         Evict("chat#2", "new", "capacity"),
         Place("new", "n2"),
     ]
+
+
+# --- requests waiting behind a full replica ------------------------------------------------------
+
+
+def test_requests_waiting_behind_a_full_replica_move_to_a_new_ones_free_slots() -> None:
+    # A burst queued at the first replica; the second is ready with both slots free.
+    moves = to_move([load("chat", 2, queued=5), load("chat#2", 0)], slots=2)
+    assert moves == {"chat": 2}
+
+
+def test_moves_take_from_the_longest_queue_first_so_queues_even_out() -> None:
+    replicas = [load("a", 2, queued=4), load("b", 2, queued=1), load("c", 0)]
+    assert to_move(replicas, slots=3) == {"a": 3}
+
+
+def test_no_move_without_a_ready_replica_with_room_and_nobody_waiting() -> None:
+    assert to_move([load("a", 2, queued=3), load("b", 0, state="starting")], slots=2) == {}
+    assert to_move([load("a", 2, queued=3), load("b", 1, queued=1)], slots=2) == {}
+    assert to_move([load("a", 1), load("b", 0)], slots=2) == {}  # nobody waits
