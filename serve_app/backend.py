@@ -374,8 +374,13 @@ class Cluster:
         task.add_done_callback(take)
         return task
 
+    def lost_signal(self, handle: Any) -> asyncio.Future[None]:
+        """Set once the controller confirms a report of this replica's that `handle`'s
+        instance cannot be reached (`unreachable`): whatever waits on it goes elsewhere."""
+        return self._lost.setdefault(actor_key(handle), asyncio.get_running_loop().create_future())
+
     async def _unless_lost(self, handle: Any, ref: Any) -> Any:
-        lost = self._lost.setdefault(actor_key(handle), asyncio.get_running_loop().create_future())
+        lost = self.lost_signal(handle)
         answer = asyncio.ensure_future(self.call(ref))
         await asyncio.wait({answer, lost}, return_when=asyncio.FIRST_COMPLETED)
         if answer.done():
@@ -393,15 +398,19 @@ class Cluster:
         try:
             controller = await self.controller_now()
             ref = controller.instance_unreachable.remote(model, actor_key(handle), url)
-            lost = bool(await asyncio.wait_for(self.call(ref), wait))
+            dropped = list(await asyncio.wait_for(self.call(ref), wait))
         except (ProxifierError, ray.exceptions.RayError, TimeoutError, ValueError):
             return False  # unconfirmed: the request's own 504 stands
-        if lost:
-            signal = self._lost.pop(actor_key(handle), None)
+        for key in dropped:  # the reported instance, and any other on its host
+            signal = self._lost.pop(key, None)
             if signal is not None and not signal.done():
-                signal.set_result(None)  # requests waiting in its queue go elsewhere
+                signal.set_result(None)  # requests waiting on it or in flight there go elsewhere
+        for name, cached in list(self._handles.items()):
+            if actor_key(cached) in dropped:
+                self.forget(name, cached)
+        if dropped:
             self.forget(model, handle)
-        return lost
+        return bool(dropped)
 
     def report_unreachable(self, model: str, handle: Any, url: str) -> None:
         """`unreachable`, for a request that cannot start over (its stream has begun)."""

@@ -369,6 +369,32 @@ class Relay:
             raise
 
     async def _send(self, call: Call, lease: dict[str, Any]) -> aiohttp.ClientResponse:
+        """The request sent and its answer's headers, unless the controller confirms its
+        instance unreachable first (another request's report: a host cut off, where a pooled
+        connection waits for an answer that cannot come and no connect deadline applies):
+        then Unreachable, and the request starts over on a fresh instance (nothing reached
+        the client yet)."""
+        if call.handle is None:
+            return await self._post(call, lease)
+        posting = asyncio.ensure_future(self._post(call, lease))
+        lost = self.cluster.lost_signal(call.handle)
+        gave_up = False
+        try:
+            await asyncio.wait({posting, lost}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not posting.done():
+                posting.cancel()
+                posting.add_done_callback(_close_late)
+                gave_up = True
+        if gave_up:
+            raise Unreachable(
+                f"model '{call.model}': its instance became unreachable while the request"
+                " waited for its answer",
+                lease["url"],
+            )
+        return posting.result()
+
+    async def _post(self, call: Call, lease: dict[str, Any]) -> aiohttp.ClientResponse:
         config = await self.cluster.config()
         model = call.model
         upstream_timeout, idle_timeout = _deadlines(config, model)
@@ -425,6 +451,12 @@ class Relay:
             raise StaleLease
         _after_first_byte(upstream, idle_timeout)
         return upstream
+
+
+def _close_late(posting: asyncio.Future[aiohttp.ClientResponse]) -> None:
+    """A send given up on: an answer that still came goes back to the pool's care."""
+    if not posting.cancelled() and posting.exception() is None:
+        posting.result().close()
 
 
 async def _props_answer(upstream: aiohttp.ClientResponse) -> Response:

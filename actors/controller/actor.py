@@ -41,6 +41,7 @@ from proxifier.replicas import model_of as replica_model
 __all__ = ["CONTROLLER_NAME", "Controller", "create_controller", "get_controller"]
 
 ROUTER_WAIT = 1.0  # seconds a replica's load may take to come for an ingress's router
+DROPPED_KEPT = 256  # instances dropped as unreachable remembered (actor id -> its host)
 MAX_SCALE = 64  # replicas one `scale` may ask for: a typo of 1000 should not fill a cluster
 METRICS_WAIT = 2.5  # seconds /metrics waits for each model actor before it counts as unreachable
 
@@ -52,6 +53,9 @@ class Controller:
         # async: Ray runs it on the actor's event loop, so the loops start here, also when
         # Ray restarts a controller that died (DESIGN §11).
         self.feed = EventFeed()
+        # Instances dropped as unreachable, with their host ("": only their port was cut):
+        # a later report of one names its host's others too (another ingress replica's).
+        self._dropped: dict[str, str] = {}
         self.background = Background()
         self.spares = Spares(self.background)
         self.configuration = Configuration(
@@ -206,21 +210,23 @@ class Controller:
     def resolve(self, name: str) -> str:
         return self._resolve(name)
 
-    async def instance_unreachable(self, name: str, actor_id: str, url: str | None) -> bool:
+    async def instance_unreachable(self, name: str, actor_id: str, url: str | None) -> list[str]:
         """The ingress could not connect to this model's llama-server at `url` within
         upstream_connect_timeout (None: its actor did not answer a request for a slot).
         Tried again from here, at that address or at the raylet of the actor's node: if it
         fails too, the instance leaves the registry (its actor is killed; the kill lands
         when the host answers again, or Ray ends it with the node) and its node takes no new
-        model while it stays unreachable. Whether the caller should ask for the model again
-        (a fresh instance, elsewhere)."""
+        model while it stays unreachable. Returns the actor ids of the instances it dropped
+        (every one on the host, when the whole host is cut off: the caller's requests in
+        flight on any of them go elsewhere), the reported one first; none: not confirmed."""
         found = self._instance_with(name, actor_id)
-        if found is None:
-            return True  # replaced already: the next ask finds the one there is now
+        if found is None:  # replaced already: the next ask finds the one there is now
+            node = self._dropped.get(actor_id)  # and its host's others, if it was cut off
+            return [actor_id, *(a for a, n in self._dropped.items() if n == node != "")]
         name, handle = found
         node_id = self.registry.nodes_of.get(name)
         if node_id is None:
-            return False  # nowhere known to try: Ray decides, as before
+            return []  # nowhere known to try: Ray decides, as before
         llama = None
         if url is not None:
             where = urlsplit(url)
@@ -231,19 +237,25 @@ class Controller:
         raylet = (view.address, view.manager_port) if view and view.manager_port else None
         away = await self.reach.judge(node_id, llama, raylet)
         if away is None:
-            return False
+            return []
         # The llama-server's port alone may be cut (a firewall): only this instance goes.
         # The host cut off: every instance there goes with it.
+        dropped = [actor_id]
         for model, lost in list(self.registry.handles.items()):
             there = away.whole_host and self.registry.nodes_of.get(model) == node_id
+            if lost is not handle and there:
+                dropped.append(lost._actor_id.hex())
             if lost is handle or there:
+                self._dropped[lost._actor_id.hex()] = node_id if there else ""
+                while len(self._dropped) > DROPPED_KEPT:
+                    del self._dropped[next(iter(self._dropped))]
                 self.registry.forget(model, lost)
                 self.registry.explain(model, "unreachable", away.reason)
                 self._event("unreachable", model=model, node_id=node_id, reason=away.reason)
                 of = replica_model(model, self.config.models)
                 if of is not None and of != model:  # the scaler restores the count
                     self._event("replica_lost", model=of, replica=model, reason=away.reason)
-        return True
+        return dropped
 
     async def start_model(self, name: str, wait: bool = True) -> dict[str, Any]:
         """An admin start: place the model, start it (skipping a failure cooldown), and wait

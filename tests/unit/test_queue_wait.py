@@ -164,7 +164,7 @@ class Controller:
     """What `Cluster.unreachable` asks: the controller confirms the instance is lost."""
 
     def __init__(self) -> None:
-        self.instance_unreachable = Method(lambda *_: _answer(True))
+        self.instance_unreachable = Method(lambda _m, key, _u: _answer([key]))
 
 
 def _answer(value: Any) -> asyncio.Future[Any]:
