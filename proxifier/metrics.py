@@ -19,10 +19,11 @@ METRICS: dict[str, str] = {
     "proxifier_model_state": "1 for the state each model is in now (label state)",
     "proxifier_requests_total": "requests answered, by model and HTTP status",
     "proxifier_in_flight": (
-        "slots of the model out now: requests running, and slots a replica keeps for its next"
-        " request (at most `queue.lease_hold`)"
+        "slots out now on each of the model's replicas (`replica` is the instance, `chat#2`; a"
+        " model with one instance: its own name): requests running, and slots an ingress replica"
+        " keeps for its next request (at most `queue.lease_hold`)"
     ),
-    "proxifier_queue_depth": "requests waiting in the model's queue now",
+    "proxifier_queue_depth": "requests waiting in each replica's queue now",
     "proxifier_queue_wait_seconds": "time from arrival to a granted slot",
     "proxifier_model_load_seconds": "time from starting llama-server to its first 200 on /health",
     "proxifier_model_restarts_total": "crash restarts of the model's llama-server",

@@ -105,8 +105,8 @@ class _Snapshot:
     def collect(self) -> Iterable[Metric]:
         name = self._name
         states: Counter[tuple[str, str]] = Counter()
-        in_flight: Counter[str] = Counter()
-        depth: Counter[str] = Counter()
+        in_flight: Counter[tuple[str, str]] = Counter()  # (model, replica)
+        depth: Counter[tuple[str, str]] = Counter()
         restarts: Counter[str] = Counter()
         gpu_memory: Counter[tuple[str, str]] = Counter()
         for status in self.data["statuses"]:
@@ -114,16 +114,19 @@ class _Snapshot:
             # unreachable: its actor did not answer; unknown: its status could not be read
             for value in [*map(str, ModelState), "unreachable", "unknown"]:
                 states[model, value] += 1 if status["state"] == value else 0
-            in_flight[model] += status.get("in_flight", 0)
-            depth[model] += status.get("queue_depth", 0)
+            # Per instance: each replica its own series (one that runs alone is the model's).
+            for replica in status.get("replicas") or [status]:
+                key = model, name(replica["name"])
+                in_flight[key] += replica.get("in_flight") or 0
+                depth[key] += replica.get("queue_depth") or 0
             restarts[model] += status.get("restarts", 0)
             memory = status.get("gpu_memory") or {}
             for kind in ("estimated", "measured", "configured"):
                 if memory.get(kind):
                     gpu_memory[model, kind] += memory[kind]
         yield _family(GaugeMetricFamily, "proxifier_model_state", ["model", "state"], states)
-        yield _family(GaugeMetricFamily, "proxifier_in_flight", ["model"], in_flight)
-        yield _family(GaugeMetricFamily, "proxifier_queue_depth", ["model"], depth)
+        yield _family(GaugeMetricFamily, "proxifier_in_flight", ["model", "replica"], in_flight)
+        yield _family(GaugeMetricFamily, "proxifier_queue_depth", ["model", "replica"], depth)
         yield _family(CounterMetricFamily, "proxifier_model_restarts", ["model"], restarts)
         yield _family(
             GaugeMetricFamily, "proxifier_model_gpu_memory_bytes", ["model", "kind"], gpu_memory

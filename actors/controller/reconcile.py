@@ -21,7 +21,7 @@ from actors.controller.events import CONTROLLER_NAME
 from actors.controller.facts import Facts, observed
 from actors.controller.registry import Registry
 from actors.model import create_model_actor
-from actors.ray_glue import Background, from_gcs, kill_quietly, nodes_now
+from actors.ray_glue import Background, call, from_gcs, kill_quietly, nodes_now
 from proxifier.config import ModelsConfig
 from proxifier.config_diff import ModelsDiff
 from proxifier.errors import (
@@ -56,6 +56,8 @@ from proxifier.scheduler import (
     to_move,
 )
 
+ROLL_BESIDE = "rolling, one replica at a time: a new one starts beside, then an old one drains"
+ROLL_IN_PLACE = "rolling, one replica at a time: an old one drains and stops, then one starts"
 RECONCILE_TICK = 1.0  # seconds between passes while a model waits (nothing else woke one)
 CREATE_DEADLINE = 10.0  # seconds a model actor's creation (its name registered) may take
 
@@ -119,6 +121,7 @@ class Reconciler:
         self.trends: dict[str, Trend] = {}
         self.scales: dict[str, Scale] = {}
         self.fixed: dict[str, int] = {}
+        self.rolling: set[str] = set()  # models whose replicas a reload replaces one by one
         self._alive: tuple[float, frozenset[str]] | None = None  # (when read, alive node ids)
         self._reconciler: asyncio.Task[None] | None = None
 
@@ -380,6 +383,8 @@ class Reconciler:
             )
             self.trends[model], self.scales[model] = scale.trend, scale
             self._move_waiting(model, replicas)
+            if model in self.rolling:
+                continue  # a reload replaces its replicas one by one: the count is the roll's
             current = len(counted(replicas))
             if current == 0:
                 continue  # none serving: the next request places one (on demand, as ever)
@@ -513,6 +518,16 @@ class Reconciler:
         for name in diff.removed:
             self.fixed.pop(name, None)
         models = new.models
+        # Several replicas: replaced one at a time, never below count - 1 (DESIGN §13).
+        replacing: dict[str, str] = {}
+        for name in [*plan.restart, *plan.recreate]:
+            if name not in self.rolling and len(instances_of(name, registry.handles, models)) > 1:
+                surge = (await self._fits_beside(name))[0] is not None
+                replacing[name] = ROLL_BESIDE if surge else ROLL_IN_PLACE
+                self.rolling.add(name)
+                self.background.keep(asyncio.create_task(self._roll(name, surge)))
+        plan.restart[:] = [n for n in plan.restart if n not in replacing]
+        plan.recreate[:] = [n for n in plan.recreate if n not in replacing]
         for name in plan.drain:
             for instance in instances_of(name, registry.handles, [name]):
                 handle = registry.handles[instance]
@@ -523,7 +538,6 @@ class Reconciler:
             for instance in instances_of(name, registry.handles, models):
                 if instance != name:
                     self._drain(instance)
-        replacing: dict[str, str] = {}
         for name in plan.recreate:
             if name in registry.handles:
                 replacing[name] = await self._replace(name)
@@ -539,12 +553,68 @@ class Reconciler:
         if diff.settings:  # settings defaults reach every running model
             for instance, handle in registry.handles.items():
                 of = model_of(instance, models)
-                if of is not None and of not in changed:
+                if of is not None and of not in changed and of not in self.rolling:
                     reloads.append(handle.reload.remote(models[of], new.settings))
         await asyncio.gather(*reloads, return_exceptions=True)
         started = await self.start_in_order(plan.start)
         self._event("config_reloaded", changes=diff.summary(), replacing=replacing)
         return {"changes": diff.summary(), "started": started, "replacing": replacing}
+
+    async def _fits_beside(self, name: str) -> tuple[Place | None, float]:
+        """Where one more instance of the model fits beside those running now (counted
+        against max_running_models + 1), in free capacity only; None: nowhere. And the
+        GPUs the facts saw, for its creation."""
+        gpus, residents, nodes = await self.facts.gather()
+        settings = self._config().settings
+        limit = settings.max_running_models + 1 if settings.max_running_models else 0
+        sized = any(node.gpu_memory > 0 for node in nodes)
+        beside = await self.facts.want_for(name, gpus, 0.0, as_name=f"{name}@next", sized=sized)
+        limits = Limits(limit, settings.min_residency, settings.placement)
+        actions = decide(nodes, residents, [beside], limits, 0.0)
+        place = actions[0] if len(actions) == 1 else None
+        return (place if isinstance(place, Place) else None), gpus
+
+    async def _roll(self, model: str, beside: bool) -> None:
+        """Replace a model's replicas with instances of the config now in force, one at a
+        time, the first replica last. `beside`: a new replica starts next to the old ones and
+        takes requests once ready, then one old replica drains (no new request, finish, stop);
+        else one old replica drains first and its successor then starts in its place. A
+        successor that fails to start ends the roll: the old replicas left keep serving."""
+        try:
+            for old in reversed(self.instances(model)):
+                handle = self.registry.handles.get(old)
+                if handle is None:
+                    continue  # lost or drained meanwhile
+                if not beside:
+                    await self._drained(old, handle)
+                taken = [*self.registry.handles, *self.wants, *self.registry.retiring]
+                successor = free_names(model, taken, 1)[0]
+                try:
+                    await self._started(successor)
+                except (ProxifierError, ray.exceptions.RayError, TimeoutError) as error:
+                    message = error.message if isinstance(error, ProxifierError) else repr(error)
+                    self._event("reload_failed", model=model, replica=successor, reason=message)
+                    return
+                if beside:
+                    await self._drained(old, handle)
+                self._event("replica_replaced", model=model, replica=old, by=successor)
+        finally:
+            self.rolling.discard(model)
+            self._wake.set()
+
+    async def _drained(self, name: str, handle: Any) -> None:
+        """One replica out: it takes no new request, finishes what it has, stops."""
+        self.registry.unregister(name, handle)
+        timeout = self._config().settings.upstream_timeout
+        await self.registry.scale_in(name, handle, timeout)
+
+    async def _started(self, name: str) -> None:
+        """Place a replica (as a scale-out: it takes free room or a lower priority's) and
+        wait until its llama-server is ready."""
+        wanted = self.want(name, keep=True)
+        timeout = self._config().settings.placement_timeout
+        handle = await asyncio.wait_for(asyncio.shield(wanted.future), timeout)
+        await call(handle.start.remote())
 
     async def _replace(self, name: str) -> str:
         """A placement field of a running model changed: it needs a new actor. Where the new
@@ -554,16 +624,10 @@ class Reconciler:
         Returns which of the two it does."""
         registry = self.registry
         old = registry.handles[name]
-        gpus, residents, nodes = await self.facts.gather()
-        settings = self._config().settings
-        limit = settings.max_running_models + 1 if settings.max_running_models else 0
-        sized = any(node.gpu_memory > 0 for node in nodes)
-        beside = await self.facts.want_for(name, gpus, 0.0, as_name=f"{name}@next", sized=sized)
-        limits = Limits(limit, settings.min_residency, settings.placement)
-        actions = decide(nodes, residents, [beside], limits, 0.0)
-        if len(actions) == 1 and isinstance(actions[0], Place):
-            node_id = actions[0].node_id
-            new, options = await self._new_instance(name, node_id, gpus, actions[0].gpus)
+        place, gpus = await self._fits_beside(name)
+        if place is not None:
+            node_id = place.node_id
+            new, options = await self._new_instance(name, node_id, gpus, place.gpus)
             registry.pending[name] = (new, options, node_id)
             self.background.keep(asyncio.create_task(registry.take_over(name, old, new)))
             return "blue/green"

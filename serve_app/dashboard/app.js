@@ -35,6 +35,7 @@ function el(tag, attrs = {}, ...children) {
 }
 
 const STARTING = new Set(["starting", "restarting"]);
+const LEAVING = new Set(["draining", "stopping", "stopped", "failed"]);  // not counted as replicas
 
 // A node as people know it: its address, with the start of Ray's id to tell two apart.
 function nodeName(address, nodeId) {
@@ -259,8 +260,34 @@ async function stopModel(model) {
 
 function renderModels() {
   const body = $("#models tbody");
-  body.replaceChildren(...state.models.map((m) => el("tr", { "data-model": m.name },
-    el("td", {}, m.name),
+  body.replaceChildren(...state.models.flatMap((m) => [modelRow(m), ...replicaRows(m)]));
+}
+
+// A model with replicas: its row sums them (and says how many of how many wanted), and one
+// row under it per replica shows where that one runs and what it holds.
+function replicaRows(m) {
+  if (!m.replicas) return [];
+  const now = Date.now() / 1000;
+  return m.replicas.map((r) => el("tr", { class: "replica", "data-replica": r.name },
+    el("td", {}, `↳ ${r.name}`),
+    el("td", {}, el("span", { class: `state state-${r.state}`, "data-state": r.state }, r.state)),
+    el("td", {}), el("td", {}),
+    el("td", { class: "node", title: r.node_id || "" }, nodeName(r.host, r.node_id)),
+    el("td", {}, r.host ? `${r.host}:${r.port}` : "-"),
+    el("td", {}, r.in_flight ?? 0),
+    el("td", {}, r.queue_depth ?? 0),
+    el("td", {}, r.state === "ready" && r.ready_at ? ago(now - r.ready_at) : "-"),
+    el("td", {}), el("td", {}), el("td", {}),
+    el("td", { class: "waiting", title: r.waiting_for || "" }, r.waiting_for ? `waiting: ${r.waiting_for.split("\n")[0]}` : ""),
+    el("td", {}),
+  ));
+}
+
+function modelRow(m) {
+  const counted = m.replicas ? m.replicas.filter((r) => !LEAVING.has(r.state)).length : 0;
+  return el("tr", { "data-model": m.name },
+    el("td", {}, m.name,
+      m.desired ? el("span", { class: "replicas", title: m.desired.reason }, ` ${counted}/${m.desired.replicas}`) : ""),
     el("td", {}, el("span", { class: `state state-${m.state}`, "data-state": m.state }, m.state),
       // a model fetched from Hugging Face: how far its download has come
       m.progress ? el("span", { class: "progress" }, ` ${m.progress}`) : "",
@@ -282,7 +309,7 @@ function renderModels() {
       ? el("td", { class: "waiting", title: m.waiting_for }, `waiting: ${m.waiting_for.split("\n")[0]}`)
       : el("td", { class: "error", title: m.last_error || "" }, errorSummary(m.last_error)),
     modelActions(m),
-  )));
+  );
 }
 
 // A failure's first line and, when it goes on with a log tail, that tail's last error line

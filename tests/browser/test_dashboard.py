@@ -238,3 +238,24 @@ def test_a_key_limited_to_some_models_sees_only_those(page: Any, dashboard_url: 
     shown = page.inner_text("#events")
     assert "broken" not in shown and EVIL not in shown
     assert page.console_errors == []
+
+
+def test_a_model_with_replicas_shows_a_row_per_replica(page: Any, dashboard_url: str) -> None:
+    """Each replica under its model: where it runs, its state and what it holds; the model's
+    row says how many run of how many wanted."""
+    logged_in(page, dashboard_url)
+    scale = f"{dashboard_url}/admin/models/idle/scale"
+    scaled = httpx.post(scale, json={"replicas": 2}, headers=ADMIN, timeout=30)
+    assert scaled.status_code == 200, scaled.text
+    try:
+        started = httpx.post(f"{dashboard_url}/admin/models/idle/start", headers=ADMIN, timeout=60)
+        assert started.status_code == 200, started.text
+        page.wait_for_selector("tr[data-replica='idle#2'] [data-state='ready']", timeout=60_000)
+        page.wait_for_selector("tr[data-replica='idle'] [data-state='ready']", timeout=30_000)
+        assert "2/2" in page.locator("tr[data-model='idle'] td:first-child").inner_text()
+        node = page.locator("tr[data-replica='idle#2'] td.node").inner_text()
+        assert node and node != "-"
+        assert page.console_errors == []
+    finally:
+        httpx.post(scale, json={"replicas": 1}, headers=ADMIN, timeout=30)
+        httpx.post(f"{dashboard_url}/admin/models/idle/stop", headers=ADMIN, timeout=60)

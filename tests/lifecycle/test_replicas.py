@@ -59,12 +59,15 @@ def models_config(fake: dict[str, Any]) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def url(
-    proxifier_home: Path, fake_fields: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[str]:
+def config_file(fake_fields: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("replicas") / "models.yaml"
     path.write_text(yaml.safe_dump(models_config(fake_fields)))
-    with deployed(proxifier_home, path, replicas=2, ready="chat") as (base, _controller):
+    return path
+
+
+@pytest.fixture(scope="module")
+def url(proxifier_home: Path, config_file: Path) -> Iterator[str]:
+    with deployed(proxifier_home, config_file, replicas=2, ready="chat") as (base, _controller):
         yield base
 
 
@@ -179,3 +182,48 @@ def test_load_scales_a_model_out_and_back_in_without_failing_a_request(url: str)
     events = httpx.get(f"{url}/admin/events", timeout=30).json()["events"]
     kinds = [e["kind"] for e in events if e.get("model") == "elastic"]
     assert "scaled_out" in kinds and "scaled_in" in kinds
+
+
+def test_a_rolling_reload_under_load_fails_no_request(url: str, config_file: Path) -> None:
+    """A reload that restarts a model with two replicas replaces them one at a time: a new
+    one takes requests once ready, then an old one drains; never fewer than one ready, and
+    no request fails. (Last in the module: it leaves the new config in force.)"""
+    assert ask(url, "pair").status_code == 200
+    wait_for(lambda: len(ready_replicas(url, "pair")) == 2, timeout=60)
+    before = {r["port"] for r in ready_replicas(url, "pair")}
+    answers: list[int] = []
+    done = threading.Event()
+
+    def keep_asking() -> None:
+        while not done.is_set():
+            answers.append(ask(url, "pair", tokens=10).status_code)
+
+    senders = [threading.Thread(target=keep_asking) for _ in range(4)]
+    for sender in senders:
+        sender.start()
+    fewest: list[int] = []
+    try:
+        config = yaml.safe_load(config_file.read_text())
+        config["models"]["pair"]["env"]["FAKE_LLAMA_MARK"] = "rolled"  # env: a restart
+        config_file.write_text(yaml.safe_dump(config))
+        reloaded = httpx.post(f"{url}/admin/config/reload", timeout=120)
+        assert reloaded.status_code == 200, reloaded.text
+        assert reloaded.json()["replacing"]["pair"].startswith("rolling"), reloaded.json()
+
+        def rolled() -> bool:
+            fewest.append(len(ready_replicas(url, "pair")))
+            events = httpx.get(f"{url}/admin/events", timeout=30).json()["events"]
+            replaced = [e for e in events if e["kind"] == "replica_replaced"]
+            return len([e for e in replaced if e.get("model") == "pair"]) == 2
+
+        wait_for(rolled, timeout=120)
+        seen = len(answers)
+        wait_for(lambda: len(answers) >= seen + 4, timeout=60)  # the new ones answer
+    finally:
+        done.set()
+        for sender in senders:
+            sender.join()
+    assert set(answers) == {200}, Counter(answers)
+    assert min(fewest) >= 1, fewest
+    after = ready_replicas(url, "pair")
+    assert len(after) == 2 and not {r["port"] for r in after} & before, after

@@ -42,8 +42,8 @@ def test_two_replicas_serve_one_burst_and_metrics_add_up(deployment: Deployment)
     for family in (
         'proxifier_model_state{model="chat",state="ready"} 1.0',
         'proxifier_requests_total{model="chat",status="200"}',
-        'proxifier_in_flight{model="chat"}',
-        'proxifier_queue_depth{model="chat"}',
+        'proxifier_in_flight{model="chat",replica="chat"}',
+        'proxifier_queue_depth{model="chat",replica="chat"}',
         'proxifier_queue_wait_seconds_bucket{le="0.005",model="chat"}',
         'proxifier_model_load_seconds_count{model="chat"}',
         'proxifier_model_restarts_total{model="chat"} 0.0',

@@ -51,10 +51,32 @@ def test_without_names_every_series_is_summed_and_names_nothing() -> None:
         assert f'"{name}"' not in text
     assert 'proxifier_model_state{model="",state="ready"} 2.0' in text
     assert 'proxifier_model_state{model="",state="stopped"} 1.0' in text
-    assert 'proxifier_in_flight{model=""} 3.0' in text
+    assert 'proxifier_in_flight{model="",replica=""} 3.0' in text
     assert 'proxifier_requests_total{model="",status="200"} 3.0' in text
     assert 'proxifier_queue_wait_seconds_count{model=""} 3.0' in text
     assert 'proxifier_rate_limited_total{key=""} 1.0' in text
     assert 'proxifier_evictions_total{reason="idle"} 1.0' in text  # reasons name nobody
     named = render(data).decode()
     assert 'proxifier_requests_total{model="chat",status="200"} 2.0' in named
+
+
+def test_a_model_with_replicas_has_a_series_per_replica() -> None:
+    statuses = [
+        {
+            "name": "chat",
+            "state": "ready",
+            "in_flight": 3,
+            "queue_depth": 1,
+            "replicas": [
+                {"name": "chat", "state": "ready", "in_flight": 2, "queue_depth": 1},
+                {"name": "chat#2", "state": "starting", "in_flight": 1, "queue_depth": None},
+            ],
+        },
+        {"name": "solo", "state": "ready", "in_flight": 1, "queue_depth": 0},
+    ]
+    data = {"statuses": statuses, "replicas": [], "load_seconds": {}, "evictions": {}}
+    text = render(data).decode()
+    assert 'proxifier_in_flight{model="chat",replica="chat"} 2.0' in text
+    assert 'proxifier_in_flight{model="chat",replica="chat#2"} 1.0' in text
+    assert 'proxifier_queue_depth{model="chat",replica="chat#2"} 0.0' in text
+    assert 'proxifier_in_flight{model="solo",replica="solo"} 1.0' in text
