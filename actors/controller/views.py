@@ -180,7 +180,10 @@ def _replica(stats: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-REPLICA_FIELDS = ("node_id", "host", "port", "state", "in_flight", "queue_depth", "ready_at")
+REPLICA_FIELDS = (
+    *("node_id", "gpu_ids", "host", "port", "state", "slots", "in_flight", "queue_depth"),
+    "ready_at",
+)
 
 
 async def status_of(name: str, parts: Viewed, within: float = VIEW_WAIT) -> dict[str, Any]:
