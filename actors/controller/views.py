@@ -182,7 +182,7 @@ def _replica(stats: dict[str, Any]) -> dict[str, Any]:
 
 REPLICA_FIELDS = (
     *("node_id", "gpu_ids", "host", "port", "state", "slots", "in_flight", "queue_depth"),
-    "ready_at",
+    *("ready_at", "generation"),
 )
 
 

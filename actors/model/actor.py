@@ -70,8 +70,10 @@ class ModelActor:
         events_to: str | None = None,
         calibrate: bool = False,
         timeline: dict[str, float] | None = None,
+        generation: str = "",
     ) -> None:
         self.name = name
+        self.generation = generation  # this actor's, of the model's instances (its Ray name)
         self.events = EventLog(name, events_to, NAMESPACE)
         # When this start was asked for and placed (wall clock, from the controller), then
         # when this actor came up: the first `ready` event reports each phase of the start.
@@ -339,7 +341,10 @@ class ModelActor:
         return f"ModelActor({self.name}: {self.instance.state})"
 
     def _stats(self) -> dict[str, Any]:
-        return stats(self.name, self.instance, self.admission.slots)
+        return {
+            **stats(self.name, self.instance, self.admission.slots),
+            "generation": self.generation,
+        }
 
     def _busy_reason(self) -> str | None:
         return busy_reason(self.admission.slots, self.jobs.unfinished())
@@ -367,5 +372,5 @@ def create_model_actor(
         "max_concurrency": 4096,
     }
     return ModelActorRemote.options(**{**defaults, **options}).remote(
-        name, model, settings, str(base_dir), events_to, calibrate, timeline
+        name, model, settings, str(base_dir), events_to, calibrate, timeline, generation
     )

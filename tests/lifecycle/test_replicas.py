@@ -191,6 +191,8 @@ def test_a_rolling_reload_under_load_fails_no_request(url: str, config_file: Pat
     assert ask(url, "pair").status_code == 200
     wait_for(lambda: len(ready_replicas(url, "pair")) == 2, timeout=60)
     before = {r["port"] for r in ready_replicas(url, "pair")}
+    generations = {r["generation"] for r in ready_replicas(url, "pair")}
+    assert len(generations) == 2 and all(generations)
     answers: list[int] = []
     done = threading.Event()
 
@@ -227,3 +229,4 @@ def test_a_rolling_reload_under_load_fails_no_request(url: str, config_file: Pat
     assert min(fewest) >= 1, fewest
     after = ready_replicas(url, "pair")
     assert len(after) == 2 and not {r["port"] for r in after} & before, after
+    assert not {r["generation"] for r in after} & generations  # new instances, each its own
