@@ -32,6 +32,7 @@ CONTROLLER_WAIT = 5.0  # seconds a config refresh waits for the controller befor
 ATTEMPTS = 3  # a retired or dead model actor is replaced this many times per request
 # seconds a replica list is used before it is asked again (in the background: a request
 # never waits for it but the first, and that one a second at most)
+LOST_KEPT = 1024  # instances whose lost signal a replica keeps (actor id -> future)
 REPLICAS_TTL = 1.0
 REPLICAS_WAIT = 1.0
 # seconds a model actor may take to answer a request for a slot before this replica asks the
@@ -217,8 +218,13 @@ class Cluster:
         elsewhere): the replicas' load read afresh, not the snapshot that sent it there."""
         owned.done()  # off the count of the replica it leaves
         owned.done = lambda: None
+        lookup = self._replica_lookups.get(model)
+        if lookup is None or lookup.done():  # one lookup for every request sent on at once
+            lookup = asyncio.ensure_future(self._fetch_replicas(model))
+            lookup.add_done_callback(lambda done: done.cancelled() or done.exception())
+            self._replica_lookups[model] = lookup
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._fetch_replicas(model), REPLICAS_WAIT)
+            await asyncio.wait_for(asyncio.shield(lookup), REPLICAS_WAIT)
         entry = self._replicas.get(model)
         return self.pick(model, entry[1] if entry else (), owned)
 
@@ -374,10 +380,18 @@ class Cluster:
         task.add_done_callback(take)
         return task
 
-    def lost_signal(self, handle: Any) -> asyncio.Future[None]:
+    def lost_signal(self, handle: Any, by_key: bool = False) -> asyncio.Future[None]:
         """Set once the controller confirms a report of this replica's that `handle`'s
-        instance cannot be reached (`unreachable`): whatever waits on it goes elsewhere."""
-        return self._lost.setdefault(actor_key(handle), asyncio.get_running_loop().create_future())
+        instance cannot be reached (`unreachable`): whatever waits on it goes elsewhere.
+        Kept (set) after that, so a send that still reaches that instance later goes too;
+        the oldest are dropped past LOST_KEPT."""
+        key = handle if by_key else actor_key(handle)
+        signal = self._lost.get(key)
+        if signal is None:
+            signal = self._lost[key] = asyncio.get_running_loop().create_future()
+            while len(self._lost) > LOST_KEPT:
+                del self._lost[next(iter(self._lost))]
+        return signal
 
     async def _unless_lost(self, handle: Any, ref: Any) -> Any:
         lost = self.lost_signal(handle)
@@ -398,19 +412,20 @@ class Cluster:
         try:
             controller = await self.controller_now()
             ref = controller.instance_unreachable.remote(model, actor_key(handle), url)
-            dropped = list(await asyncio.wait_for(self.call(ref), wait))
+            answer = await asyncio.wait_for(self.call(ref), wait)
         except (ProxifierError, ray.exceptions.RayError, TimeoutError, ValueError):
             return False  # unconfirmed: the request's own 504 stands
+        dropped = list(answer["dropped"])
         for key in dropped:  # the reported instance, and any other on its host
-            signal = self._lost.pop(key, None)
-            if signal is not None and not signal.done():
-                signal.set_result(None)  # requests waiting on it or in flight there go elsewhere
+            signal = self.lost_signal(key, by_key=True)
+            if not signal.done():  # requests waiting on it or in flight there go elsewhere,
+                signal.set_result(None)  # and any that still reach it later (kept set)
         for name, cached in list(self._handles.items()):
             if actor_key(cached) in dropped:
                 self.forget(name, cached)
-        if dropped:
+        if answer["confirmed"]:
             self.forget(model, handle)
-        return bool(dropped)
+        return bool(answer["confirmed"])
 
     def report_unreachable(self, model: str, handle: Any, url: str) -> None:
         """`unreachable`, for a request that cannot start over (its stream has begun)."""
@@ -427,8 +442,6 @@ class Cluster:
         ask for the model tells the controller)."""
         if handle is not None and moved:
             self._moved[model] = actor_key(handle)
-        if handle is not None:
-            self._lost.pop(actor_key(handle), None)  # nobody waits for its word any more
         if handle is None or self._handles.get(model) is handle:
             self._handles.pop(model, None)
         if handle is not None:

@@ -210,23 +210,29 @@ class Controller:
     def resolve(self, name: str) -> str:
         return self._resolve(name)
 
-    async def instance_unreachable(self, name: str, actor_id: str, url: str | None) -> list[str]:
+    async def instance_unreachable(
+        self, name: str, actor_id: str, url: str | None
+    ) -> dict[str, Any]:
         """The ingress could not connect to this model's llama-server at `url` within
         upstream_connect_timeout (None: its actor did not answer a request for a slot).
         Tried again from here, at that address or at the raylet of the actor's node: if it
         fails too, the instance leaves the registry (its actor is killed; the kill lands
         when the host answers again, or Ray ends it with the node) and its node takes no new
-        model while it stays unreachable. Returns the actor ids of the instances it dropped
-        (every one on the host, when the whole host is cut off: the caller's requests in
-        flight on any of them go elsewhere), the reported one first; none: not confirmed."""
+        model while it stays unreachable. Returns `confirmed` (the caller should ask for the
+        model again: a fresh instance, elsewhere) and `dropped`, the actor ids of the
+        instances dropped as unreachable (every one on the host when the whole host is cut
+        off: the caller's requests in flight on any of them go elsewhere)."""
         found = self._instance_with(name, actor_id)
         if found is None:  # replaced already: the next ask finds the one there is now
-            node = self._dropped.get(actor_id)  # and its host's others, if it was cut off
-            return [actor_id, *(a for a, n in self._dropped.items() if n == node != "")]
+            if actor_id not in self._dropped:  # e.g. draining: its requests in flight finish
+                return {"confirmed": True, "dropped": []}
+            node = self._dropped[actor_id]  # and its host's others, if it was cut off
+            others = [a for a, n in self._dropped.items() if n == node != "" and a != actor_id]
+            return {"confirmed": True, "dropped": [actor_id, *others]}
         name, handle = found
         node_id = self.registry.nodes_of.get(name)
         if node_id is None:
-            return []  # nowhere known to try: Ray decides, as before
+            return {"confirmed": False, "dropped": []}  # nowhere known to try: Ray decides
         llama = None
         if url is not None:
             where = urlsplit(url)
@@ -237,7 +243,7 @@ class Controller:
         raylet = (view.address, view.manager_port) if view and view.manager_port else None
         away = await self.reach.judge(node_id, llama, raylet)
         if away is None:
-            return []
+            return {"confirmed": False, "dropped": []}
         # The llama-server's port alone may be cut (a firewall): only this instance goes.
         # The host cut off: every instance there goes with it.
         dropped = [actor_id]
@@ -255,7 +261,7 @@ class Controller:
                 of = replica_model(model, self.config.models)
                 if of is not None and of != model:  # the scaler restores the count
                     self._event("replica_lost", model=of, replica=model, reason=away.reason)
-        return dropped
+        return {"confirmed": True, "dropped": dropped}
 
     async def start_model(self, name: str, wait: bool = True) -> dict[str, Any]:
         """An admin start: place the model, start it (skipping a failure cooldown), and wait
@@ -299,7 +305,7 @@ class Controller:
         """The last lines of the model's llama-server log: from its actor while it has one,
         else from the file on the node it last ran on (a failed start's reason is there)."""
         model = self._resolve(name)
-        handle = self.registry.handles.get(model)
+        handle = self.reconcile.any_instance(model)  # its first replica (a roll renames them)
         if handle is not None:
             return await call(handle.logs.remote(lines), VIEW_WAIT)
         try:

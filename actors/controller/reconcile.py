@@ -58,6 +58,7 @@ from proxifier.scheduler import (
 
 ROLL_BESIDE = "rolling, one replica at a time: a new one starts beside, then an old one drains"
 ROLL_IN_PLACE = "rolling, one replica at a time: an old one drains and stops, then one starts"
+MOVE_PAUSE = 2.0  # seconds between two moves of a model's waiting requests (they land first)
 RECONCILE_TICK = 1.0  # seconds between passes while a model waits (nothing else woke one)
 CREATE_DEADLINE = 10.0  # seconds a model actor's creation (its name registered) may take
 
@@ -121,7 +122,10 @@ class Reconciler:
         self.trends: dict[str, Trend] = {}
         self.scales: dict[str, Scale] = {}
         self.fixed: dict[str, int] = {}
-        self.rolling: set[str] = set()  # models whose replicas a reload replaces one by one
+        self._moved_at: dict[str, float] = {}  # model -> when waiting requests last moved
+        # Models whose replicas a reload replaces one by one -> whether another reload came
+        # meanwhile (the replicas replaced before it run the config before it: roll again).
+        self.rolling: dict[str, bool] = {}
         self._alive: tuple[float, frozenset[str]] | None = None  # (when read, alive node ids)
         self._reconciler: asyncio.Task[None] | None = None
 
@@ -169,7 +173,8 @@ class Reconciler:
 
     def drop_replicas(self, model: str) -> None:
         """Ask for no more replicas of the model (it is being stopped): its unplaced replica
-        wants go; a request's want of the model itself stays."""
+        wants go, a roll under way ends; a request's want of the model itself stays."""
+        self.rolling.pop(model, None)
         models = self._config().models
         for name in [n for n in self.wants if n != model and model_of(n, models) == model]:
             self._drain(name)
@@ -402,8 +407,14 @@ class Reconciler:
         """Requests waiting behind a full replica while another has free slots (a replica just
         ready, or one a routing guess left idle) leave that queue; their ingress routes them
         again, to the room."""
+        now = time.monotonic()
+        if now - self._moved_at.get(model, -MOVE_PAUSE) < MOVE_PAUSE:
+            return  # the last ones moved may not have landed yet: their room looks free
         slots = self._config().models[model].parallel
-        for name, count in to_move(replicas, slots).items():
+        moves = to_move(replicas, slots)
+        if moves:
+            self._moved_at[model] = now
+        for name, count in moves.items():
             handle = self.registry.handles.get(name)
             if handle is not None:
                 self.background.fire(handle.shed.remote(count))
@@ -521,11 +532,14 @@ class Reconciler:
         # Several replicas: replaced one at a time, never below count - 1 (DESIGN §13).
         replacing: dict[str, str] = {}
         for name in [*plan.restart, *plan.recreate]:
-            if name not in self.rolling and len(instances_of(name, registry.handles, models)) > 1:
-                surge = (await self._fits_beside(name))[0] is not None
-                replacing[name] = ROLL_BESIDE if surge else ROLL_IN_PLACE
-                self.rolling.add(name)
-                self.background.keep(asyncio.create_task(self._roll(name, surge)))
+            if name in self.rolling:  # its roll goes on, and then rolls again for this one
+                self.rolling[name] = True
+                replacing[name] = "rolling (after the roll under way)"
+            elif len(instances_of(name, registry.handles, models)) > 1:
+                self.rolling[name] = False  # before the await: a second reload sees it
+                beside = (await self._fits_beside(name))[0] is not None
+                replacing[name] = ROLL_BESIDE if beside else ROLL_IN_PLACE
+                self.background.keep(asyncio.create_task(self._roll(name, beside)))
         plan.restart[:] = [n for n in plan.restart if n not in replacing]
         plan.recreate[:] = [n for n in plan.recreate if n not in replacing]
         for name in plan.drain:
@@ -576,37 +590,58 @@ class Reconciler:
 
     async def _roll(self, model: str, beside: bool) -> None:
         """Replace a model's replicas with instances of the config now in force, one at a
-        time, the first replica last. `beside`: a new replica starts next to the old ones and
-        takes requests once ready, then one old replica drains (no new request, finish, stop);
-        else one old replica drains first and its successor then starts in its place. A
-        successor that fails to start ends the roll: the old replicas left keep serving."""
+        time, the first replica last. Where one more copy fits in free capacity, a new
+        replica starts beside the old ones and takes requests once ready, then one old
+        replica drains (no new request, finish, stop); else one old replica drains first and
+        its successor then starts in its place (`beside`: which, for the first pass). A
+        successor that fails to start ends the roll (it goes, the old replicas left keep
+        serving); so does a stop of the model. A reload during the roll rolls again after."""
         try:
-            for old in reversed(self.instances(model)):
-                handle = self.registry.handles.get(old)
-                if handle is None:
-                    continue  # lost or drained meanwhile
-                if not beside:
-                    await self._drained(old, handle)
-                taken = [*self.registry.handles, *self.wants, *self.registry.retiring]
-                successor = free_names(model, taken, 1)[0]
-                try:
-                    await self._started(successor)
-                except (ProxifierError, ray.exceptions.RayError, TimeoutError) as error:
-                    message = error.message if isinstance(error, ProxifierError) else repr(error)
-                    self._event("reload_failed", model=model, replica=successor, reason=message)
+            while True:
+                self._event("rolling", model=model, how=ROLL_BESIDE if beside else ROLL_IN_PLACE)
+                if not await self._roll_once(model, beside) or not self.rolling.get(model):
                     return
-                if beside:
-                    await self._drained(old, handle)
-                self._event("replica_replaced", model=model, replica=old, by=successor)
+                self.rolling[model] = False  # another reload came meanwhile: once more
+                beside = (await self._fits_beside(model))[0] is not None
+        except Exception as error:  # a roll must not die unheard
+            self._event("reload_failed", model=model, reason=repr(error))
         finally:
-            self.rolling.discard(model)
+            self.rolling.pop(model, None)
             self._wake.set()
 
+    async def _roll_once(self, model: str, beside: bool) -> bool:
+        """One pass over the replicas (`_roll`); False: it ended early."""
+        for old in reversed(self.instances(model)):
+            handle = self.registry.handles.get(old)
+            if handle is None:
+                continue  # lost or drained meanwhile
+            if model not in self.rolling:
+                return False  # stopped meanwhile
+            if not beside:
+                await self._drained(old, handle)
+            taken = [*self.registry.handles, *self.wants, *self.registry.retiring]
+            successor = free_names(model, taken, 1)[0]
+            try:
+                await self._started(successor)
+            except (ProxifierError, ray.exceptions.RayError, TimeoutError) as error:
+                message = error.message if isinstance(error, ProxifierError) else repr(error)
+                self._event("reload_failed", model=model, replica=successor, reason=message)
+                self._drain(successor)  # not wanted any more, placed or not
+                return False
+            if beside:
+                await self._drained(old, handle)
+            self._event("replica_replaced", model=model, replica=old, by=successor)
+        return True
+
     async def _drained(self, name: str, handle: Any) -> None:
-        """One replica out: it takes no new request, finishes what it has, stops."""
+        """One replica out: it takes no new request, finishes what it has, stops; one whose
+        actor does not answer in time (its host cut off) is killed."""
         self.registry.unregister(name, handle)
         timeout = self._config().settings.upstream_timeout
-        await self.registry.scale_in(name, handle, timeout)
+        try:
+            await asyncio.wait_for(self.registry.scale_in(name, handle, timeout), timeout + 30)
+        except TimeoutError:
+            self.registry.forget(name, handle)
 
     async def _started(self, name: str) -> None:
         """Place a replica (as a scale-out: it takes free room or a lower priority's) and

@@ -164,7 +164,9 @@ class Controller:
     """What `Cluster.unreachable` asks: the controller confirms the instance is lost."""
 
     def __init__(self) -> None:
-        self.instance_unreachable = Method(lambda _m, key, _u: _answer([key]))
+        self.instance_unreachable = Method(
+            lambda _m, key, _u: _answer({"confirmed": True, "dropped": [key]})
+        )
 
 
 def _answer(value: Any) -> asyncio.Future[Any]:
