@@ -246,3 +246,37 @@ async def test_a_request_sent_on_is_routed_again_over_a_fresh_look() -> None:
         await asyncio.wait_for(task, 5)
     assert requeue.value.rerouted and admission.choice is free
     assert full.abandon.calls == [] and not owned.places
+
+
+async def test_a_host_cut_off_signals_every_instance_dropped_there() -> None:
+    """A report about one model's instance drops every instance on its host: each one's lost
+    signal is set (requests in flight there, on a pooled connection with no connect deadline,
+    start over), stays set for a send that reaches it later, and their cached handles go."""
+    reported, neighbour, elsewhere = ModelActor(), ModelActor(), ModelActor()
+    backend = RayBackend(controller=object())
+    backend._handles.update({"a": reported, "b": neighbour, "c": elsewhere})
+    backend._config, backend._fetched = ModelsConfig(), time.monotonic()
+    in_flight = backend.lost_signal(neighbour)  # a send to it is waiting for its answer
+    dropped = [id(reported), id(neighbour)]
+    backend._controller = SimpleNamespace(
+        instance_unreachable=Method(lambda *_: _answer({"confirmed": True, "dropped": dropped}))
+    )
+    assert await backend.unreachable("a", reported, "http://10.0.0.7:8080")
+    assert in_flight.done() and backend.lost_signal(neighbour).done()
+    assert backend.lost_signal(reported).done() and not backend.lost_signal(elsewhere).done()
+    assert set(backend._handles) == {"c"}
+
+
+async def test_a_confirmed_report_of_a_draining_instance_signals_nothing() -> None:
+    """The instance left the registry for another reason (a drain): the request asks again,
+    but what is in flight there finishes."""
+    draining = ModelActor()
+    backend = RayBackend(controller=object())
+    backend._handles["a"] = draining
+    backend._config, backend._fetched = ModelsConfig(), time.monotonic()
+    in_flight = backend.lost_signal(draining)
+    backend._controller = SimpleNamespace(
+        instance_unreachable=Method(lambda *_: _answer({"confirmed": True, "dropped": []}))
+    )
+    assert await backend.unreachable("a", draining, None)
+    assert not in_flight.done() and "a" not in backend._handles
