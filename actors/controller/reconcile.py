@@ -537,7 +537,7 @@ class Reconciler:
                 replacing[name] = "rolling (after the roll under way)"
             elif len(instances_of(name, registry.handles, models)) > 1:
                 self.rolling[name] = False  # before the await: a second reload sees it
-                beside = (await self._fits_beside(name))[0] is not None
+                beside = (await self._fits_beside(name, over_limit=False))[0] is not None
                 replacing[name] = ROLL_BESIDE if beside else ROLL_IN_PLACE
                 self.background.keep(asyncio.create_task(self._roll(name, beside)))
         plan.restart[:] = [n for n in plan.restart if n not in replacing]
@@ -574,13 +574,14 @@ class Reconciler:
         self._event("config_reloaded", changes=diff.summary(), replacing=replacing)
         return {"changes": diff.summary(), "started": started, "replacing": replacing}
 
-    async def _fits_beside(self, name: str) -> tuple[Place | None, float]:
-        """Where one more instance of the model fits beside those running now (counted
-        against max_running_models + 1), in free capacity only; None: nowhere. And the
-        GPUs the facts saw, for its creation."""
+    async def _fits_beside(self, name: str, over_limit: bool = True) -> tuple[Place | None, float]:
+        """Where one more instance of the model fits beside those running now, in free
+        capacity only; None: nowhere. `over_limit`: it may pass max_running_models by one
+        (a blue/green replacement, placed here directly; a roll's successor is placed by the
+        pass, under the limit). And the GPUs the facts saw, for its creation."""
         gpus, residents, nodes = await self.facts.gather()
         settings = self._config().settings
-        limit = settings.max_running_models + 1 if settings.max_running_models else 0
+        limit = settings.max_running_models + over_limit if settings.max_running_models else 0
         sized = any(node.gpu_memory > 0 for node in nodes)
         beside = await self.facts.want_for(name, gpus, 0.0, as_name=f"{name}@next", sized=sized)
         limits = Limits(limit, settings.min_residency, settings.placement)
@@ -602,7 +603,7 @@ class Reconciler:
                 if not await self._roll_once(model, beside) or not self.rolling.get(model):
                     return
                 self.rolling[model] = False  # another reload came meanwhile: once more
-                beside = (await self._fits_beside(model))[0] is not None
+                beside = (await self._fits_beside(model, over_limit=False))[0] is not None
         except Exception as error:  # a roll must not die unheard
             self._event("reload_failed", model=model, reason=repr(error))
         finally:
