@@ -30,9 +30,9 @@ CONFIG_TTL = 1.0  # seconds a replica trusts its copy of the config (reloads sho
 CONFIG_STALE = 2.0  # ... and uses it while a fresh one comes (never longer: revoked keys)
 CONTROLLER_WAIT = 5.0  # seconds a config refresh waits for the controller before going on without
 ATTEMPTS = 3  # a retired or dead model actor is replaced this many times per request
+LOST_KEPT = 1024  # instances whose lost signal a replica keeps (actor id -> future)
 # seconds a replica list is used before it is asked again (in the background: a request
 # never waits for it but the first, and that one a second at most)
-LOST_KEPT = 1024  # instances whose lost signal a replica keeps (actor id -> future)
 REPLICAS_TTL = 1.0
 REPLICAS_WAIT = 1.0
 # seconds a model actor may take to answer a request for a slot before this replica asks the
