@@ -179,16 +179,21 @@ class Cluster:
         most). None known: the instance this replica has cached, if any."""
         entry = self._replicas.get(model)
         if entry is None or time.monotonic() - entry[0] > REPLICAS_TTL:
-            lookup = self._replica_lookups.get(model)
-            if lookup is None or lookup.done():
-                lookup = asyncio.ensure_future(self._fetch_replicas(model))
-                lookup.add_done_callback(lambda done: done.cancelled() or done.exception())
-                self._replica_lookups[model] = lookup
+            lookup = self._replica_lookup(model)
             if entry is None:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(asyncio.shield(lookup), REPLICAS_WAIT)
                 entry = self._replicas.get(model)
         return (entry[1] if entry else ()) or self.snapshot(model)
+
+    def _replica_lookup(self, model: str) -> asyncio.Future[None]:
+        """The controller asked for the model's replicas: the lookup under way, or a new one."""
+        lookup = self._replica_lookups.get(model)
+        if lookup is None or lookup.done():
+            lookup = asyncio.ensure_future(self._fetch_replicas(model))
+            lookup.add_done_callback(lambda done: done.cancelled() or done.exception())
+            self._replica_lookups[model] = lookup
+        return lookup
 
     async def _fetch_replicas(self, model: str) -> None:
         controller = await self.controller_now()
@@ -218,11 +223,7 @@ class Cluster:
         elsewhere): the replicas' load read afresh, not the snapshot that sent it there."""
         owned.done()  # off the count of the replica it leaves
         owned.done = lambda: None
-        lookup = self._replica_lookups.get(model)
-        if lookup is None or lookup.done():  # one lookup for every request sent on at once
-            lookup = asyncio.ensure_future(self._fetch_replicas(model))
-            lookup.add_done_callback(lambda done: done.cancelled() or done.exception())
-            self._replica_lookups[model] = lookup
+        lookup = self._replica_lookup(model)  # one for every request sent on at once
         with contextlib.suppress(Exception):
             await asyncio.wait_for(asyncio.shield(lookup), REPLICAS_WAIT)
         entry = self._replicas.get(model)

@@ -419,9 +419,10 @@ class Reconciler:
             if handle is not None:
                 self.background.fire(handle.shed.remote(count))
 
-    def _drain(self, name: str) -> None:
+    def _drain(self, name: str) -> asyncio.Task[None] | None:
         """Scale in one replica: an unplaced one is simply no longer asked for; a running one
-        leaves the registry (no new request reaches it) and drains, then stops."""
+        leaves the registry (no new request reaches it) and drains, then stops (the task
+        returned)."""
         entry = self.wants.pop(name, None)
         if entry is not None and not entry.future.done():
             entry.future.set_exception(Unavailable(f"replica '{name}' is no longer needed"))
@@ -429,7 +430,10 @@ class Reconciler:
         if handle is not None:
             timeout = self._config().settings.upstream_timeout
             self.registry.unregister(name, handle)
-            self.background.keep(asyncio.create_task(self.registry.scale_in(name, handle, timeout)))
+            return self.background.keep(
+                asyncio.create_task(self.registry.scale_in(name, handle, timeout))
+            )
+        return None
 
     def _marked(self, residents: list[Resident]) -> list[Resident]:
         """The residents with their surplus replicas marked: above what each model keeps,
@@ -635,13 +639,16 @@ class Reconciler:
         return True
 
     async def _drained(self, name: str, handle: Any) -> None:
-        """One replica out: it takes no new request, finishes what it has, stops; one whose
-        actor does not answer in time (its host cut off) is killed."""
-        self.registry.unregister(name, handle)
-        timeout = self._config().settings.upstream_timeout
+        """One replica out (`_drain`), awaited; one whose actor does not answer in time (its
+        host cut off) is killed."""
+        draining = self._drain(name)
+        if draining is None:
+            return
         try:
-            await asyncio.wait_for(self.registry.scale_in(name, handle, timeout), timeout + 30)
+            timeout = self._config().settings.upstream_timeout + 30
+            await asyncio.wait_for(asyncio.shield(draining), timeout)
         except TimeoutError:
+            draining.cancel()
             self.registry.forget(name, handle)
 
     async def _started(self, name: str) -> None:
